@@ -1,0 +1,166 @@
+"""Validated, frozen configuration for a run: the one place every setting is checked.
+
+The UI, the CLI, resumed runs and URL parameters all build these objects, so a bad
+value gets the same actionable message wherever it came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+DatasetName = Literal["sprites", "mnist", "fashion-mnist"]
+ArchName = Literal["mlp", "conv"]
+LikelihoodName = Literal["bernoulli", "gaussian-fixed", "gaussian-learned"]
+DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+
+DATASETS: tuple[str, ...] = get_args(DatasetName)
+ARCHS: tuple[str, ...] = get_args(ArchName)
+LIKELIHOODS: tuple[str, ...] = get_args(LikelihoodName)
+DEVICES: tuple[str, ...] = get_args(DeviceName)
+
+# Ranges and defaults for every control, next to the config they describe; the
+# dashboard builds its sliders from these and validation enforces them.
+LIMITS: dict[str, tuple[float, float]] = {
+    "latent_dim": (1, 128),
+    "hidden_dim": (16, 4096),
+    "beta": (0.0, 100.0),
+    "lr": (1e-6, 1.0),
+    "batch_size": (1, 8192),
+    "epochs": (1, 10_000),
+    "warmup_epochs": (0.0, 1000.0),
+    "free_bits": (0.0, 10.0),
+    "gaussian_sigma": (1e-3, 10.0),
+    "seed": (0, 2**31 - 1),
+    "train_size": (16, 1_000_000),
+    "evidence_every": (0, 10_000),
+}
+UI_LIMITS: dict[str, tuple[float, float]] = {"latent_dim": (1, 64), "beta": (0.0, 10.0)}
+
+# Settings that may change while a run trains; everything else fixes the run.
+LIVE_FIELDS: tuple[str, ...] = ("beta", "lr", "warmup_epochs", "free_bits")
+
+
+class ConfigError(ValueError):
+    """A setting is out of range or of the wrong kind; the message says which and how to fix it."""
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_number(name: str, value: Any, *, integer: bool = False) -> None:
+    lo, hi = LIMITS[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number; got {value!r}")
+    if integer and (not float(value).is_integer()):
+        raise ConfigError(f"{name} must be a whole number; got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be finite; got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name} must be between {lo:g} and {hi:g}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: fixed for the life of a run."""
+
+    arch: ArchName = "mlp"
+    latent_dim: int = 2
+    hidden_dim: int = 400
+    likelihood: LikelihoodName = "bernoulli"
+    gaussian_sigma: float = 0.1  # observation std for "gaussian-fixed"; the start value when learned
+
+    def __post_init__(self) -> None:
+        _check_choice("arch", self.arch, ARCHS)
+        _check_choice("likelihood", self.likelihood, LIKELIHOODS)
+        for name in ("latent_dim", "hidden_dim"):
+            _check_number(name, getattr(self, name), integer=True)
+            object.__setattr__(self, name, int(getattr(self, name)))
+        _check_number("gaussian_sigma", self.gaussian_sigma)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Data and optimisation. Fields in LIVE_FIELDS can change while the run trains."""
+
+    dataset: DatasetName = "sprites"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    beta: float = 1.0
+    warmup_epochs: float = 0.0  # linear KL warm-up: beta ramps from 0 over this many epochs
+    free_bits: float = 0.0  # per-dimension KL floor in nats (Kingma et al. 2016, eq. 15)
+    binarize: bool = True  # dynamic binarization; only meaningful for the Bernoulli likelihood
+    seed: int = 0
+    device: DeviceName = "auto"
+    train_size: int | None = None  # use only the first N training images (quick runs, tests)
+    evidence_every: int = 5  # epochs between importance-weighted evaluations; 0 turns them off
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("device", self.device, DEVICES)
+        for name in ("epochs", "batch_size", "seed", "evidence_every"):
+            _check_number(name, getattr(self, name), integer=True)
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if self.train_size is not None:
+            _check_number("train_size", self.train_size, integer=True)
+            object.__setattr__(self, "train_size", int(self.train_size))
+        for name in ("lr", "beta", "warmup_epochs", "free_bits"):
+            _check_number(name, getattr(self, name))
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if not isinstance(self.binarize, bool):
+            raise ConfigError(f"binarize must be true or false; got {self.binarize!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything needed to rebuild the model and repeat the run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, ModelConfig) or not isinstance(self.train, TrainConfig):
+            raise ConfigError("RunConfig needs a ModelConfig and a TrainConfig")
+
+    @property
+    def binarized(self) -> bool:
+        """True when the data are Bernoulli draws, so reported numbers are true log-likelihoods."""
+        return self.model.likelihood == "bernoulli" and self.train.binarize
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "RunConfig":
+        """Build from a dict (config.json, a checkpoint); unknown keys are an error, not ignored."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a run config must be a JSON object; got {type(d).__name__}")
+        return cls(model=_build(ModelConfig, d.get("model", {})), train=_build(TrainConfig, d.get("train", {})))
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with fields of either part changed by name, validated again."""
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = set(changes) - model_fields - train_fields
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        m = {k: v for k, v in changes.items() if k in model_fields}
+        t = {k: v for k, v in changes.items() if k in train_fields}
+        return RunConfig(model=dataclasses.replace(self.model, **m), train=dataclasses.replace(self.train, **t))
+
+
+def _build(kind: type, d: Any) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{kind.__name__} must be a JSON object; got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"unknown setting(s) for {kind.__name__}: {', '.join(sorted(unknown))}")
+    try:
+        return kind(**d)
+    except TypeError as e:  # e.g. a missing argument in a hand-edited file
+        raise ConfigError(str(e)) from None

@@ -1,0 +1,249 @@
+"""Datasets by name, held whole as tensors on the training device and batched by index.
+
+`sprites` is built in: 28x28 shapes generated from a seed, no download. MNIST and
+Fashion-MNIST go through torchvision's own dataset classes, found locally first
+(--data-dir / VAE_DATA_DIR, ./data, Debian's dataset-fashion-mnist package) and
+downloaded only when none is present.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import socket
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPRITE_SHAPES = ("square", "ellipse", "triangle")
+SPRITE_FACTORS = ("shape", "scale", "rotation", "x", "y")
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+DEBIAN_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+SPRITES_TRAIN, SPRITES_TEST = 20_000, 2_000
+NETWORK_PROBE_TIMEOUT_S = 3.0
+
+
+class DatasetUnavailable(RuntimeError):
+    """The dataset is not on this machine and could not be downloaded; the message says how to provide it."""
+
+
+@dataclass
+class ImageData:
+    """A whole dataset as tensors: images (N, 1, 28, 28) float32 in [0, 1], labels (N,) int64."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    label_names: tuple[str, ...]
+    source: str  # where it came from, for the UI and config.json
+
+    def to(self, device: torch.device | str) -> "ImageData":
+        return ImageData(self.name, self.train_x.to(device), self.train_y.to(device), self.test_x.to(device),
+                         self.test_y.to(device), self.label_names, self.source)
+
+    def subset_train(self, n: int | None) -> "ImageData":
+        if n is None or n >= len(self.train_x):
+            return self
+        return ImageData(self.name, self.train_x[:n], self.train_y[:n], self.test_x, self.test_y,
+                         self.label_names, self.source)
+
+
+# ---------------------------------------------------------------- sprites
+
+def render_sprites(factors: np.ndarray, supersample: int = 2) -> np.ndarray:
+    """Render shapes from factors (N, 5) = shape id, scale, rotation (rad), x, y -> (N, 28, 28) in [0, 1].
+
+    Each pixel is the covered fraction of supersample^2 sub-pixels, so edges are anti-aliased.
+    """
+    n = len(factors)
+    s = 28 * supersample
+    c = (np.arange(s) + 0.5) / s * 2 - 1  # sub-pixel centres in [-1, 1]
+    v, u = np.meshgrid(-c, c, indexing="ij")  # v up, u right; (s, s)
+    shape, scale, rot, tx, ty = (factors[:, i, None, None] for i in range(5))
+    du, dv = u[None] - tx, v[None] - ty  # (N, s, s)
+    cos, sin = np.cos(rot), np.sin(rot)
+    pu = (cos * du + sin * dv) / scale  # shape frame: rotate by -rot, unit size
+    pv = (-sin * du + cos * dv) / scale
+    square = (np.abs(pu) <= 0.45) & (np.abs(pv) <= 0.45)
+    ellipse = (pu / 0.6) ** 2 + (pv / 0.3) ** 2 <= 1
+    # Equilateral triangle with circumradius 0.6: three half-planes.
+    r = 0.3  # inradius
+    tri = (pv >= -r) & (np.sqrt(3) * pu + pv <= 2 * r) & (-np.sqrt(3) * pu + pv <= 2 * r)
+    inside = np.where(shape == 0, square, np.where(shape == 1, ellipse, tri))
+    return inside.reshape(n, 28, supersample, 28, supersample).mean(axis=(2, 4)).astype(np.float32)
+
+
+def sprite_factors(n: int, seed: int) -> np.ndarray:
+    """Draw n generating factors (shape, scale, rotation, x, y) deterministically from seed."""
+    rng = np.random.default_rng(seed)
+    return np.stack([
+        rng.integers(0, len(SPRITE_SHAPES), n).astype(np.float64),
+        rng.uniform(0.5, 1.0, n),
+        rng.uniform(0, 2 * np.pi, n),
+        rng.uniform(-0.35, 0.35, n),
+        rng.uniform(-0.35, 0.35, n),
+    ], axis=1)
+
+
+def make_sprites(n_train: int = SPRITES_TRAIN, n_test: int = SPRITES_TEST, seed: int = 1234) -> tuple[ImageData, np.ndarray]:
+    """The built-in dataset and the test set's generating factors (n_test, 5)."""
+    f_train, f_test = sprite_factors(n_train, seed), sprite_factors(n_test, seed + 1)
+    xs = [render_sprites(f_train[i:i + 2000]) for i in range(0, n_train, 2000)]
+    train_x = torch.from_numpy(np.concatenate(xs)).unsqueeze(1)
+    test_x = torch.from_numpy(render_sprites(f_test)).unsqueeze(1)
+    data = ImageData("sprites", train_x, torch.from_numpy(f_train[:, 0].astype(np.int64)), test_x,
+                     torch.from_numpy(f_test[:, 0].astype(np.int64)), SPRITE_SHAPES, "built-in (procedural)")
+    return data, f_test
+
+
+# ---------------------------------------------------------------- MNIST / Fashion-MNIST
+
+def _torchvision_class(name: str):
+    from torchvision import datasets  # imported lazily: torchvision costs ~1 s at start-up
+
+    return {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[name]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VAE_DATA_CACHE", "data"))
+
+
+def _has_idx(folder: Path) -> bool:
+    return all((folder / f).exists() or (folder / f"{f}.gz").exists() for f in IDX_FILES)
+
+
+def find_local(name: str, data_dir: str | Path | None = None) -> Path | None:
+    """The first folder holding this dataset's four IDX files, in the documented search order.
+
+    Each candidate root is tried as torchvision's layout (ROOT/MNIST/raw) and as a flat folder.
+    """
+    if name == "sprites":
+        return None
+    cls_name = _torchvision_class(name).__name__
+    roots = [data_dir or os.environ.get("VAE_DATA_DIR"), default_cache_dir(), DEBIAN_DIRS.get(name)]
+    for root in roots:
+        if not root:
+            continue
+        root = Path(root)
+        for folder in (root / cls_name / "raw", root):
+            if folder.is_dir() and _has_idx(folder):
+                return folder
+    return None
+
+
+def _materialise(name: str, folder: Path) -> Path:
+    """Make a torchvision root for the IDX files in folder; decompress .gz into the cache if needed."""
+    cls_name = _torchvision_class(name).__name__
+    if folder.name == "raw" and folder.parent.name == cls_name and all((folder / f).exists() for f in IDX_FILES):
+        return folder.parent.parent
+    raw = default_cache_dir() / cls_name / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for f in IDX_FILES:
+        if (raw / f).exists():
+            continue
+        src = folder / f
+        tmp = raw / f"{f}.part"
+        if src.exists():
+            shutil.copyfile(src, tmp)
+        else:
+            with gzip.open(folder / f"{f}.gz", "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        tmp.replace(raw / f)
+    return default_cache_dir()
+
+
+def _network_reachable(url: str, timeout: float = NETWORK_PROBE_TIMEOUT_S) -> bool:
+    """Can we open a TCP connection to the host of url? Bounded by timeout, so no hang offline."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _how_to_provide(name: str) -> str:
+    ways = [f"put its four IDX files (gzipped or not) in a folder and pass --data-dir DIR or set VAE_DATA_DIR",
+            f"or place them under ./data/{_torchvision_class(name).__name__}/raw"]
+    if name == "fashion-mnist":
+        ways.append("or install Debian's package: apt-get install dataset-fashion-mnist")
+    return "; ".join(ways)
+
+
+def load_torchvision(name: str, data_dir: str | Path | None = None) -> ImageData:
+    cls = _torchvision_class(name)
+    folder = find_local(name, data_dir)
+    if folder is not None:
+        root = _materialise(name, folder)
+        source = str(folder)
+    else:
+        mirrors = [m for m in cls.mirrors if _network_reachable(m)]
+        if not mirrors:
+            raise DatasetUnavailable(
+                f"{name} is not on this machine and cannot be downloaded (no network). To provide it: "
+                f"{_how_to_provide(name)}. The built-in 'sprites' dataset needs no download.")
+        root = default_cache_dir()
+        try:
+            # A class attribute read by download(); narrowing it skips mirrors we could not reach.
+            saved, cls.mirrors = cls.mirrors, mirrors
+            try:
+                cls(str(root), train=True, download=True)
+            finally:
+                cls.mirrors = saved
+        except Exception as e:  # torchvision raises RuntimeError/URLError with multi-line text
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DatasetUnavailable(f"downloading {name} failed ({first}). To provide it: {_how_to_provide(name)}.") from None
+        source = f"downloaded to {root}"
+    try:
+        train, test = cls(str(root), train=True), cls(str(root), train=False)
+    except Exception as e:
+        raise DatasetUnavailable(f"{name} files in {folder or root} could not be read ({e}). To provide it: "
+                                 f"{_how_to_provide(name)}.") from None
+    label_names = tuple(str(i) for i in range(10)) if name == "mnist" else FASHION_CLASSES
+    # .data / .targets are the classes' own decoded tensors; indexing them per sample would
+    # build a PIL image each time, which is what makes DataLoader pipelines slow.
+    return ImageData(name, (train.data.float() / 255).unsqueeze(1), train.targets.long(),
+                     (test.data.float() / 255).unsqueeze(1), test.targets.long(), label_names, source)
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None) -> ImageData:
+    """Load a dataset by name onto the CPU; raises DatasetUnavailable with a how-to message."""
+    if name == "sprites":
+        return make_sprites()[0]
+    if name in ("mnist", "fashion-mnist"):
+        return load_torchvision(name, data_dir)
+    raise DatasetUnavailable(f"unknown dataset {name!r}; choose sprites, mnist or fashion-mnist")
+
+
+def availability(data_dir: str | Path | None = None) -> dict[str, tuple[bool, str]]:
+    """For each dataset: can it be used now, and why (where it is found, or how to get it)."""
+    out: dict[str, tuple[bool, str]] = {"sprites": (True, "built in, no download")}
+    for name in ("mnist", "fashion-mnist"):
+        folder = find_local(name, data_dir)
+        if folder is not None:
+            out[name] = (True, f"found in {folder}")
+        elif any(_network_reachable(m, timeout=1.0) for m in _torchvision_class(name).mirrors[:1]):
+            out[name] = (True, "not on this machine; will download")
+        else:
+            out[name] = (False, f"not on this machine and no network. {_how_to_provide(name)}")
+    return out
+
+
+class IndexBatcher:
+    """Shuffled minibatches by index from tensors already on the device (no DataLoader, no copies per sample)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> None:
+        self.n, self.batch_size, self.generator, self.device = n, batch_size, generator, device
+        self.steps_per_epoch = max(1, n // batch_size)  # drop the ragged last batch: equal-size steps
+
+    def epoch(self) -> list[torch.Tensor]:
+        perm = torch.randperm(self.n, generator=self.generator, device=self.generator.device).to(self.device)
+        return [perm[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.steps_per_epoch)]
