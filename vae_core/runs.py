@@ -1,0 +1,286 @@
+"""Run directories on disk: config.json, metrics.jsonl, checkpoint.pt, status.json.
+
+Everything is written so that a SIGKILL at any moment leaves a run that loads:
+config, status and checkpoint are replaced atomically (temp file + rename), and
+metrics are appended a line at a time and flushed.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, RunConfig
+
+CHECKPOINT_VERSION = 1
+CONFIG, METRICS, CHECKPOINT, STATUS = "config.json", "metrics.jsonl", "checkpoint.pt", "status.json"
+_NAME_OK = re.compile(r"[^A-Za-z0-9._=+-]+")
+
+
+class RunFileError(RuntimeError):
+    """A run file is missing, corrupt, of the wrong version or unsafe; the message names the file."""
+
+
+def default_runs_dir() -> Path:
+    return Path(os.environ.get("VAE_RUNS_DIR", "runs"))
+
+
+def sanitize_name(name: str) -> str:
+    """A safe single path component: no separators, no '..', no leading dots, at most 100 characters."""
+    clean = _NAME_OK.sub("-", str(name)).strip("-.")
+    clean = re.sub(r"\.{2,}", ".", clean)[:100].strip("-.")
+    if not clean:
+        raise ConfigError(f"run name {name!r} has no usable characters; use letters, digits, '-', '_' or '.'")
+    return clean
+
+
+def default_name(config: RunConfig) -> str:
+    t = config.train
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{t.dataset}-z{config.model.latent_dim}-b{t.beta:g}-{stamp}"
+
+
+def resolve_run(runs_dir: Path, name: str) -> Path:
+    """The directory of a run by name, refusing anything that would leave runs_dir."""
+    path = (runs_dir / sanitize_name(name)).resolve()
+    if path.parent != runs_dir.resolve():
+        raise ConfigError(f"run name {name!r} would leave the runs directory")
+    return path
+
+
+def create_run_dir(runs_dir: Path, config: RunConfig, name: str | None = None) -> Path:
+    """Make a new, uniquely named run directory holding config.json."""
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    base = sanitize_name(name) if name else default_name(config)
+    for i in range(1000):
+        candidate = resolve_run(runs_dir, base if i == 0 else f"{base}-{i + 1}")
+        try:
+            candidate.mkdir()
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise ConfigError(f"could not find a free run name near {base!r}")
+    return candidate
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_config(run_dir: Path, config: RunConfig, **extra: Any) -> None:
+    atomic_write_json(Path(run_dir) / CONFIG, {**config.to_dict(), **extra, "versions": library_versions()})
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RunFileError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFileError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise RunFileError(f"{path} must hold a JSON object")
+    return obj
+
+
+def read_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / CONFIG
+    d = read_json(path)
+    try:
+        return RunConfig.from_dict({"model": d.get("model", {}), "train": d.get("train", {})})
+    except ConfigError as e:
+        raise RunFileError(f"{path}: {e}") from None
+
+
+def write_status(run_dir: Path, state: str, message: str = "", **extra: Any) -> None:
+    atomic_write_json(Path(run_dir) / STATUS, {"state": state, "message": message, "pid": os.getpid(),
+                                               "updated": dt.datetime.now().isoformat(timespec="seconds"), **extra})
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    """status.json; a run recorded as training by a process that no longer exists reads as 'interrupted'."""
+    try:
+        st = read_json(Path(run_dir) / STATUS)
+    except RunFileError:
+        return {"state": "unknown", "message": "no readable status.json"}
+    if st.get("state") in ("running", "paused") and not _pid_alive(int(st.get("pid", -1))):
+        st = {**st, "state": "interrupted", "message": "the process training it ended; resume from the last checkpoint"}
+    return st
+
+
+class MetricsWriter:
+    """Appends one JSON object per line and flushes it, so a crash loses at most the line being written."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / METRICS
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._f.write(json.dumps(row, allow_nan=True) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """All metric rows; a corrupt line (e.g. half-written at a crash) is skipped with a warning."""
+    path = Path(run_dir) / METRICS
+    rows: list[dict[str, Any]] = []
+    if not path.exists():
+        return rows
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                warnings.warn(f"{path}: skipped corrupt line {i}", RuntimeWarning, stacklevel=2)
+                continue
+            rows.append(row)
+    return rows
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep only rows up to `step` (what a checkpoint covers), rewriting the file atomically."""
+    kept = [m for m in read_metrics(run_dir) if m.get("step", 0) <= step]
+    atomic_write_bytes(Path(run_dir) / METRICS, "".join(json.dumps(m) + "\n" for m in kept).encode())
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
+    """Write checkpoint.pt atomically. state holds only tensors, numbers, strings, lists and dicts."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"version": CHECKPOINT_VERSION, **state}, buf)
+    atomic_write_bytes(Path(run_dir) / CHECKPOINT, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load with weights_only=True: a file carrying pickled code is refused and its code never runs."""
+    path = Path(path)
+    if not path.exists():
+        raise RunFileError(f"{path} is missing")
+    if path.stat().st_size == 0:
+        raise RunFileError(f"{path} is empty")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for unsafe payloads, RuntimeError/EOFError for truncation
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = "it contains objects other than weights (possibly code), which are never loaded"
+        raise RunFileError(f"{path} cannot be loaded: {reason[:300]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        found = ckpt.get("version") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise RunFileError(f"{path} has checkpoint version {found!r}; this program reads version {CHECKPOINT_VERSION}")
+    for key in ("model", "config", "step"):
+        if key not in ckpt:
+            raise RunFileError(f"{path} lacks {key!r}")
+    return ckpt
+
+
+@dataclass
+class RunSummary:
+    """One row of the runs table, read from the small files only (never the checkpoint)."""
+
+    name: str
+    path: str
+    dataset: str
+    arch: str
+    latent_dim: int
+    beta: float
+    epochs_done: int
+    epochs_planned: int
+    best_test_elbo: float | None
+    last_test: dict[str, Any] | None
+    status: str
+    message: str
+    created: float
+    parent: str | None
+    error: str | None = None
+
+
+def summarize_run(run_dir: Path) -> RunSummary:
+    run_dir = Path(run_dir)
+    status = read_status(run_dir)
+    created = run_dir.stat().st_mtime
+    try:
+        cfg_raw = read_json(run_dir / CONFIG)
+        cfg = read_config(run_dir)
+    except RunFileError as e:
+        return RunSummary(run_dir.name, str(run_dir), "?", "?", 0, float("nan"), 0, 0, None, None,
+                          "corrupt", str(e), created, None, error=str(e))
+    tests = [r for r in read_metrics_tail(run_dir) if r.get("split") == "test"]
+    best = max((r["elbo"] for r in tests if isinstance(r.get("elbo"), (int, float))), default=None)
+    return RunSummary(run_dir.name, str(run_dir), cfg.train.dataset, cfg.model.arch, cfg.model.latent_dim,
+                      cfg.train.beta, int(status.get("epochs_done", len(tests))), cfg.train.epochs, best,
+                      tests[-1] if tests else None, status.get("state", "unknown"), status.get("message", ""),
+                      float(cfg_raw.get("created", created)), cfg_raw.get("parent"))
+
+
+def read_metrics_tail(run_dir: Path) -> list[dict[str, Any]]:
+    """Only the per-epoch test rows, found without parsing every train row (they are most lines)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if '"split": "test"' in line:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    return rows
+
+
+def list_runs(runs_dir: Path | None = None) -> list[RunSummary]:
+    """Every run under runs_dir, newest first."""
+    runs_dir = Path(runs_dir or default_runs_dir())
+    if not runs_dir.is_dir():
+        return []
+    out = [summarize_run(p) for p in runs_dir.iterdir() if p.is_dir() and (p / CONFIG).exists()]
+    return sorted(out, key=lambda r: r.created, reverse=True)
