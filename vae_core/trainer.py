@@ -80,7 +80,8 @@ class Trainer:
 
     def __init__(self, config: RunConfig, *, runs_dir: str | Path | None = None, name: str | None = None,
                  data_dir: str | None = None, num_threads: int | None = None, log_every: int = 20,
-                 persist: bool = True, init_from: str | Path | None = None, sharing_with_server: bool = False) -> None:
+                 persist: bool = True, init_from: str | Path | None = None, sharing_with_server: bool = False,
+                 data: data_mod.ImageData | None = None) -> None:
         if not isinstance(config, RunConfig):
             raise ConfigError("Trainer needs a RunConfig")
         self.config = config
@@ -115,15 +116,20 @@ class Trainer:
         self._infer_lock = threading.Lock()  # the CPU inference copy is used by one reader at a time
         self._infer_model: VAE | None = None
         self._infer_version = -1
-        self._data: data_mod.ImageData | None = None
+        self._data: data_mod.ImageData | None = data  # injected by tests and benchmarks; else loaded by name
 
     # ------------------------------------------------------------ constructing from disk
 
     @classmethod
-    def open(cls, run_dir: str | Path, **kwargs: Any) -> "Trainer":
-        """A trainer for an existing run: its weights, metrics and images from disk; start() resumes it."""
+    def open(cls, run_dir: str | Path, *, device: str | None = None, **kwargs: Any) -> "Trainer":
+        """A trainer for an existing run: its weights, metrics and images from disk; start() resumes it.
+
+        `device` overrides the recorded one (a run made on a GPU machine, resumed on a laptop).
+        """
         run_dir = Path(run_dir)
         config = runs.read_config(run_dir)
+        if device is not None:
+            config = config.replace(device=device)
         ckpt = runs.load_checkpoint(run_dir / runs.CHECKPOINT)
         # The checkpoint's own config wins over a hand-edited config.json only for the model shape.
         try:
@@ -210,6 +216,9 @@ class Trainer:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
@@ -311,6 +320,14 @@ class Trainer:
             self._data = get_dataset(self.config.train.dataset, self.data_dir)
         return self._data
 
+    def check(self) -> data_mod.ImageData:
+        """Load the data and check the settings against it; raises ConfigError/DatasetUnavailable."""
+        data = self.dataset().subset_train(self.config.train.train_size)
+        if self.config.train.batch_size > len(data.train_x):
+            raise ConfigError(f"batch size {self.config.train.batch_size} is larger than the training set "
+                              f"({len(data.train_x)} images)")
+        return data
+
     def test_set(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
         """Test images (N, 28, 28) float32, labels (N,), label names: what panels pick from."""
         d = self.dataset()
@@ -338,7 +355,12 @@ class Trainer:
         try:
             torch.set_num_threads(self.num_threads)
             self._train()
-        except Exception as e:  # anything in the thread becomes a failed status, never a hang
+        except (ConfigError, data_mod.DatasetUnavailable, runs.RunFileError) as e:  # expected, already worded
+            self._set("failed", str(e))
+        except torch.OutOfMemoryError:
+            self._set("failed", f"out of memory on {self.device.type} at batch size {self.config.train.batch_size}; "
+                                "start again with a smaller batch size")
+        except Exception as e:  # anything else in the thread becomes a failed status, never a hang
             traceback.print_exc()
             self._set("failed", f"{type(e).__name__}: {e}")
 
@@ -346,10 +368,8 @@ class Trainer:
         """Load data, build model and optimiser, create or reopen the run directory."""
         cfg = self.config
         self._set(message=f"loading {cfg.train.dataset}")
-        data = self.dataset().subset_train(cfg.train.train_size)
+        data = self.check()
         n_train = len(data.train_x)
-        if cfg.train.batch_size > n_train:
-            raise ConfigError(f"batch size {cfg.train.batch_size} is larger than the training set ({n_train} images)")
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
         self.train_x = data.train_x.to(self.device)
         self.test_x = data.test_x.to(self.device)

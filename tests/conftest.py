@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny seeded data, a runs directory per test, no network."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_sprites():
+    """512 train / 128 test sprites: the real generator, small enough for seconds-long runs."""
+    from vae_core.data import make_sprites
+
+    return make_sprites(n_train=512, n_test=128, seed=7)[0]
+
+
+@pytest.fixture
+def runs_dir(tmp_path, monkeypatch):
+    d = tmp_path / "runs"
+    monkeypatch.setenv("VAE_RUNS_DIR", str(d))
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "data"))
+    return d
+
+
+@pytest.fixture
+def tiny_config():
+    from vae_core.config import RunConfig
+
+    return RunConfig().replace(epochs=2, batch_size=64, hidden_dim=64, latent_dim=2, evidence_every=0)

@@ -1,0 +1,107 @@
+"""Datasets: the procedural sprites, torchvision's real MNIST loading path on IDX files we write, offline errors."""
+from __future__ import annotations
+
+import gzip
+import struct
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from vae_core import data
+
+
+def write_idx(folder, n_train=60, n_test=20, gz=False, seed=0):
+    """Write the four MNIST IDX files (magic numbers and big-endian sizes as in LeCun's format)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        arrays[prefix] = (images, labels)
+        for kind, payload in (("images-idx3-ubyte", struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes()),
+                              ("labels-idx1-ubyte", struct.pack(">II", 2049, n) + labels.tobytes())):
+            name = f"{prefix}-{kind}"
+            if gz:
+                with gzip.open(folder / f"{name}.gz", "wb") as f:
+                    f.write(payload)
+            else:
+                (folder / name).write_bytes(payload)
+    return arrays
+
+
+def test_sprites_are_deterministic_and_labelled():
+    a, fa = data.make_sprites(n_train=64, n_test=32, seed=3)
+    b, fb = data.make_sprites(n_train=64, n_test=32, seed=3)
+    c, _ = data.make_sprites(n_train=64, n_test=32, seed=4)
+    assert torch.equal(a.train_x, b.train_x) and not torch.equal(a.train_x, c.train_x)
+    assert a.train_x.shape == (64, 1, 28, 28) and a.train_x.dtype == torch.float32
+    assert 0 <= a.train_x.min() and a.train_x.max() <= 1
+    assert fa.shape == (32, 5) and np.array_equal(fa, fb)
+    assert torch.equal(a.test_y, torch.from_numpy(fa[:, 0].astype(np.int64)))
+    assert a.label_names == ("square", "ellipse", "triangle")
+
+
+def test_sprite_factors_change_the_image():
+    base = np.array([[0, 0.8, 0.0, 0.0, 0.0]])
+    img = data.render_sprites(base)[0]
+    assert 0.1 < img.mean() < 0.5  # a visible shape, not a blank or full frame
+    for i, delta in ((0, 1), (1, -0.3), (2, 0.5), (3, 0.3), (4, 0.3)):
+        other = base.copy()
+        other[0, i] += delta
+        assert not np.allclose(data.render_sprites(other)[0], img), f"factor {data.SPRITE_FACTORS[i]} has no effect"
+    moved = base.copy()
+    moved[0, 3] = 0.3  # x to the right: mass moves right
+    cols = np.arange(28)
+    assert (data.render_sprites(moved)[0].sum(0) * cols).sum() / data.render_sprites(moved)[0].sum() > \
+        (img.sum(0) * cols).sum() / img.sum()
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_through_torchvision_from_a_flat_data_dir(tmp_path, monkeypatch, gz):
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "cache"))
+    arrays = write_idx(tmp_path / "idx", gz=gz)
+    d = data.load_dataset("mnist", tmp_path / "idx")
+    assert d.train_x.shape == (60, 1, 28, 28) and d.test_x.shape == (20, 1, 28, 28)
+    assert np.array_equal((d.train_x[:, 0] * 255).round().byte().numpy(), arrays["train"][0])
+    assert np.array_equal(d.test_y.numpy(), arrays["t10k"][1])
+    assert d.label_names[3] == "3"
+
+
+def test_fashion_from_torchvision_layout_and_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "cache"))
+    arrays = write_idx(tmp_path / "root" / "FashionMNIST" / "raw", seed=1)
+    monkeypatch.setenv("VAE_DATA_DIR", str(tmp_path / "root"))
+    d = data.load_dataset("fashion-mnist")
+    assert np.array_equal(d.train_y.numpy(), arrays["train"][1])
+    assert d.label_names[9] == "Ankle boot"
+    assert data.availability()["fashion-mnist"][0] is True
+
+
+def test_missing_dataset_offline_fails_fast_with_how_to(tmp_path, monkeypatch):
+    from torchvision.datasets import MNIST
+
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("VAE_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    # A closed port on this machine stands in for "no network": no packet leaves the host.
+    monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    start = time.monotonic()
+    with pytest.raises(data.DatasetUnavailable) as e:
+        data.load_dataset("mnist", tmp_path / "empty")
+    assert time.monotonic() - start < 10
+    msg = str(e.value)
+    assert "mnist" in msg and "--data-dir" in msg and "VAE_DATA_DIR" in msg and "sprites" in msg
+    ok, why = data.availability(tmp_path / "empty")["mnist"]
+    assert ok is False and "no network" in why
+
+
+def test_index_batcher_covers_the_epoch_once():
+    g = torch.Generator().manual_seed(0)
+    b = data.IndexBatcher(100, 32, g, torch.device("cpu"))
+    batches = b.epoch()
+    assert len(batches) == 3 and all(len(i) == 32 for i in batches)
+    flat = torch.cat(batches)
+    assert len(set(flat.tolist())) == 96

@@ -1,0 +1,200 @@
+"""The background trainer: controls, live settings, failure handling, determinism, snapshots."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from vae_core.config import ConfigError
+from vae_core.trainer import Trainer
+
+
+def wait_for(pred, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def make(tiny_config, tiny_sprites, runs_dir, **kw):
+    return Trainer(tiny_config.replace(**kw), runs_dir=runs_dir, data=tiny_sprites, log_every=2)
+
+
+def test_runs_to_finish_and_reports_epochs(tiny_config, tiny_sprites, runs_dir):
+    t = make(tiny_config, tiny_sprites, runs_dir)
+    assert t.status().state == "idle"
+    t.start()
+    t.join(60)
+    st = t.status()
+    assert st.state == "finished", st.message
+    assert st.step == 2 * (512 // 64)
+    tests = [m for m in t.metrics() if m["split"] == "test"]
+    assert [m["epoch"] for m in tests] == [1, 2]
+    for m in tests:
+        assert m["elbo"] == pytest.approx(m["recon"] - m["kl"])
+        assert m["elbo"] < 0 and m["kl"] >= 0 and m["samples_per_s"] > 0
+        assert len(m["kl_per_dim"]) == 2 and sum(m["kl_per_dim"]) == pytest.approx(m["kl"], rel=1e-4)
+    trains = [m for m in t.metrics() if m["split"] == "train"]
+    assert trains and all({"step", "epoch", "elbo", "recon", "kl", "beta", "wall_time"} <= set(m) for m in trains)
+    art = t.artifacts()
+    assert art["reconstructions"].dtype == np.uint8 and art["reconstructions"].shape == (16, 28, 28)
+    assert art["samples"].shape == (64, 28, 28)
+
+
+def test_pause_step_resume_stop(tiny_config, tiny_sprites, runs_dir):
+    t = make(tiny_config, tiny_sprites, runs_dir, epochs=500)
+    t.start()
+    assert wait_for(lambda: t.status().step > 3)
+    t.pause()
+    assert wait_for(lambda: t.status().state == "paused")
+    time.sleep(0.3)
+    s0 = t.status().step
+    time.sleep(0.3)
+    assert t.status().step == s0, "a paused run must not step"
+    t.step()
+    assert wait_for(lambda: t.status().step == s0 + 1)
+    time.sleep(0.2)
+    assert t.status().step == s0 + 1 and t.status().state == "paused"
+    t.resume()
+    assert wait_for(lambda: t.status().step > s0 + 5)
+    start = time.monotonic()
+    t.stop()
+    assert time.monotonic() - start < 1.0
+    assert wait_for(lambda: not t.is_alive(), 2)
+    assert t.status().state == "stopped"
+
+
+def test_step_from_idle_does_one_step(tiny_config, tiny_sprites, runs_dir):
+    t = make(tiny_config, tiny_sprites, runs_dir)
+    t.step()
+    assert wait_for(lambda: t.status().step == 1)
+    time.sleep(0.3)
+    assert t.status().step == 1 and t.status().state == "paused"
+    t.stop()
+
+
+def test_start_is_idempotent(tiny_config, tiny_sprites, runs_dir):
+    t = make(tiny_config, tiny_sprites, runs_dir, epochs=200)
+    before = threading.active_count()
+    for _ in range(3):
+        t.start()
+    assert threading.active_count() == before + 1
+    t.stop()
+
+
+def test_live_beta_applies_from_next_step(tiny_config, tiny_sprites, runs_dir):
+    t = make(tiny_config, tiny_sprites, runs_dir, epochs=500)
+    t.start()
+    assert wait_for(lambda: len(t.metrics()) > 2)
+    t.update(beta=4.0, lr=5e-4)
+    n = len(t.metrics())
+    assert wait_for(lambda: len(t.metrics()) > n + 2)
+    assert t.metrics()[-1]["beta"] == 4.0 and t.metrics()[-1]["lr"] == 5e-4
+    assert t.status().beta == 4.0
+    with pytest.raises(ConfigError):
+        t.update(latent_dim=3)
+    with pytest.raises(ConfigError):
+        t.update(beta=-1.0)
+    t.stop()
+
+
+def test_warmup_ramps_beta(tiny_config, tiny_sprites, runs_dir):
+    t = make(tiny_config, tiny_sprites, runs_dir, warmup_epochs=2.0, epochs=2)
+    t.start()
+    t.join(60)
+    betas = [m["beta"] for m in t.metrics() if m["split"] == "train"]
+    assert betas[0] < 0.2 and betas == sorted(betas) and betas[-1] == pytest.approx(1.0)
+
+
+def test_nan_loss_fails_and_keeps_last_good_weights(tiny_config, tiny_sprites, runs_dir):
+    t = make(tiny_config, tiny_sprites, runs_dir, epochs=100)
+    t.start()
+    assert wait_for(lambda: len(t.metrics()) >= 2)
+    t.pause()
+    assert wait_for(lambda: t.status().state == "paused")
+    good = t.published_state()
+    with torch.no_grad():  # while paused the thread is blocked, so poisoning the live model is safe here
+        t.model.decoder.fc2.bias.fill_(float("nan"))
+    t.resume()
+    assert wait_for(lambda: t.status().state == "failed", 10)
+    assert "NaN" in t.status().message and "learning rate" in t.status().message
+    assert all(torch.isfinite(v).all() for v in t.published_state().values())
+    assert np.isfinite(t.decode(np.zeros((1, 2)))).all()
+    assert good is not None
+
+
+def test_exception_in_thread_becomes_failed_status(tiny_config, tiny_sprites, runs_dir, monkeypatch):
+    t = make(tiny_config, tiny_sprites, runs_dir)
+
+    def boom(x):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(t, "train_step", boom)
+    t.start()
+    assert wait_for(lambda: t.status().state == "failed", 10)
+    assert "injected fault" in t.status().message
+
+
+def test_batch_larger_than_dataset_fails_without_run_dir(tiny_config, tiny_sprites, runs_dir):
+    t = make(tiny_config, tiny_sprites, runs_dir, batch_size=1024)
+    t.start()
+    t.join(10)
+    assert t.status().state == "failed" and "larger than the training set" in t.status().message
+    assert not runs_dir.exists() or not any(runs_dir.iterdir())
+
+
+def test_same_seed_same_metrics(tiny_config, tiny_sprites, runs_dir):
+    rows = []
+    for _ in range(2):
+        t = make(tiny_config, tiny_sprites, runs_dir, epochs=1)
+        t.start()
+        t.join(60)
+        rows.append([(m["step"], round(m["elbo"], 4)) for m in t.metrics()])
+    assert rows[0] == rows[1]
+    t = make(tiny_config, tiny_sprites, runs_dir, epochs=1, seed=1)
+    t.start()
+    t.join(60)
+    assert [(m["step"], round(m["elbo"], 4)) for m in t.metrics()] != rows[0]
+
+
+def test_weights_change_after_step_not_after_evaluate(tiny_config, tiny_sprites, runs_dir):
+    t = make(tiny_config, tiny_sprites, runs_dir)
+    t._prepare()
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.evaluate()
+    assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+    t.train_step(torch.bernoulli(t.train_x[:64], generator=t.gen))
+    assert any(not torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+
+
+def test_snapshots_are_copies(tiny_config, tiny_sprites, runs_dir):
+    t = make(tiny_config, tiny_sprites, runs_dir, epochs=1)
+    t.start()
+    t.join(60)
+    m = t.metrics()
+    m[0]["elbo"] = 123.0
+    assert t.metrics()[0]["elbo"] != 123.0
+    a = t.artifacts()
+    a["samples"][:] = 0
+    assert t.artifacts()["samples"].any()
+    state = t.published_state()
+    next(iter(state.values())).zero_()
+    assert any(v.abs().sum() > 0 for v in t.published_state().values())
+
+
+def test_decode_encode_use_published_cpu_copy(tiny_config, tiny_sprites, runs_dir):
+    t = make(tiny_config, tiny_sprites, runs_dir, epochs=1)
+    t.start()
+    t.join(60)
+    imgs, labels, names = t.test_set(8)
+    mu, logvar = t.encode(imgs)
+    assert mu.shape == (8, 2) and logvar.shape == (8, 2)
+    out = t.decode(mu)
+    assert out.shape == (8, 28, 28) and out.min() >= 0 and out.max() <= 1
+    assert t.inference_model() is not t.model
+    assert names == ("square", "ellipse", "triangle") and set(labels) <= {0, 1, 2}

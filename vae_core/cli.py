@@ -1,0 +1,239 @@
+"""`python -m vae_core train|evaluate|runs`: the headless face of the core.
+
+Bad arguments and unusable inputs end with one line on stderr and a non-zero exit,
+never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import DATASETS, DEVICES, LIKELIHOODS, ARCHS, ConfigError, RunConfig
+
+EXIT_USAGE, EXIT_FAILED = 2, 1
+
+
+class CliError(Exception):
+    """A one-line, user-facing failure."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage + message; keep it to one line
+        raise CliError(f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m vae_core", description="Train and evaluate variational autoencoders.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a VAE (or continue one with --resume)")
+    d = RunConfig()
+    t.add_argument("--dataset", choices=DATASETS, default=None, help=f"default {d.train.dataset}")
+    t.add_argument("--arch", choices=ARCHS, default=None, help=f"default {d.model.arch}")
+    t.add_argument("--latent-dim", type=int, default=None, help=f"default {d.model.latent_dim}")
+    t.add_argument("--hidden-dim", type=int, default=None, help=f"default {d.model.hidden_dim}")
+    t.add_argument("--beta", type=float, default=None, help=f"weight of the KL term, default {d.train.beta:g}")
+    t.add_argument("--epochs", type=int, default=None,
+                   help=f"default {d.train.epochs}; with --resume, how many more")
+    t.add_argument("--batch-size", type=int, default=None, help=f"default {d.train.batch_size}")
+    t.add_argument("--lr", type=float, default=None, help=f"Adam learning rate, default {d.train.lr:g}")
+    t.add_argument("--warmup-epochs", type=float, default=None, help="linear KL warm-up length in epochs")
+    t.add_argument("--free-bits", type=float, default=None, help="per-dimension KL floor in nats")
+    t.add_argument("--likelihood", choices=LIKELIHOODS, default=None, help=f"default {d.model.likelihood}")
+    t.add_argument("--no-binarize", action="store_true",
+                   help="train on grey levels (numbers are then BCE, not log-likelihoods)")
+    t.add_argument("--device", choices=DEVICES, default=None, help="default auto (CUDA, then MPS, then CPU)")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--train-size", type=int, default=None, help="use only the first N training images")
+    t.add_argument("--evidence-every", type=int, default=None,
+                   help="epochs between importance-weighted evaluations (0: off)")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    t.add_argument("--data-dir", default=None, help="folder with MNIST/Fashion-MNIST IDX files (or VAE_DATA_DIR)")
+    t.add_argument("--runs-dir", default=None, help="where runs live (default ./runs or VAE_RUNS_DIR)")
+    t.add_argument("--name", default=None, help="run name (default: dataset-z<latent>-b<beta>-<time>)")
+    t.add_argument("--resume", default=None, metavar="RUN", help="continue this run directory (or zip of one)")
+    t.add_argument("--fork", default=None, metavar="RUN",
+                   help="start a new run from this run's checkpoint (change --beta/--lr/--warmup-epochs/--free-bits)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("evaluate", help="test-set ELBO, KL and the importance-weighted bound of a run")
+    e.add_argument("run_dir")
+    e.add_argument("--iwae-k", type=int, default=100, help="importance samples (1..5000)")
+    e.add_argument("--num-examples", type=int, default=500, help="test images to evaluate")
+    e.add_argument("--grid", type=int, default=200, help="grid size per axis for 2-latent runs (0: skip)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", action="store_true")
+
+    r = sub.add_parser("runs", help="list runs, newest first")
+    r.add_argument("--runs-dir", default=None)
+    r.add_argument("--json", action="store_true")
+    return p
+
+
+_TRAIN_FIELDS = {"dataset": "dataset", "arch": "arch", "latent_dim": "latent_dim", "hidden_dim": "hidden_dim",
+                 "beta": "beta", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
+                 "warmup_epochs": "warmup_epochs", "free_bits": "free_bits", "likelihood": "likelihood",
+                 "device": "device", "seed": "seed", "train_size": "train_size", "evidence_every": "evidence_every"}
+
+
+def _changes(args: argparse.Namespace) -> dict[str, Any]:
+    ch = {field: getattr(args, a) for a, field in _TRAIN_FIELDS.items() if getattr(args, a) is not None}
+    if args.no_binarize:
+        ch["binarize"] = False
+    return ch
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import runs
+    from .trainer import Trainer
+
+    runs_dir = Path(args.runs_dir) if args.runs_dir else runs.default_runs_dir()
+    common = dict(runs_dir=runs_dir, data_dir=args.data_dir, num_threads=args.threads)
+    changes = _changes(args)
+    if args.resume and args.fork:
+        raise CliError("use either --resume or --fork, not both")
+    if args.resume:
+        run_dir = _run_dir_arg(args.resume, runs_dir)
+        fixed = set(changes) - {"beta", "lr", "warmup_epochs", "free_bits", "epochs", "device"}
+        if fixed:
+            raise CliError(f"--resume keeps the run's {', '.join(sorted(fixed))}; use --fork or a new run to change them")
+        trainer = Trainer.open(run_dir, device=changes.get("device"), **common)
+        live = {k: v for k, v in changes.items() if k in ("beta", "lr", "warmup_epochs", "free_bits")}
+        if live:
+            trainer.update(**live)
+        start_kwargs = {"epochs": changes.get("epochs")}
+    elif args.fork:
+        parent = _run_dir_arg(args.fork, runs_dir)
+        base = runs.read_config(parent)
+        fixed = set(changes) - {"beta", "lr", "warmup_epochs", "free_bits", "epochs", "device", "seed"}
+        if fixed:
+            raise CliError(f"a fork keeps its parent's {', '.join(sorted(fixed))}; start a new run to change them")
+        trainer = Trainer(base.replace(**changes), name=args.name, init_from=parent, **common)
+        start_kwargs = {}
+    else:
+        trainer = Trainer(RunConfig().replace(**changes), name=args.name, **common)
+        start_kwargs = {}
+    trainer.check()  # data and batch size problems end here with one line, before anything is written
+    bar = None if args.quiet else _progress_bar(trainer)
+    trainer.start(**start_kwargs)
+    try:
+        while trainer.is_alive():
+            trainer.join(0.2)
+            if bar:
+                bar.refresh_from(trainer)
+    except KeyboardInterrupt:
+        trainer.stop(timeout=5)
+        trainer.join(10)
+        print(f"\nstopped; resume with: python -m vae_core train --resume {trainer.run_dir}", file=sys.stderr)
+        return 130
+    finally:
+        if bar:
+            bar.close()
+    st = trainer.status()
+    if st.state == "failed":
+        raise CliError(f"training failed: {st.message}")
+    last = [m for m in trainer.metrics() if m["split"] == "test"]
+    if last:
+        m = last[-1]
+        unit = "nats per example" if trainer.config.binarized else "nats per example (BCE on grey levels)"
+        print(f"test ELBO {m['elbo']:.2f}  recon {m['recon']:.2f}  KL {m['kl']:.2f}  ({unit})")
+    print(f"run saved in {st.run_dir}")
+    return 0
+
+
+def _run_dir_arg(value: str, runs_dir: Path) -> Path:
+    path = Path(value)
+    if path.suffix == ".zip":
+        from .transfer import import_zip
+
+        return import_zip(path, runs_dir)
+    if not path.is_dir() and (runs_dir / value).is_dir():
+        path = runs_dir / value
+    if not path.is_dir():
+        raise CliError(f"no run directory at {value}")
+    return path
+
+
+class _progress_bar:
+    """A tqdm bar over steps with loss and samples/s, fed by polling the trainer's status."""
+
+    def __init__(self, trainer: Any) -> None:
+        from tqdm import tqdm
+
+        self.tqdm = tqdm(total=0, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.last: dict[str, Any] = {}
+        trainer.add_listener(self._on_row)
+
+    def _on_row(self, row: dict[str, Any]) -> None:
+        self.last[row["split"]] = row
+
+    def refresh_from(self, trainer: Any) -> None:
+        st = trainer.status()
+        if st.total_steps and self.tqdm.total != st.total_steps:
+            self.tqdm.total = st.total_steps
+        self.tqdm.n = st.step
+        post = {"epoch": f"{st.epoch:.2f}", "samples/s": f"{st.samples_per_s:,.0f}"}
+        if "train" in self.last:
+            post["loss"] = f"{self.last['train']['loss']:.1f}"
+        if "test" in self.last:
+            post["test_elbo"] = f"{self.last['test']['elbo']:.1f}"
+        self.tqdm.set_postfix(post, refresh=False)
+        self.tqdm.refresh()
+
+    def close(self) -> None:
+        self.tqdm.close()
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run
+
+    if not 1 <= args.iwae_k <= 5000:
+        raise CliError("--iwae-k must be between 1 and 5000")
+    if args.num_examples < 1:
+        raise CliError("--num-examples must be at least 1")
+    result = evaluate_run(Path(args.run_dir), k=args.iwae_k, num_examples=args.num_examples,
+                          grid=args.grid, seed=args.seed)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key:>22}: {value:.3f}" if isinstance(value, float) else f"{key:>22}: {value}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from . import runs
+
+    rows = runs.list_runs(Path(args.runs_dir) if args.runs_dir else None)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        return 0
+    if not rows:
+        print("no runs yet")
+        return 0
+    print(f"{'name':<40} {'dataset':<13} {'arch':<4} {'z':>3} {'beta':>6} {'epochs':>7} {'best test ELBO':>15}  status")
+    for r in rows:
+        best = f"{r.best_test_elbo:.2f}" if r.best_test_elbo is not None else "-"
+        print(f"{r.name:<40} {r.dataset:<13} {r.arch:<4} {r.latent_dim:>3} {r.beta:>6g} "
+              f"{r.epochs_done:>3}/{r.epochs_planned:<3} {best:>15}  {r.status}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .data import DatasetUnavailable
+    from .runs import RunFileError
+
+    try:
+        args = _parser().parse_args(argv)
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "runs": cmd_runs}[args.command](args)
+    except (CliError, ConfigError, DatasetUnavailable, RunFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, (CliError, ConfigError)) else EXIT_FAILED
