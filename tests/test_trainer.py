@@ -117,6 +117,7 @@ def test_nan_loss_fails_and_keeps_last_good_weights(tiny_config, tiny_sprites, r
     assert wait_for(lambda: len(t.metrics()) >= 2)
     t.pause()
     assert wait_for(lambda: t.status().state == "paused")
+    time.sleep(0.3)  # pause() returns at once; let the thread finish the step it was in and park
     good = t.published_state()
     with torch.no_grad():  # while paused the thread is blocked, so poisoning the live model is safe here
         t.model.decoder.fc2.bias.fill_(float("nan"))
