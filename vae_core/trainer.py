@@ -25,11 +25,11 @@ from .config import LIVE_FIELDS, ConfigError, RunConfig
 from .devices import default_threads, describe_device, resolve_device
 from .images import to_uint8
 from .models import VAE, build_model
-from .objectives import elbo_loss, elbo_terms
+from .objectives import elbo_loss, elbo_terms, iwae_bound
 
 N_FIXED = 16  # test images shown with their reconstructions
 N_SAMPLES = 64  # prior samples with a fixed z
-EVIDENCE_BATCH = 100  # held-out images for the importance-weighted evaluation
+EVIDENCE_BATCH = 64  # held-out images for the importance-weighted evaluation
 EVIDENCE_KS = (1, 10, 100, 1000)
 STATES = ("idle", "running", "paused", "finished", "stopped", "failed")
 
@@ -540,6 +540,20 @@ class Trainer:
         return {"elbo": (recon - kl) / n, "recon": recon / n, "kl": kl / n, "kl_per_dim": per_dim.tolist(),
                 "active_units": int((variances > 0.01).sum()), "mu_variance": variances.tolist()}
 
+    @torch.no_grad()
+    def evidence(self, ks: tuple[int, ...] = EVIDENCE_KS) -> dict[str, Any]:
+        """ELBO and importance-weighted bounds log p_k(x) on a fixed held-out batch, nats per example.
+
+        The bounds rise with k toward log p(x) (Burda et al. 2016); their distance above the
+        ELBO estimates KL(q(z|x) || p(z|x)), the inference gap.
+        """
+        self.model.eval()
+        x = self.test_xb[:EVIDENCE_BATCH]
+        gen = torch.Generator(device=self.device).manual_seed(20_000 + self._step)
+        elbo = elbo_terms(self.model, x, gen).elbo.mean().item()
+        iwae = {str(k): iwae_bound(self.model, x, k, generator=gen).mean().item() for k in ks}
+        return {"elbo": elbo, "iwae": iwae, "n": len(x)}
+
     def _end_epoch(self, samples_per_s: float) -> None:
         ev = self.evaluate()
         self._publish_model()
@@ -549,8 +563,14 @@ class Trainer:
         if not math.isfinite(ev["elbo"]):
             self._finish("failed", f"the test ELBO became non-finite after epoch {int(self._epoch)}; lower the learning rate")
             return
+        every = self.config.train.evidence_every
+        epoch = int(round(self._epoch))
+        if every and (epoch % every == 0 or epoch == self._epochs_target or epoch == 1):
+            self._set(message=f"epoch {epoch}: estimating log p(x) with importance sampling")
+            self._emit({"step": self._step, "epoch": epoch, "split": "evidence", **self.evidence(),
+                        "wall_time": time.time()})
         self._checkpoint()
-        self._set(message=f"epoch {int(round(self._epoch))} of {self._epochs_target}: test ELBO {ev['elbo']:.2f} nats")
+        self._set(message=f"epoch {epoch} of {self._epochs_target}: test ELBO {ev['elbo']:.2f} nats")
 
     def _checkpoint(self) -> None:
         if not self.persist or self.run_dir is None:
