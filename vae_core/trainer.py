@@ -567,7 +567,10 @@ class Trainer:
         epoch = int(round(self._epoch))
         if every and (epoch % every == 0 or epoch == self._epochs_target or epoch == 1):
             self._set(message=f"epoch {epoch}: estimating log p(x) with importance sampling")
-            self._emit({"step": self._step, "epoch": epoch, "split": "evidence", **self.evidence(),
+            # k = 1000 costs ~0.5 s for the MLP but ~8 s for the conv net on 2 CPU cores; the panel's
+            # on-demand evaluation goes higher when asked.
+            ks = EVIDENCE_KS if self.config.model.arch == "mlp" or self.device.type != "cpu" else EVIDENCE_KS[:3]
+            self._emit({"step": self._step, "epoch": epoch, "split": "evidence", **self.evidence(ks),
                         "wall_time": time.time()})
         self._checkpoint()
         self._set(message=f"epoch {epoch} of {self._epochs_target}: test ELBO {ev['elbo']:.2f} nats")
