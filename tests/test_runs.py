@@ -183,3 +183,30 @@ def test_zip_with_escaping_member_is_refused(tmp_path):
     with pytest.raises(runs.RunFileError, match="outside"):
         import_zip(buf.getvalue(), tmp_path / "runs")
     assert not (tmp_path / "evil").exists()
+
+
+def test_delete_and_rename(tiny_config, tiny_sprites, runs_dir):
+    t = train(tiny_config, tiny_sprites, runs_dir, epochs=1)
+    new = runs.rename_run(runs_dir, t.run_dir.name, "../my best run")
+    assert new == (runs_dir / "my-best-run").resolve() and (new / "checkpoint.pt").exists()
+    with pytest.raises(ConfigError, match="already exists"):
+        other = train(tiny_config, tiny_sprites, runs_dir, epochs=1)
+        runs.rename_run(runs_dir, other.run_dir.name, "my-best-run")
+    runs.write_status(new, "running")  # this process is alive: the run counts as training
+    with pytest.raises(runs.RunFileError, match="training"):
+        runs.delete_run(runs_dir, "my-best-run")
+    runs.write_status(new, "stopped")
+    runs.delete_run(runs_dir, "my-best-run")
+    assert not new.exists()
+    with pytest.raises(runs.RunFileError):
+        runs.delete_run(runs_dir, "my-best-run")
+
+
+def test_metrics_csv(tiny_config, tiny_sprites, runs_dir):
+    import csv
+    import io
+
+    t = train(tiny_config, tiny_sprites, runs_dir, epochs=1)
+    rows = list(csv.DictReader(io.StringIO(runs.metrics_csv(t.metrics()))))
+    assert len(rows) == len(t.metrics()) and {"step", "split", "elbo", "kl_per_dim"} <= set(rows[0])
+    assert float(rows[-1]["elbo"]) == pytest.approx(t.metrics()[-1]["elbo"])

@@ -284,3 +284,51 @@ def list_runs(runs_dir: Path | None = None) -> list[RunSummary]:
         return []
     out = [summarize_run(p) for p in runs_dir.iterdir() if p.is_dir() and (p / CONFIG).exists()]
     return sorted(out, key=lambda r: r.created, reverse=True)
+
+
+def _is_training(run_dir: Path) -> bool:
+    st = read_status(run_dir)
+    return st.get("state") in ("running", "paused")
+
+
+def delete_run(runs_dir: Path, name: str) -> None:
+    """Remove a run directory; a run that is training (here or in another live process) is refused."""
+    path = resolve_run(Path(runs_dir), name)
+    if not (path / CONFIG).exists():
+        raise RunFileError(f"no run named {name!r} in {runs_dir}")
+    if _is_training(path):
+        raise RunFileError(f"run {name!r} is training; stop it before deleting it")
+    for f in path.iterdir():
+        if f.is_file():
+            f.unlink()
+    path.rmdir()
+
+
+def rename_run(runs_dir: Path, name: str, new_name: str) -> Path:
+    """Rename a run (the new name is sanitised and must be free); a training run is refused."""
+    src = resolve_run(Path(runs_dir), name)
+    dst = resolve_run(Path(runs_dir), new_name)
+    if not (src / CONFIG).exists():
+        raise RunFileError(f"no run named {name!r} in {runs_dir}")
+    if dst.exists():
+        raise ConfigError(f"a run named {dst.name!r} already exists")
+    if _is_training(src):
+        raise RunFileError(f"run {name!r} is training; stop it before renaming it")
+    src.rename(dst)
+    return dst
+
+
+def metrics_csv(rows: list[dict[str, Any]]) -> str:
+    """Metric rows as CSV (list-valued columns such as kl_per_dim are written as JSON)."""
+    import csv
+    import io
+
+    cols: list[str] = []
+    for r in rows:
+        cols.extend(k for k in r if k not in cols)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+    return buf.getvalue()
