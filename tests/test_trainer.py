@@ -94,7 +94,8 @@ def test_live_beta_applies_from_next_step(tiny_config, tiny_sprites, runs_dir):
     t.update(beta=4.0, lr=5e-4)
     n = len(t.metrics())
     assert wait_for(lambda: len(t.metrics()) > n + 2)
-    assert t.metrics()[-1]["beta"] == 4.0 and t.metrics()[-1]["lr"] == 5e-4
+    last = [m for m in t.metrics() if m["split"] == "train"][-1]
+    assert last["beta"] == 4.0 and last["lr"] == 5e-4
     assert t.status().beta == 4.0
     with pytest.raises(ConfigError):
         t.update(latent_dim=3)
@@ -199,3 +200,23 @@ def test_decode_encode_use_published_cpu_copy(tiny_config, tiny_sprites, runs_di
     assert out.shape == (8, 28, 28) and out.min() >= 0 and out.max() <= 1
     assert t.inference_model() is not t.model
     assert names == ("square", "ellipse", "triangle") and set(labels) <= {0, 1, 2}
+
+
+def test_restarting_a_stopped_trainer_continues_its_model(tiny_config, tiny_sprites, runs_dir):
+    t = make(tiny_config, tiny_sprites, runs_dir, epochs=3)
+    t.start()
+    assert wait_for(lambda: t.status().step >= 10)
+    t.stop()
+    t.join(5)
+    step = t.status().step
+    z = np.zeros((1, 2), dtype=np.float32)
+    before = t.decode(z)
+    t.resume()
+    t.join(60)
+    assert t.status().state == "finished" and t.status().step == 3 * (512 // 64)
+    steps = [m["step"] for m in t.metrics()]
+    assert steps == sorted(steps) and steps[0] <= step
+    from vae_core import runs
+
+    assert [m["step"] for m in runs.read_metrics(t.run_dir)] == steps
+    assert not np.allclose(before, t.decode(z))

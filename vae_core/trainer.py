@@ -366,6 +366,13 @@ class Trainer:
 
     def _prepare(self) -> None:
         """Load data, build model and optimiser, create or reopen the run directory."""
+        if getattr(self, "model", None) is not None:
+            # This trainer ran before (stopped, failed or finished, then started again): its model,
+            # optimiser and generator in memory are exactly what it last checkpointed.
+            if self.persist and self.run_dir is not None:
+                runs.truncate_metrics(self.run_dir, self._step)
+                self.writer = runs.MetricsWriter(self.run_dir)
+            return
         cfg = self.config
         self._set(message=f"loading {cfg.train.dataset}")
         data = self.check()
@@ -410,8 +417,10 @@ class Trainer:
                                   device=describe_device(self.device), dataset_source=data.source)
             else:  # resuming: drop metric rows written after the checkpoint we continue from
                 runs.truncate_metrics(self.run_dir, self._step)
-                runs.write_config(self.run_dir, cfg, created=time.time(), parent=self.parent,
-                                  device=describe_device(self.device), dataset_source=data.source)
+                previous = runs.read_json(self.run_dir / runs.CONFIG)
+                runs.write_config(self.run_dir, cfg, created=previous.get("created", time.time()),
+                                  parent=previous.get("parent"), device=describe_device(self.device),
+                                  dataset_source=data.source)
             self.writer = runs.MetricsWriter(self.run_dir)
         fixed = torch.Generator().manual_seed(0)
         self.fixed_idx = torch.arange(N_FIXED)
