@@ -220,3 +220,32 @@ def test_restarting_a_stopped_trainer_continues_its_model(tiny_config, tiny_spri
 
     assert [m["step"] for m in runs.read_metrics(t.run_dir)] == steps
     assert not np.allclose(before, t.decode(z))
+
+
+def test_thread_tuner_follows_the_faster_count():
+    from vae_core.devices import ThreadTuner
+
+    tuner = ThreadTuner((1, 2), block=10, explore_every=4)
+    speeds = {1: 100.0, 2: 300.0}  # steps/s: 2 threads faster while the page is quiet
+    counts = []
+    for _ in range(40):
+        counts.append(tuner.current)
+        tuner.record(10 / speeds[tuner.current], 10)
+    assert counts[:2] == [2, 1] and counts.count(2) > 25 and counts.count(1) >= 5  # keeps re-checking
+    speeds = {1: 100.0, 2: 30.0}  # the browser redraws: oversubscribed 2 threads crawl
+    counts = []
+    for _ in range(40):
+        counts.append(tuner.current)
+        tuner.record(10 / speeds[tuner.current], 10)
+    assert counts[-20:].count(1) >= 15
+
+
+def test_dashboard_trainer_tunes_threads(tiny_config, tiny_sprites, runs_dir, monkeypatch):
+    monkeypatch.delenv("VAE_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    t = Trainer(tiny_config.replace(epochs=8), runs_dir=runs_dir, data=tiny_sprites, sharing_with_server=True)
+    assert t.tuner is not None and t.tuner.choices == (1, 2)
+    t.start()
+    t.join(60)
+    assert t.status().state == "finished" and set(t.tuner.speed) == {1, 2}
+    assert Trainer(tiny_config, runs_dir=runs_dir, data=tiny_sprites).tuner is None  # headless: all cores

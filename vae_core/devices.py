@@ -29,7 +29,8 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
+        n = torch.get_num_threads()
+        return f"cpu ({n} thread{'s' if n != 1 else ''})"
     return device.type
 
 
@@ -45,3 +46,38 @@ def default_threads(*, sharing_with_server: bool) -> int:
         return int(env)
     cores = os.cpu_count() or 1
     return max(1, cores - 1) if sharing_with_server and cores <= 4 else cores
+
+
+class ThreadTuner:
+    """Chooses torch's CPU thread count by measuring, because the best count depends on load.
+
+    Beside a web server and a browser on a 2-core machine, 2 threads are fastest while the
+    page is quiet and several times slower than 1 thread while it redraws (OpenMP threads
+    wait on each other at every barrier when one is descheduled). The tuner times blocks of
+    steps, uses the faster count, and re-tries the other one block in every `explore_every`,
+    so it follows the load as it changes.
+    """
+
+    def __init__(self, choices: tuple[int, ...], *, block: int = 20, explore_every: int = 8) -> None:
+        self.choices = tuple(sorted(set(c for c in choices if c >= 1))) or (1,)
+        self.block, self.explore_every = block, explore_every
+        self.speed: dict[int, float] = {}  # EMA of steps per second at each count
+        self.blocks = 0
+        self.current = self.choices[-1]
+
+    def record(self, seconds: float, steps: int) -> int:
+        """Record a timed block run at self.current; return the thread count for the next block."""
+        if seconds > 0 and steps > 0:
+            rate = steps / seconds
+            old = self.speed.get(self.current)
+            self.speed[self.current] = rate if old is None else 0.5 * old + 0.5 * rate
+        self.blocks += 1
+        untried = [c for c in self.choices if c not in self.speed]
+        if untried:
+            self.current = untried[0]
+        elif self.blocks % self.explore_every == 0:
+            best = max(self.speed, key=self.speed.get)
+            self.current = min(self.choices, key=lambda c: (c == best, -self.speed[c]))  # the runner-up, once
+        else:
+            self.current = max(self.speed, key=self.speed.get)
+        return self.current

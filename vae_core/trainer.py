@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import threading
 import time
 import traceback
@@ -22,7 +23,7 @@ import torch
 from . import data as data_mod
 from . import runs
 from .config import LIVE_FIELDS, ConfigError, RunConfig
-from .devices import default_threads, describe_device, resolve_device
+from .devices import ThreadTuner, default_threads, describe_device, resolve_device
 from .images import to_uint8
 from .models import VAE, build_model
 from .objectives import elbo_loss, elbo_terms, iwae_bound
@@ -89,7 +90,11 @@ class Trainer:
         self.runs_dir = Path(runs_dir) if runs_dir else runs.default_runs_dir()
         self.name = name
         self.data_dir = data_dir
-        self.num_threads = num_threads or default_threads(sharing_with_server=sharing_with_server)
+        self.num_threads = num_threads or default_threads(sharing_with_server=False)
+        # Beside a web server the best thread count changes with the page's load: measure it.
+        cores = os.cpu_count() or 1
+        self.tuner = (ThreadTuner((max(1, cores // 2), cores)) if sharing_with_server and not num_threads
+                      and self.device.type == "cpu" and cores > 1 and "VAE_NUM_THREADS" not in os.environ else None)
         self.log_every = max(1, int(log_every))
         self.persist = persist
         self.init_from = Path(init_from) if init_from else None  # fork: start from this run's checkpoint
@@ -436,6 +441,9 @@ class Trainer:
         self._set(message=f"training on {describe_device(self.device)}")
         acc = torch.zeros(4, device=self.device)  # loss, recon, kl, n — summed between log points
         last_publish = time.monotonic()
+        tuned_time, tuned_steps = 0.0, 0
+        if self.tuner is not None:
+            torch.set_num_threads(self.tuner.current)
         while True:
             epoch_idx = self._step // spe
             if epoch_idx >= self._epochs_target:
@@ -448,7 +456,16 @@ class Trainer:
                 x = self.train_x[idx]
                 if cfg.binarized:
                     x = torch.bernoulli(x, generator=self.gen)  # dynamic binarization: a fresh draw per batch
-                acc += self.train_step(x)
+                if self.tuner is None:
+                    acc += self.train_step(x)
+                else:
+                    t0 = time.perf_counter()
+                    acc += self.train_step(x)
+                    tuned_time += time.perf_counter() - t0
+                    tuned_steps += 1
+                    if tuned_steps == self.tuner.block:
+                        torch.set_num_threads(self.tuner.record(tuned_time, tuned_steps))
+                        tuned_time, tuned_steps = 0.0, 0
                 n_seen += len(idx)
                 with self._lock:
                     self._step += 1

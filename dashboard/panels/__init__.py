@@ -1,0 +1,1 @@
+"""One module per panel, each with a render(...) function."""

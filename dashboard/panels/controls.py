@@ -1,0 +1,289 @@
+"""Sidebar controls: run buttons and every setting of a run, validated through the core's config.
+
+Widget values live in `st.session_state` under `cfg_<field>` keys (UI choices only). The
+configuration is always built by `settings.config_from_values`, so the UI, the CLI and
+saved runs share one set of rules; a bad combination shows its message under the control
+and disables Train instead of raising.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import streamlit as st
+
+from dashboard.settings import (ARCH_NAMES, BATCH_SIZES, BETAS, DATASET_NAMES, DEFAULTS, LABELS, LIKELIHOOD_NAMES, LRS,
+                                PREFIX, changed_fields, config_from_values, field_errors, query_from_values,
+                                values_from_config, values_from_query, with_value)
+from dashboard.state import Registry
+from vae_core import data
+from vae_core.config import ARCHS, DATASETS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS, UI_LIMITS, ConfigError, RunConfig
+from vae_core.devices import available_devices, resolve_device
+from vae_core.runs import RunFileError
+from vae_core.trainer import Trainer
+
+
+@dataclass
+class Controls:
+    """What the sidebar produced this run: the values, the config (None if invalid) and errors by field."""
+
+    values: dict[str, Any]
+    config: RunConfig | None
+    errors: dict[str, str]
+
+
+# ------------------------------------------------------------------ session state
+
+def current_values() -> dict[str, Any]:
+    return {k: st.session_state.get(PREFIX + k, d) for k, d in DEFAULTS.items()}
+
+
+def init_state(trainer: Trainer | None) -> None:
+    """Seed the controls once per session: from the URL, else the run being shown, else defaults.
+
+    A shared URL carries its settings (see sync_url). Without any, a reload or second tab
+    opened while a run trains shows that run's settings, rather than defaults that would
+    start a different run on the next Train.
+    """
+    if st.session_state.get("_cfg_seeded"):
+        return
+    params = {k: st.query_params[k] for k in st.query_params if k in DEFAULTS}
+    if params:
+        values, ignored = values_from_query(params)
+        if ignored:
+            _notice("warning", "Ignored invalid settings in the URL: " + ", ".join(ignored))
+    elif trainer is not None:
+        values = {**DEFAULTS, **values_from_config(trainer.config)}
+    else:
+        values = dict(DEFAULTS)
+    for k, v in values.items():
+        st.session_state.setdefault(PREFIX + k, v)
+    st.session_state["_cfg_seeded"] = True
+
+
+def sync_url(values: dict[str, Any]) -> None:
+    """Mirror the settings that differ from the defaults into the URL, so a copied URL reopens them."""
+    want = query_from_values(values)
+    for name in DEFAULTS:
+        if name in want:
+            if st.query_params.get(name) != want[name]:
+                st.query_params[name] = want[name]
+        elif name in st.query_params:
+            del st.query_params[name]
+
+
+@st.cache_data(ttl=600, show_spinner="Checking which datasets are on this machine…")
+def dataset_availability() -> dict[str, tuple[bool, str]]:
+    """data.availability probes the network (~1 s offline), so it is cached for ten minutes."""
+    return data.availability()
+
+
+# ------------------------------------------------------------------ callbacks (run before the script)
+
+def _notice(kind: str, text: str) -> None:
+    st.session_state["_ctl_notice"] = (kind, text)
+
+
+def _build_or_report() -> RunConfig | None:
+    values = current_values()
+    errors = field_errors(values, dataset_availability())
+    if errors:
+        _notice("error", "Fix the settings marked in red first.")
+        return None
+    return config_from_values(values)
+
+
+def _on_train(registry: Registry) -> None:
+    config = _build_or_report()
+    if config is None:
+        return
+    before = registry.current()
+    was_active = before is not None and before.status().active
+    try:
+        registry.train(config)
+    except (ConfigError, RunFileError, OSError) as e:
+        _notice("error", f"Could not start the run: {e}")
+        return
+    if was_active:
+        _notice("info", f"The previous run{_name(before)} was stopped and checkpointed (it stays in the runs "
+                        "directory and can be resumed); a new run started with these settings.")
+
+
+def _on_pause_resume(registry: Registry) -> None:
+    t = registry.current()
+    if t is None:
+        return
+    if t.status().state == "running":
+        registry.pause()
+        return
+    try:
+        registry.resume(live={k: current_values()[k] for k in LIVE_FIELDS})
+    except (ConfigError, RunFileError, OSError) as e:
+        _notice("error", f"Could not resume: {e}")
+
+
+def _on_step(registry: Registry) -> None:
+    values = current_values()
+    errors = field_errors(values, dataset_availability())
+    config = None if errors else config_from_values(values)  # needed only when Step starts a new run
+    try:
+        registry.step(config)
+    except (ConfigError, RunFileError, OSError) as e:
+        _notice("error", f"Could not step: {e}")
+
+
+def _on_live_change(registry: Registry, name: str) -> None:
+    """β, lr, warm-up and free bits go straight to an active run."""
+    t = registry.current()
+    if t is None or not t.status().active:
+        return
+    value = st.session_state[PREFIX + name]
+    try:
+        t.update(**{name: value})
+    except ConfigError as e:
+        _notice("error", str(e))
+        return
+    _notice("success", f"{LABELS[name]} = {value:g} applied to the running run from its next step.")
+
+
+def _name(t: Trainer | None) -> str:
+    return f" ({t.name})" if t is not None and t.name else ""
+
+
+# ------------------------------------------------------------------ drawing
+
+def render(registry: Registry) -> Controls:
+    """Draw the sidebar controls (call inside `with st.sidebar:`) and return what they describe."""
+    trainer = registry.current()
+    init_state(trainer)
+    status = trainer.status() if trainer is not None else None
+    availability = dataset_availability()
+    slots: dict[str, Any] = {}
+
+    # Buttons first: they are what a person reaches for while watching a run. Their effects run as
+    # callbacks before the script, so the whole page (labels included) shows the new state at once.
+    buttons = st.container()
+
+    st.subheader("Data")
+    st.selectbox(LABELS["dataset"], DATASETS, key=PREFIX + "dataset",
+                 format_func=lambda n: DATASET_NAMES[n] + ("" if availability.get(n, (True, ""))[0] else " — unavailable"))
+    ok, reason = availability.get(st.session_state[PREFIX + "dataset"], (True, ""))
+    if ok:
+        st.caption(reason[:1].upper() + reason[1:])
+    slots["dataset"] = st.empty()
+
+    st.subheader("Model")
+    st.selectbox(LABELS["arch"], ARCHS, key=PREFIX + "arch", format_func=ARCH_NAMES.get)
+    slots["arch"] = st.empty()
+    lo, hi = UI_LIMITS["latent_dim"]
+    st.slider(LABELS["latent_dim"], int(lo), int(hi), key=PREFIX + "latent_dim",
+              help="Dimensions of z. With 2 the latent space can be drawn directly (manifold, scatter).")
+    slots["latent_dim"] = st.empty()
+    st.selectbox(LABELS["likelihood"], LIKELIHOODS, key=PREFIX + "likelihood", format_func=LIKELIHOOD_NAMES.get)
+    slots["likelihood"] = st.empty()
+
+    st.subheader("Objective")
+    st.select_slider("⚡ " + LABELS["beta"], with_value(BETAS, st.session_state.get(PREFIX + "beta")),
+                     key=PREFIX + "beta", format_func=lambda b: f"{b:g}", on_change=_on_live_change,
+                     args=(registry, "beta"),
+                     help="Loss = −E[log p(x|z)] + β·KL. β = 1 is the ELBO; β > 1 trades reconstruction "
+                          "for a simpler code (β-VAE), β < 1 the reverse.")
+    slots["beta"] = st.empty()
+    st.number_input("⚡ " + LABELS["warmup_epochs"], min_value=0.0, max_value=float(LIMITS["warmup_epochs"][1]),
+                    step=0.5, key=PREFIX + "warmup_epochs", on_change=_on_live_change, args=(registry, "warmup_epochs"),
+                    help="β ramps linearly from 0 to its value over this many epochs (0 = off).")
+    slots["warmup_epochs"] = st.empty()
+    st.number_input("⚡ " + LABELS["free_bits"], min_value=0.0, max_value=float(LIMITS["free_bits"][1]), step=0.05,
+                    key=PREFIX + "free_bits", on_change=_on_live_change, args=(registry, "free_bits"),
+                    help="Each latent dimension's KL counts as at least this much in the loss "
+                         "(Kingma et al. 2016), which keeps dimensions from collapsing early. 0 = off.")
+    slots["free_bits"] = st.empty()
+
+    st.subheader("Optimisation")
+    st.select_slider("⚡ " + LABELS["lr"], with_value(LRS, st.session_state.get(PREFIX + "lr")), key=PREFIX + "lr",
+                     format_func=lambda v: f"{v:g}", on_change=_on_live_change, args=(registry, "lr"))
+    slots["lr"] = st.empty()
+    st.select_slider(LABELS["batch_size"], with_value(BATCH_SIZES, st.session_state.get(PREFIX + "batch_size")),
+                     key=PREFIX + "batch_size")
+    slots["batch_size"] = st.empty()
+    st.number_input(LABELS["epochs"], min_value=1, max_value=int(LIMITS["epochs"][1]), step=1, key=PREFIX + "epochs")
+    slots["epochs"] = st.empty()
+    have = available_devices()
+    auto = _auto_device()
+    st.selectbox(LABELS["device"], DEVICES, key=PREFIX + "device",
+                 format_func=lambda d: f"auto (→ {auto})" if d == "auto" else d + ("" if have.get(d) else " (not available)"),
+                 help="Available here: " + ", ".join(d for d, ok in have.items() if ok))
+    slots["device"] = st.empty()
+    st.number_input(LABELS["seed"], min_value=0, max_value=int(LIMITS["seed"][1]), step=1, key=PREFIX + "seed")
+    slots["seed"] = st.empty()
+
+    with st.expander("Advanced"):
+        st.number_input(LABELS["hidden_dim"], min_value=int(LIMITS["hidden_dim"][0]),
+                        max_value=int(LIMITS["hidden_dim"][1]), step=16, key=PREFIX + "hidden_dim")
+        slots["hidden_dim"] = st.empty()
+        st.checkbox(LABELS["binarize"], key=PREFIX + "binarize",
+                    help="Bernoulli likelihood only. Binarized data make the reported numbers true log-likelihoods "
+                         "(in nats); grey-level targets give a cross-entropy that is not one.")
+        slots["binarize"] = st.empty()
+        st.number_input(LABELS["gaussian_sigma"], min_value=float(LIMITS["gaussian_sigma"][0]),
+                        max_value=float(LIMITS["gaussian_sigma"][1]), step=0.01, format="%.3f",
+                        key=PREFIX + "gaussian_sigma", help="Observation noise for the Gaussian likelihoods "
+                                                            "(the starting value when learned).")
+        slots["gaussian_sigma"] = st.empty()
+        st.number_input(LABELS["train_size"], min_value=0, max_value=int(LIMITS["train_size"][1]), step=512,
+                        key=PREFIX + "train_size", help="Train on the first N images only: quick experiments.")
+        slots["train_size"] = st.empty()
+        st.number_input(LABELS["evidence_every"], min_value=0, max_value=int(LIMITS["evidence_every"][1]), step=1,
+                        key=PREFIX + "evidence_every",
+                        help="Importance-weighted estimates of log p(x) for the Evidence tab; 0 = never.")
+        slots["evidence_every"] = st.empty()
+
+    values = current_values()
+    sync_url(values)
+    errors = field_errors(values, availability)
+    for name, message in errors.items():
+        slots.get(name, buttons).error(message)  # '' (no single control) goes beside the buttons
+    config = None if errors else config_from_values(values)
+
+    with buttons:
+        _buttons(registry, status, config, errors)
+        if status is not None and status.active and config is not None:
+            changed = changed_fields(config, trainer.config)
+            if changed:
+                st.info("Changed since this run started: " + ", ".join(LABELS[k] for k in changed)
+                        + ". Press **Train** to start a new run with them.")
+    return Controls(values, config, errors)
+
+
+def _buttons(registry: Registry, status, config: RunConfig | None, errors: dict[str, str]) -> None:
+    state = status.state if status is not None else None
+    active = state in ("running", "paused")
+    st.button("Train", key="btn_train", type="primary", width="stretch", on_click=_on_train, args=(registry,),
+              disabled=bool(errors),
+              help="Start a new run with these settings" + (" (the current run is stopped and saved first)" if active else ""))
+    c1, c2 = st.columns(2)
+    resumable = state in ("paused", "stopped", "failed")
+    c1.button("Resume" if state in ("paused", "stopped", "failed") else "Pause", key="btn_pause", width="stretch",
+              on_click=_on_pause_resume, args=(registry,), disabled=not (state == "running" or resumable),
+              help="Pause the run, or continue it (a stopped or failed run continues where it left off, "
+                   "with the ⚡ settings shown here)")
+    c2.button("Step", key="btn_step", width="stretch", on_click=_on_step, args=(registry,),
+              disabled=state == "finished" or (state is None and bool(errors)),
+              help="Do one optimisation step and pause (starts a new run paused if none is running)")
+    c3, c4 = st.columns(2)
+    c3.button("Stop", key="btn_stop", width="stretch", on_click=registry.stop, disabled=not active,
+              help="End the run; it is checkpointed and can be resumed")
+    c4.button("Reset", key="btn_reset", width="stretch", on_click=registry.reset, disabled=status is None,
+              help="Stop the run and clear the page (the run stays saved on disk)")
+    notice = st.session_state.pop("_ctl_notice", None)
+    if notice is not None:
+        getattr(st, notice[0])(notice[1])
+    st.caption("⚡ settings (β, learning rate, KL warm-up, free bits) change a running run live; "
+               "the others take effect when you press Train.")
+
+
+def _auto_device() -> str:
+    try:
+        return resolve_device("auto").type
+    except ConfigError:
+        return "cpu"

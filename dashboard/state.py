@@ -1,0 +1,202 @@
+"""The process-wide run registry: which trainers this server owns and which one the page shows.
+
+One registry per server process (plain `st.cache_resource`), shared by every browser
+tab, so a reload or a second tab reattaches to the run that is training instead of
+starting a new one. Sessions keep only UI choices in `st.session_state`; trainers
+(threads, models) live here. All methods are safe to call from any script thread.
+"""
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import threading
+from pathlib import Path
+
+import streamlit as st
+
+from vae_core.config import LIVE_FIELDS, ConfigError, RunConfig
+from vae_core.trainer import Trainer, get_dataset
+
+log = logging.getLogger(__name__)
+
+
+class Registry:
+    """Trainers by id, and the current one. One run trains at a time: Train stops the active run first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._trainers: dict[str, Trainer] = {}
+        self._current: str | None = None
+        self._ids = itertools.count(1)
+
+    # ------------------------------------------------------------ reading
+
+    def current(self) -> Trainer | None:
+        with self._lock:
+            return self._trainers.get(self._current) if self._current else None
+
+    def current_id(self) -> str | None:
+        """Changes whenever the page should show a different run (new run, reset, opened run)."""
+        with self._lock:
+            return self._current
+
+    def trainers(self) -> dict[str, Trainer]:
+        with self._lock:
+            return dict(self._trainers)
+
+    def find(self, run_dir: str | Path) -> Trainer | None:
+        """The in-process trainer for a run directory, if this process has one."""
+        target = Path(run_dir).resolve()
+        with self._lock:
+            for t in self._trainers.values():
+                if t.run_dir is not None and Path(t.run_dir).resolve() == target:
+                    return t
+        return None
+
+    def is_training(self, run_dir: str | Path) -> bool:
+        t = self.find(run_dir)
+        return t is not None and t.status().active
+
+    # ------------------------------------------------------------ control
+
+    def train(self, config: RunConfig, *, name: str | None = None, step_only: bool = False) -> Trainer:
+        """Start a new run with `config` and show it; an active run is stopped (and checkpointed) first.
+
+        With step_only the new run does one optimisation step and waits paused.
+        Raises ConfigError (e.g. a device that is not available) before anything is stopped.
+        """
+        trainer = Trainer(config, name=name, sharing_with_server=True)
+        with self._lock:
+            self._stop_active()
+            self._add(trainer, show=True)
+        if step_only:
+            trainer.step()
+        else:
+            trainer.start()
+        return trainer
+
+    def pause(self) -> None:
+        t = self.current()
+        if t is not None:
+            t.pause()
+
+    def resume(self, live: dict[str, float] | None = None) -> Trainer | None:
+        """Continue the current run: unpause it, or restart a stopped/failed one where it left off.
+
+        `live` (β, lr, warm-up, free bits) is applied first, so "lower the learning rate,
+        then resume" works after a failure.
+        """
+        t = self._continuable()
+        if t is None:
+            return None
+        if live:
+            t.update(**{k: v for k, v in live.items() if k in LIVE_FIELDS})
+        t.resume()
+        return t
+
+    def step(self, config: RunConfig | None) -> Trainer:
+        """One optimisation step on the current run (pausing it), or a new run started paused after one step."""
+        t = self._continuable()
+        if t is None:
+            if config is None:
+                raise ConfigError("fix the settings marked in red first: Step starts a new run here")
+            return self.train(config, step_only=True)
+        t.step()
+        return t
+
+    def stop(self) -> None:
+        t = self.current()
+        if t is not None:
+            t.stop()
+
+    def reset(self) -> None:
+        """Stop the current run (it stays on disk) and show none."""
+        with self._lock:
+            self._stop_active()
+            self._current = None
+            self._prune()
+
+    def open(self, run_dir: str | Path, *, show: bool = True) -> Trainer:
+        """A trainer for a saved run (weights, metrics, images from disk), shown if `show`.
+
+        Reuses this process's own trainer for that run when there is one. Raises RunFileError.
+        """
+        with self._lock:
+            t = self.find(run_dir)
+            if t is None:
+                t = Trainer.open(run_dir, sharing_with_server=True)
+                self._add(t, show=show)
+            elif show:
+                self._current = self._id_of(t)
+            return t
+
+    def show(self, trainer: Trainer) -> None:
+        with self._lock:
+            key = self._id_of(trainer)
+            if key is None:
+                self._add(trainer, show=True)
+            else:
+                self._current = key
+
+    def stop_all(self, timeout: float = 5.0) -> None:
+        """Stop every trainer and forget them all (tests, shutdown)."""
+        with self._lock:
+            trainers, self._trainers, self._current = list(self._trainers.values()), {}, None
+        for t in trainers:
+            t.stop(timeout)
+
+    # ------------------------------------------------------------ internals
+
+    def _continuable(self) -> Trainer | None:
+        """The current trainer if it can go on: alive, or stopped/failed (restarting continues its model)."""
+        with self._lock:
+            t = self.current()
+            if t is None or (not t.is_alive() and t.status().state == "finished"):
+                return None
+            return t
+
+    def _stop_active(self) -> None:
+        for t in self._trainers.values():
+            if t.is_alive():
+                t.stop(timeout=5.0)
+
+    def _add(self, trainer: Trainer, *, show: bool) -> None:
+        key = f"run{next(self._ids)}"
+        self._trainers[key] = trainer
+        if show:
+            self._current = key
+        self._prune()
+
+    def _prune(self) -> None:
+        """Forget ended trainers other than the current one; their runs stay on disk."""
+        for key in [k for k, t in self._trainers.items() if k != self._current and not t.is_alive()]:
+            del self._trainers[key]
+
+    def _id_of(self, trainer: Trainer) -> str | None:
+        for k, t in self._trainers.items():
+            if t is trainer:
+                return k
+        return None
+
+
+def _warm_up(name: str) -> None:
+    """One-off costs of a process's first run, paid before anyone presses Train."""
+    try:
+        get_dataset(name)  # rendering the sprites: ~2.5 s
+        # The first torch.optim.Adam imports torch._dynamo: ~1 s, measured as most of a first run's start-up.
+        import torch._dynamo  # noqa: F401
+    except Exception:  # a warm-up only; the run reports any real problem itself
+        log.exception("warm-up for %s failed", name)
+
+
+@st.cache_resource(show_spinner=False)
+def get_registry() -> Registry:
+    """The one registry of this server process (shared by all tabs and reloads)."""
+    reg = Registry()
+    # On a clean server shutdown (Ctrl-C, SIGTERM) runs checkpoint and record "stopped", so nothing
+    # trained since the last epoch is lost; atexit runs before daemon threads are abandoned.
+    atexit.register(reg.stop_all)
+    # Paying the first run's one-off costs now keeps click-to-first-curve short.
+    threading.Thread(target=_warm_up, args=("sprites",), name="vae-data-warmup", daemon=True).start()
+    return reg

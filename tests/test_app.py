@@ -1,0 +1,264 @@
+"""The dashboard's logic through streamlit.testing.v1.AppTest: controls -> config, live runs, errors, panels.
+
+AppTest never fires `run_every` and does not wait for the training thread, so tests
+poll `at.run()` against a deadline. The run registry is process-wide (st.cache_resource),
+so every test stops its trainers and clears the cache afterwards.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from dashboard import settings
+from dashboard.panels import training
+from dashboard.state import get_registry
+from vae_core.config import RunConfig
+from vae_core.devices import available_devices
+
+APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+# Seconds-long runs: 512 sprites, batch 64 -> 8 steps per epoch; no importance-sampling evaluations.
+TINY = {"cfg_train_size": 512, "cfg_batch_size": 64, "cfg_hidden_dim": 64, "cfg_evidence_every": 0}
+
+
+@pytest.fixture
+def app(runs_dir):
+    at = AppTest.from_file(APP, default_timeout=30)
+    yield at
+    get_registry().stop_all()
+    st.cache_resource.clear()
+
+
+def configure(at: AppTest, **values) -> AppTest:
+    """Set controls by key (cfg_<field>) through their widgets, as a person would."""
+    for key, value in {**TINY, **values}.items():
+        widget = at.get_widget(key) if hasattr(at, "get_widget") else None
+        widget = widget or _find(at, key)
+        widget.set_value(value)
+    return at
+
+
+def _find(at: AppTest, key: str):
+    for kind in ("number_input", "slider", "select_slider", "selectbox", "checkbox", "toggle"):
+        try:
+            return getattr(at, kind)(key=key)
+        except KeyError:
+            continue
+    raise KeyError(key)
+
+
+def run_until(at: AppTest, predicate, timeout: float = 40.0, what: str = "condition") -> AppTest:
+    deadline = time.monotonic() + timeout
+    while True:
+        at.run()
+        assert not at.exception, at.exception
+        if predicate(at):
+            return at
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; status: {_status()}")
+        time.sleep(0.2)
+
+
+def _status():
+    t = get_registry().current()
+    return t.status() if t is not None else None
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def state() -> str | None:
+    s = _status()
+    return s.state if s is not None else None
+
+
+# ------------------------------------------------------------------ pure helpers
+
+def test_default_values_build_the_default_config():
+    assert settings.config_from_values(settings.DEFAULTS) == RunConfig()
+    assert settings.field_errors(settings.DEFAULTS) == {}
+
+
+def test_field_errors_name_the_control():
+    errs = settings.field_errors({**settings.DEFAULTS, "lr": 5.0, "train_size": 100, "batch_size": 128})
+    assert "lr" in errs and "between" in errs["lr"]
+    assert "batch_size" in errs and "100" in errs["batch_size"]
+    errs = settings.field_errors(settings.DEFAULTS, {"sprites": (False, "gone")})
+    assert errs == {"dataset": "Not available: gone"}
+
+
+def test_curve_helpers():
+    assert training.smooth([2.0, 2.0, 2.0]).tolist() == pytest.approx([2.0, 2.0, 2.0])  # bias-corrected
+    idx = training.downsample(10_000, 300)
+    assert len(idx) <= 300 and idx[0] == 0 and idx[-1] == 9_999
+    assert training.format_duration(75) == "1 min 15 s"
+    bce = RunConfig().replace(binarize=False)
+    assert "not a log-likelihood" in training.units(bce)[1]
+    assert training.units(RunConfig())[0] == "nats per example"
+    rows = [{"step": i, "elbo": -100.0 + i, "recon": -90.0 + i, "kl": 10.0, "beta": 1.0} for i in range(1, 40)]
+    fig = training.curves_figure(rows, [{"step": 39, "elbo": -70.0, "recon": -60.0, "kl": 10.0}], RunConfig(),
+                                 log_y=True)
+    assert fig.layout.yaxis.type == "log" and all(min(tr.y) > 0 for tr in fig.data if len(tr.y))  # losses
+    assert fig.layout.yaxis.title.text == "nats per example"
+
+
+# ------------------------------------------------------------------ the app
+
+def test_first_page_renders_idle(app):
+    app.run()
+    assert not app.exception and not errors(app)
+    assert app.button(key="btn_train").label == "Train"
+    assert app.button(key="btn_stop").disabled and app.button(key="btn_pause").disabled
+    assert any("No run yet" in i.value for i in app.info)
+    assert get_registry().current() is None
+
+
+def test_controls_build_the_configuration_of_the_run(app):
+    app.run()
+    configure(app, cfg_latent_dim=8, cfg_beta=2.5, cfg_lr=3e-4, cfg_epochs=3, cfg_warmup_epochs=1.5,
+              cfg_free_bits=0.25, cfg_seed=7, cfg_arch="conv", cfg_likelihood="gaussian-fixed", cfg_device="cpu",
+              cfg_binarize=False)
+    app.run()
+    assert not errors(app)
+    app.button(key="btn_train").click().run()
+    t = get_registry().current()
+    assert t is not None
+    expected = RunConfig().replace(latent_dim=8, beta=2.5, lr=3e-4, epochs=3, warmup_epochs=1.5, free_bits=0.25,
+                                   seed=7, arch="conv", likelihood="gaussian-fixed", device="cpu", binarize=False,
+                                   train_size=512, batch_size=64, hidden_dim=64, evidence_every=0)
+    assert t.config == expected
+
+
+def test_train_shows_metrics_then_pause_step_resume_stop_reset(app):
+    app.run()
+    configure(app, cfg_epochs=400).run()
+    app.button(key="btn_train").click()
+    run_until(app, lambda a: len(a.metric) == 4 and len(a.get("plotly_chart")) == 1, what="test metrics and curves")
+    assert len(app.get("image")) >= 1  # reconstructions
+    assert app.button(key="btn_pause").label == "Pause"
+
+    app.button(key="btn_pause").click().run()
+    assert state() == "paused" and app.button(key="btn_pause").label == "Resume"
+    assert any("Paused" in w.value for w in app.warning)
+    time.sleep(0.3)
+    before = _status().step
+    app.button(key="btn_step").click().run()
+    deadline = time.monotonic() + 10
+    while _status().step != before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _status().step == before + 1 and state() == "paused"
+
+    app.button(key="btn_pause").click().run()
+    assert state() == "running"
+    app.button(key="btn_stop").click().run()
+    run_until(app, lambda a: state() == "stopped", what="stopped")
+    stopped_at = _status().step
+    assert any("Stopped" in i.value for i in app.info)
+
+    app.button(key="btn_pause").click().run()  # Resume a stopped run: continues from its checkpoint
+    run_until(app, lambda a: _status().step > stopped_at, what="resumed steps")
+    assert get_registry().current().status().run_dir == str(get_registry().current().run_dir)
+
+    app.button(key="btn_reset").click().run()
+    assert get_registry().current() is None and any("No run yet" in i.value for i in app.info)
+
+
+def test_live_setting_reaches_the_running_run(app):
+    app.run()
+    configure(app, cfg_epochs=400).run()
+    app.button(key="btn_train").click()
+    run_until(app, lambda a: state() == "running" and _status().step > 0, what="steps")
+    app.select_slider(key="cfg_beta").set_value(4.0).run()
+    assert _status().beta == 4.0
+    assert any("applied to the running run" in s.value for s in app.success)
+    app.slider(key="cfg_latent_dim").set_value(5).run()  # not live: the run keeps D = 2 and the UI says so
+    assert get_registry().current().config.model.latent_dim == 2
+    assert any("Changed since this run started" in i.value for i in app.info)
+
+
+def test_invalid_input_shows_an_error_not_a_traceback(app):
+    app.run()
+    configure(app, cfg_train_size=100, cfg_batch_size=128).run()
+    assert not app.exception
+    assert any("larger than" in e for e in errors(app))
+    assert app.button(key="btn_train").disabled
+    if not available_devices()["cuda"]:
+        configure(app, cfg_batch_size=64, cfg_device="cuda").run()
+        assert any("CUDA" in e and "not available" in e for e in errors(app))
+        assert app.button(key="btn_train").disabled
+    assert get_registry().current() is None
+
+
+def test_reload_and_second_tab_show_the_same_run(app):
+    app.run()
+    configure(app, cfg_epochs=400, cfg_latent_dim=3).run()
+    app.button(key="btn_train").click()
+    run_until(app, lambda a: _status().step > 0, what="steps")
+    first = get_registry().current()
+    second = AppTest.from_file(APP, default_timeout=30).run()  # a new session: a reload or another tab
+    assert not second.exception
+    assert get_registry().current() is first
+    assert second.slider(key="cfg_latent_dim").value == 3  # controls show the run's settings, not defaults
+    assert any("epoch" in (p.proto.text or "") for p in second.get("progress"))
+    second.button(key="btn_train").click().run()  # Train while one runs: the old run stops, a new one shows
+    assert get_registry().current() is not first
+    first.join(10)
+    assert first.status().state == "stopped"
+
+
+def test_every_tab_renders_with_and_without_a_run(app):
+    app.run()
+    titles = [t.label for t in app.tabs]
+    assert titles[0] == "Training"
+    for title in titles:
+        app.session_state["main_tab"] = title
+        app.run()
+        assert not app.exception and not errors(app), title
+    configure(app, cfg_epochs=2).run()
+    app.session_state["main_tab"] = "Training"
+    app.button(key="btn_train").click()
+    run_until(app, lambda a: state() == "finished", what="finished run")
+    assert any("Finished" in s.value for s in app.success)
+    for title in titles:
+        app.session_state["main_tab"] = title
+        app.run()
+        assert not app.exception and not errors(app), title
+    app.session_state["main_tab"] = "Training"
+    app.run()
+    app.toggle(key="curves_log").set_value(True).run()
+    assert not app.exception and len(app.get("plotly_chart")) == 1
+
+
+def test_url_parameters_round_trip_settings(app):
+    app.run()
+    configure(app, cfg_latent_dim=8, cfg_beta=2.5, cfg_lr=3e-4, cfg_binarize=False).run()
+    params = {k: v for k, v in app.query_params.items()}
+    assert {"latent_dim": ["8"], "beta": ["2.5"], "lr": ["0.0003"], "binarize": ["false"]}.items() <= \
+        {k: (v if isinstance(v, list) else [v]) for k, v in params.items()}.items()
+    assert "dataset" not in params  # defaults stay out of the URL
+
+    shared = AppTest.from_file(APP, default_timeout=30)  # someone opens the copied URL
+    for k, v in params.items():
+        shared.query_params[k] = v[0] if isinstance(v, list) else v
+    shared.query_params["epochs"] = "lots"
+    shared.run()
+    assert not shared.exception
+    assert shared.slider(key="cfg_latent_dim").value == 8 and shared.select_slider(key="cfg_beta").value == 2.5
+    assert shared.checkbox(key="cfg_binarize").value is False
+    assert shared.number_input(key="cfg_epochs").value == settings.DEFAULTS["epochs"]
+    assert any("epochs=lots" in w.value for w in shared.warning)
+
+
+def test_query_helpers_keep_only_valid_non_defaults():
+    values = {**settings.DEFAULTS, "latent_dim": 16, "beta": 0.5, "binarize": False, "train_size": 4096}
+    query = settings.query_from_values(values)
+    assert query == {"latent_dim": "16", "beta": "0.5", "binarize": "false", "train_size": "4096"}
+    assert settings.values_from_query(query) == (values, [])
+    back, ignored = settings.values_from_query({"latent_dim": "500", "lr": "-1", "arch": "rnn", "seed": "1.5",
+                                                "unrelated": "x", "beta": "1.37"})
+    assert sorted(ignored) == ["arch=rnn", "latent_dim=500", "lr=-1", "seed=1.5"]
+    assert back == {**settings.DEFAULTS, "beta": 1.37}

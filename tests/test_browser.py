@@ -1,0 +1,134 @@
+"""What a person sees: the real app in headless Chromium, trained live, every panel drawn.
+
+Starts `streamlit run dashboard/app.py` on a free port with its own runs directory and
+drives it with Playwright. Skips (with the reason) only where Playwright or Chromium is
+missing; CI installs both, so there it always runs.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("VAE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set VAE_CHROMIUM)", allow_module_level=True)
+expect = sync_api.expect
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "VAE_RUNS_DIR": str(tmp_path / "runs"), "VAE_DATA_CACHE": str(tmp_path / "data")}
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.headless", "true",
+                             "--server.port", str(port), "--server.address", "127.0.0.1"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"streamlit did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.3)
+    yield url
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+    log.close()
+
+
+@pytest.fixture
+def page(server):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.set_default_timeout(30_000)
+        page.goto(server)
+        page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=60_000)
+        yield page
+        browser.close()
+
+
+def set_number(page, key: str, value: int) -> None:
+    box = page.locator(f".st-key-{key} input")
+    box.fill(str(value))
+    box.press("Enter")
+    expect(box).to_have_value(str(value))
+
+
+def test_train_live_and_every_panel_draws(page, tmp_path):
+    # Latent size 2 from the keyboard, as a person would (Home = 1, one step right = 2).
+    thumb = page.locator('.st-key-cfg_latent_dim input[type="range"]')
+    thumb.focus()
+    thumb.press("Home")
+    expect(thumb).to_have_value("1")
+    thumb.press("ArrowRight")
+    expect(thumb).to_have_value("2")
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]')
+    set_number(page, "cfg_epochs", 40)  # long enough to watch, stopped below
+
+    page.get_by_role("button", name="Train", exact=True).click()
+    progress = page.locator('[data-testid="stProgress"]')
+    expect(progress).to_contain_text("samples/s", timeout=30_000)
+    expect(page.locator('[data-testid="stMetric"]').first).to_contain_text("Test ELBO", timeout=30_000)
+    curves = page.locator('[data-testid="stPlotlyChart"]').first
+    expect(curves.locator(".scatterlayer .trace").first).to_be_visible()
+    expect(page.locator('[data-testid="stImage"] img').first).to_be_visible()  # reconstructions
+
+    # The live panel keeps updating by itself: the test ELBO card moves to a later epoch.
+    before = progress.inner_text()
+    expect(progress).not_to_have_text(before, timeout=15_000)
+    epoch_of = lambda: float(re.search(r"epoch ([\d.]+)", progress.inner_text()).group(1))  # noqa: E731
+    first_epoch = epoch_of()
+    expect(page.get_by_text(re.compile(r"Refreshes every 1 s"))).to_be_visible()
+    page.wait_for_function(
+        "e => { const m = document.querySelector('[data-testid=\"stProgress\"]').innerText.match(/epoch ([\\d.]+)/);"
+        " return m && parseFloat(m[1]) >= e + 1; }", arg=first_epoch, timeout=30_000)
+    page.mouse.move(700, 5)  # no tooltip over the picture
+    page.evaluate("document.activeElement && document.activeElement.blur()")
+    page.screenshot(path=str(tmp_path / "training.png"), full_page=True)
+    if os.environ.get("VAE_SCREENSHOT"):  # e.g. the README's picture: VAE_SCREENSHOT=docs/dashboard.png
+        shutil.copyfile(tmp_path / "training.png", os.environ["VAE_SCREENSHOT"])
+
+    explore_tab = page.get_by_role("tab", name="Explore latent space")
+    if (ROOT / "dashboard" / "panels" / "explore.py").exists():
+        explore_tab.click()
+        for heading in ("Sampling", "Interpolation", "manifold", "scatter"):
+            expect(page.get_by_text(re.compile(heading, re.I)).first).to_be_visible(timeout=30_000)
+        expect(page.locator('[data-testid="stImage"] img').first).to_be_visible()
+        expect(page.locator('[data-testid="stPlotlyChart"]').first).to_be_visible()
+        page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
+
+    page.get_by_role("button", name="Stop", exact=True).click()
+    expect(page.get_by_text(re.compile(r"Stopped"))).to_be_visible(timeout=15_000)
+    assert page.locator('[data-testid="stException"]').count() == 0
+    assert (tmp_path / "training.png").stat().st_size > 10_000
