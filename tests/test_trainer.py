@@ -249,3 +249,15 @@ def test_dashboard_trainer_tunes_threads(tiny_config, tiny_sprites, runs_dir, mo
     t.join(60)
     assert t.status().state == "finished" and set(t.tuner.speed) == {1, 2}
     assert Trainer(tiny_config, runs_dir=runs_dir, data=tiny_sprites).tuner is None  # headless: all cores
+
+
+def test_periodic_evidence_rows_bound_the_elbo(tiny_config, tiny_sprites, runs_dir):
+    t = make(tiny_config, tiny_sprites, runs_dir, epochs=2, evidence_every=1)
+    t.start()
+    t.join(120)
+    ev = [m for m in t.metrics() if m["split"] == "evidence"]
+    assert [m["epoch"] for m in ev] == [1, 2]
+    for m in ev:
+        assert m["ks"] == [1, 10, 100, 1000]
+        assert m["iwae"][-1] >= m["elbo"] - 3 * m["elbo_se"]  # the bound sits above the ELBO
+        assert m["log_px_grid"] >= m["elbo_grid"] and m["kl_to_posterior_grid"] >= 0

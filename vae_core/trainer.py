@@ -26,12 +26,13 @@ from .config import LIVE_FIELDS, ConfigError, RunConfig
 from .devices import ThreadTuner, default_threads, describe_device, resolve_device
 from .images import to_uint8
 from .models import VAE, build_model
-from .objectives import elbo_loss, elbo_terms, iwae_bound
+from .objectives import elbo_loss, elbo_terms
 
 N_FIXED = 16  # test images shown with their reconstructions
 N_SAMPLES = 64  # prior samples with a fixed z
 EVIDENCE_BATCH = 64  # held-out images for the importance-weighted evaluation
 EVIDENCE_KS = (1, 10, 100, 1000)
+EVIDENCE_GRID_EXAMPLES = 8  # examples whose true log p(x) is integrated on a grid (2 latents)
 STATES = ("idle", "running", "paused", "finished", "stopped", "failed")
 
 _DATA_CACHE: dict[tuple[str, str | None], data_mod.ImageData] = {}
@@ -571,14 +572,21 @@ class Trainer:
         """ELBO and importance-weighted bounds log p_k(x) on a fixed held-out batch, nats per example.
 
         The bounds rise with k toward log p(x) (Burda et al. 2016); their distance above the
-        ELBO estimates KL(q(z|x) || p(z|x)), the inference gap.
+        ELBO estimates KL(q(z|x) || p(z|x)), the inference gap. With 2 latents the true
+        log p(x) by quadrature on a grid is added for a few of the examples.
         """
+        from .evidence import grid_evidence, iwae_curve
+
         self.model.eval()
         x = self.test_xb[:EVIDENCE_BATCH]
         gen = torch.Generator(device=self.device).manual_seed(20_000 + self._step)
-        elbo = elbo_terms(self.model, x, gen).elbo.mean().item()
-        iwae = {str(k): iwae_bound(self.model, x, k, generator=gen).mean().item() for k in ks}
-        return {"elbo": elbo, "iwae": iwae, "n": len(x)}
+        out = iwae_curve(self.model, x, ks, generator=gen)
+        if self.config.model.latent_dim == 2:
+            out.update(grid_evidence(self.model, x[:EVIDENCE_GRID_EXAMPLES], n=64))
+            # The same examples' IWAE bound, so the panel compares like with like.
+            sub = iwae_curve(self.model, x[:EVIDENCE_GRID_EXAMPLES], (max(ks),), generator=gen)
+            out["iwae_grid_examples"] = sub["iwae"][0]
+        return out
 
     def _end_epoch(self, samples_per_s: float) -> None:
         ev = self.evaluate()

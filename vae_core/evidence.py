@@ -1,0 +1,346 @@
+"""How far is the ELBO from log p(x)? Importance sampling for any model, quadrature for 2 latents.
+
+log p(x) = ELBO(x) + KL(q(z|x) || p(z|x))  (Kingma & Welling 2019, eq. 2.8), so the gap between
+the bound and the evidence is exactly how wrong the encoder's posterior is. The importance-weighted
+bound log p_k(x) closes the gap as k grows (Burda et al. 2016, eq. 8 and Theorem 1). With two
+latents the true posterior can be evaluated on a grid, which gives log p(x), the ELBO and the KL
+by quadrature, each from the same numbers, so the identity can be checked term by term.
+
+Everything here runs under torch.no_grad and returns floats, numpy arrays or small dataclasses,
+never live tensors. All values are nats per example.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .models import VAE
+from .objectives import kl_per_dim, log_normal, log_px_given_z, log_standard_normal
+
+DEFAULT_KS = (1, 10, 100, 1000)
+# Pixels decoded per chunk. Smaller than iwae_bound's 2M default: a chunk's logits (1 MB) stay in
+# cache for the log-likelihood that follows, ~15% faster on CPU (benchmarks/bench_iwae.py).
+CHUNK_ELEMS = 262_144
+ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016, sec. 5.2
+
+# The posterior grid. A cell is "mass" while its log density is within TAIL_NATS of the peak: a
+# Gaussian posterior is then covered to ~6.3 std, and what is left out weighs < e^-20 of the peak.
+TAIL_NATS = 20.0
+SEARCH_HALF_WIDTH = 6.0  # the first search box is [-6, 6]^2 (6 prior std) joined with q's box
+Q_STD_COVER = 6.0  # the grid also covers q's mean +- 6 std, so E_q[.] is a quadrature too ...
+Q_HALF_WIDTH_MAX = 8.0  # ... but no wider than this, so a diffuse untrained q cannot blur the grid
+COARSE_N = 64  # points per axis of each search pass
+MAX_SEARCH_PASSES = 6
+GAUSS_HERMITE_NODES = 20  # per axis, for the grid-independent reference ELBO
+
+
+def _check_ks(ks: Sequence[int]) -> list[int]:
+    out = sorted({int(k) for k in ks})
+    if not out or out[0] < 1:
+        raise ValueError(f"every k must be a whole number >= 1; got {list(ks)!r}")
+    return out
+
+
+@torch.no_grad()
+def _importance_samples(model: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, k: int, *,
+                        generator: torch.Generator | None, max_chunk_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log weights log p(x, z_i) - log q(z_i|x) and log p(x|z_i), each (k, B), from a given encoder pass.
+
+    Draws eps in the same (n, B, D) chunks as objectives.iwae_bound, so with the same generator
+    state and max_chunk_elems the samples, and the bound, are identical (a test holds them to it).
+    """
+    B, D = mu.shape
+    per_chunk = max(1, max_chunk_elems // (B * x[0].numel()))
+    std = torch.exp(0.5 * logvar)  # (B, D)
+    log_w, log_lik = [], []
+    done = 0
+    while done < k:
+        n = min(per_chunk, k - done)
+        eps = torch.randn((n, B, D), generator=generator, device=mu.device, dtype=mu.dtype)
+        z = mu + eps * std  # (n, B, D)
+        logits = model.decode_logits(z.reshape(n * B, D))
+        xr = x.unsqueeze(0).expand(n, *x.shape).reshape(n * B, *x.shape[1:])
+        lpx = log_px_given_z(model, xr, logits).view(n, B)
+        log_lik.append(lpx)
+        log_w.append(lpx + log_standard_normal(z) - log_normal(z, mu, logvar))  # (n, B)
+        done += n
+    return torch.cat(log_w, 0), torch.cat(log_lik, 0)
+
+
+@torch.no_grad()
+def iwae_curve(model: VAE, x: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, *,
+               generator: torch.Generator | None = None, max_chunk_elems: int = CHUNK_ELEMS) -> dict[str, Any]:
+    """The ELBO and log p_k(x) for each k on a fixed batch x: means and standard errors across examples.
+
+    One encoder pass and max(ks) samples per example serve every k: the K = max(ks) log weights
+    are split into floor(K / k) disjoint groups of k, and log p_k(x) (Burda et al. 2016, eq. 8) is
+    averaged over the groups, an unbiased estimate of E[log p_k(x)] that costs nothing extra and
+    has less noise than one group for small k. Returns lists aligned with `ks` (ascending):
+
+    - ``elbo``: E_q[log p(x|z)] averaged over all K samples minus the closed-form KL(q || p(z));
+    - ``elbo_mc``: the Monte Carlo k = 1 bound, the mean of the log weights (same expectation);
+    - ``iwae`` / ``iwae_se``: mean of log p_k(x) over examples and its standard error (NaN for B = 1).
+    """
+    ks_sorted = _check_ks(ks)
+    K = ks_sorted[-1]
+    mu, logvar = model.encode(x)  # (B, D), shared by every k
+    B = mu.shape[0]
+    log_w, log_lik = _importance_samples(model, x, mu, logvar, K, generator=generator, max_chunk_elems=max_chunk_elems)
+    log_w = log_w.double()  # (K, B); float64 so the reductions add no error of their own
+    kl = kl_per_dim(mu.double(), logvar.double()).sum(1)  # (B,)
+    elbo = log_lik.double().mean(0) - kl  # (B,)
+
+    def mean_se(v: torch.Tensor) -> tuple[float, float]:
+        se = float(v.std() / math.sqrt(B)) if B > 1 else float("nan")
+        return float(v.mean()), se
+
+    iwae, iwae_se = [], []
+    for k in ks_sorted:
+        g = K // k
+        bound = (torch.logsumexp(log_w[: g * k].view(g, k, B), 1) - math.log(k)).mean(0)  # (B,)
+        m, s = mean_se(bound)
+        iwae.append(m)
+        iwae_se.append(s)
+    elbo_m, elbo_s = mean_se(elbo)
+    elbo_mc, elbo_mc_s = mean_se(log_w.mean(0))
+    return {"ks": ks_sorted, "iwae": iwae, "iwae_se": iwae_se, "elbo": elbo_m, "elbo_se": elbo_s,
+            "elbo_mc": elbo_mc, "elbo_mc_se": elbo_mc_s, "kl": float(kl.mean()), "n": B, "samples": K}
+
+
+# ---------------------------------------------------------------- the true posterior on a grid (2 latents)
+
+Box = tuple[tuple[float, float], tuple[float, float]]  # ((z1 low, z1 high), (z2 low, z2 high))
+
+
+@dataclass(frozen=True)
+class PosteriorGrid:
+    """The true posterior p(z|x) of one example on an n x n grid, and the evidence by quadrature.
+
+    ``log_density[i, j]`` is log p(z|x) at z = (z1[j], z2[i]): rows follow z2, columns z1, as a
+    heatmap draws them. It is normalised numerically: sum(exp(log_density)) * cell_area = 1.
+
+    log_px, elbo and kl_to_posterior are midpoint-rule integrals over the same cells, with q's
+    weights normalised on the grid, so log_px = elbo + kl_to_posterior holds to float64 rounding
+    (identity_error is typically < 1e-9 nats). elbo_reference is the ELBO computed without the grid
+    (Gauss-Hermite quadrature on q's own axes minus the closed-form KL), so |elbo - elbo_reference|
+    measures how well the grid resolves q. posterior_edge_mass (posterior mass in the outermost
+    cells) and q_grid_mass (q's mass inside the grid, ideally 1) say whether the grid covered both;
+    cells_per_std (the narrower of q's and the posterior's std per axis, in cells; the smaller
+    axis) whether it resolved them: the midpoint rule is accurate to ~1e-6 from about 2 up.
+    """
+
+    z1: np.ndarray  # (n,) cell centres
+    z2: np.ndarray  # (n,)
+    log_density: np.ndarray  # (n, n) log p(z|x)
+    q_mu: np.ndarray  # (2,)
+    q_cov: np.ndarray  # (2, 2), diagonal
+    log_px: float
+    elbo: float
+    kl_to_posterior: float
+    identity_error: float
+    elbo_reference: float
+    cell_area: float
+    posterior_edge_mass: float
+    q_grid_mass: float
+    cells_per_std: float
+
+
+def _check_two_latents(model: VAE) -> None:
+    d = model.config.latent_dim
+    if d != 2:
+        raise ValueError(f"the posterior grid needs a model with 2 latent dimensions; this one has {d}. "
+                         "Use iwae_curve for log p(x) estimates at any latent size.")
+
+
+def _one_example(x_single: torch.Tensor) -> torch.Tensor:
+    """A batch of one, (1, ...), from one image (1, 28, 28) or a batch of one (1, 1, 28, 28)."""
+    if x_single.dim() == 4:
+        if x_single.shape[0] != 1:
+            raise ValueError(f"posterior_grid takes one example; got a batch of {x_single.shape[0]}")
+        return x_single
+    return x_single.unsqueeze(0)
+
+
+def _axes(box: Box, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell centres along each axis (midpoint rule), in the model's dtype and device."""
+    return tuple(torch.linspace(lo, hi, 2 * n + 1, dtype=like.dtype, device=like.device)[1::2]  # type: ignore[return-value]
+                 for lo, hi in box)
+
+
+def _points(a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
+    z2, z1 = torch.meshgrid(a2, a1, indexing="ij")  # rows z2, columns z1
+    return torch.stack([z1, z2], -1).reshape(-1, 2)  # (n2 * n1, 2)
+
+
+@torch.no_grad()
+def _log_lik(model: VAE, x1: torch.Tensor, z: torch.Tensor, max_chunk_elems: int) -> torch.Tensor:
+    """log p(x|z) for one example x1 (1, ...) at many z (M, 2): (M,) float64, decoded in chunks."""
+    rows = max(1, max_chunk_elems // x1[0].numel())
+    out = []
+    for i in range(0, len(z), rows):
+        zc = z[i:i + rows]
+        out.append(log_px_given_z(model, x1.expand(len(zc), *x1.shape[1:]), model.decode_logits(zc)))
+    return torch.cat(out).double()
+
+
+def _log_joint(model: VAE, x1: torch.Tensor, z: torch.Tensor, max_chunk_elems: int) -> torch.Tensor:
+    """log p(x|z) + log p(z), (M,) float64."""
+    return _log_lik(model, x1, z, max_chunk_elems) + log_standard_normal(z.double())
+
+
+def _union(a: Box, b: Box) -> Box:
+    return tuple((min(p[0], q[0]), max(p[1], q[1])) for p, q in zip(a, b))  # type: ignore[return-value]
+
+
+def _locate(model: VAE, x1: torch.Tensor, q_box: Box, like: torch.Tensor, max_chunk_elems: int) -> Box:
+    """Where the posterior's mass is: coarse passes that zoom in on it, or widen where it meets an edge."""
+    box = _union(((-SEARCH_HALF_WIDTH, SEARCH_HALF_WIDTH),) * 2, q_box)
+    for _ in range(MAX_SEARCH_PASSES):
+        a1, a2 = _axes(box, COARSE_N, like)
+        lj = _log_joint(model, x1, _points(a1, a2), max_chunk_elems).view(COARSE_N, COARSE_N)  # (n2, n1)
+        mass = lj >= lj.max() - TAIL_NATS
+        found, widened = [], False
+        for dim, (lo, hi) in enumerate(box):
+            idx = mass.any(dim=dim).nonzero().flatten()  # dim 0: z1, the columns
+            first, last = int(idx[0]), int(idx[-1])
+            h = (hi - lo) / COARSE_N
+            if first == 0 or last == COARSE_N - 1:  # mass runs into the edge: extend that side
+                widened = True
+                lo, hi = lo - (hi - lo) * (first == 0), hi + (hi - lo) * (last == COARSE_N - 1)
+                found.append((lo, hi))
+            else:  # cells first..last plus one cell of margin each side
+                found.append((lo + (first - 1) * h, lo + (last + 2) * h))
+        target = _union(tuple(found), q_box)  # type: ignore[arg-type]
+        if widened:
+            box = target
+            continue
+        if all(t[1] - t[0] > 0.5 * (b[1] - b[0]) for t, b in zip(target, box)):
+            return target  # the last pass barely zoomed: the coarse cells already resolve the mass
+        box = target
+    return box
+
+
+@torch.no_grad()
+def _elbo_gauss_hermite(model: VAE, x1: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                        max_chunk_elems: int) -> float:
+    """E_q[log p(x|z)] by Gauss-Hermite quadrature on q's axes minus the closed-form KL(q || p(z))."""
+    t, w = np.polynomial.hermite_e.hermegauss(GAUSS_HERMITE_NODES)  # for the weight exp(-t^2 / 2)
+    w = w / math.sqrt(2 * math.pi)  # now E_{N(0,1)}[f] = sum w f(t)
+    tt = torch.as_tensor(t, dtype=mu.dtype, device=mu.device)
+    z = mu + _points(tt, tt) * torch.exp(0.5 * logvar)  # (m^2, 2)
+    ww = torch.as_tensor(np.outer(w, w).ravel(), device=mu.device)  # (m^2,) float64
+    recon = (ww * _log_lik(model, x1, z, max_chunk_elems)).sum()
+    return float(recon - kl_per_dim(mu.double(), logvar.double()).sum())
+
+
+def _span_box(span: float | Box) -> Box:
+    if isinstance(span, (int, float)):
+        if not span > 0:
+            raise ValueError(f"span must be positive; got {span!r}")
+        return ((-float(span), float(span)),) * 2  # type: ignore[return-value]
+    (a, b), (c, d) = span
+    if not (a < b and c < d):
+        raise ValueError(f"span must be ((z1_low, z1_high), (z2_low, z2_high)) with low < high; got {span!r}")
+    return ((float(a), float(b)), (float(c), float(d)))
+
+
+@torch.no_grad()
+def posterior_grid(model: VAE, x_single: torch.Tensor, *, n: int = 200, span: float | Box | None = None,
+                   max_chunk_elems: int = CHUNK_ELEMS) -> PosteriorGrid:
+    """The true posterior of one example on an n x n grid placed where its mass is; 2-latent models only.
+
+    span=None finds the box by coarse passes (see _locate) and joins q's mean +- 6 std, so both
+    the posterior and q lie inside; a number s fixes the box to [-s, s]^2, a pair of ranges to
+    those ranges. Costs about n^2 + 3 * 64^2 decoder passes.
+    """
+    _check_two_latents(model)
+    if n < 8:
+        raise ValueError(f"n must be at least 8 points per axis; got {n}")
+    x1 = _one_example(x_single)
+    mu, logvar = (t[0] for t in model.encode(x1))  # (2,)
+    std = torch.exp(0.5 * logvar)
+    half = (std * Q_STD_COVER).clamp(max=Q_HALF_WIDTH_MAX)
+    q_box: Box = tuple((float(m - h), float(m + h)) for m, h in zip(mu, half))  # type: ignore[assignment]
+    box = _span_box(span) if span is not None else _locate(model, x1, q_box, mu, max_chunk_elems)
+
+    a1, a2 = _axes(box, n, mu)
+    z = _points(a1, a2)  # (n^2, 2)
+    log_joint = _log_joint(model, x1, z, max_chunk_elems)  # (n^2,) log p(x|z) + log p(z)
+    log_dA = math.log((box[0][1] - box[0][0]) / n) + math.log((box[1][1] - box[1][0]) / n)
+    log_px = torch.logsumexp(log_joint, 0) + log_dA  # log of the integral of p(x, z) over the grid
+    log_post = log_joint - log_px  # log p(z|x), (n^2,)
+    log_q = log_normal(z.double(), mu.double(), logvar.double())  # (n^2,)
+    q_w = torch.softmax(log_q, 0)  # q's cell weights, normalised on the grid
+    elbo = (q_w * (log_joint - log_q)).sum()  # E_q[log p(x, z) - log q(z|x)]
+    kl = (q_w * (log_q - log_post)).sum()  # KL(q(z|x) || p(z|x))
+
+    post = (log_post + log_dA).exp().view(n, n)  # cell masses, sum to 1
+    edge = post[0].sum() + post[-1].sum() + post[1:-1, 0].sum() + post[1:-1, -1].sum()
+    zd = z.double()
+    post_std = ((post.flatten()[:, None] * zd.pow(2)).sum(0) - (post.flatten()[:, None] * zd).sum(0).pow(2)).clamp(min=0).sqrt()
+    cell = torch.tensor([(hi - lo) / n for lo, hi in box], dtype=torch.float64, device=zd.device)
+    cells_per_std = float((torch.minimum(post_std, std.double()) / cell).min())
+    return PosteriorGrid(
+        z1=a1.double().cpu().numpy(), z2=a2.double().cpu().numpy(),
+        log_density=log_post.view(n, n).cpu().numpy(),
+        q_mu=mu.double().cpu().numpy(), q_cov=np.diag(logvar.double().exp().cpu().numpy()),
+        log_px=float(log_px), elbo=float(elbo), kl_to_posterior=float(kl),
+        identity_error=float(abs(log_px - (elbo + kl))),
+        elbo_reference=_elbo_gauss_hermite(model, x1, mu, logvar, max_chunk_elems),
+        cell_area=math.exp(log_dA), posterior_edge_mass=float(edge),
+        q_grid_mass=float(torch.logsumexp(log_q, 0).add(log_dA).exp()), cells_per_std=cells_per_std,
+    )
+
+
+@torch.no_grad()
+def grid_evidence(model: VAE, x_batch: torch.Tensor, *, n: int = 100) -> dict[str, float]:
+    """Mean over a batch of the grid log p(x), KL(q || p(z|x)) and ELBO, nats per example; 2 latents.
+
+    One posterior_grid per example: each grid sits where that example's posterior is, and its
+    n^2 points already make a full-size decoder batch, so stacking examples would gain little.
+    Costs ~(n^2 + 3 * 64^2 + 400) decoder passes per example (n = 100: ~0.02 s for the MLP on 2 cores).
+    """
+    _check_two_latents(model)
+    grids = [posterior_grid(model, x_batch[i], n=n) for i in range(len(x_batch))]
+    return {"log_px_grid": float(np.mean([g.log_px for g in grids])),
+            "kl_to_posterior_grid": float(np.mean([g.kl_to_posterior for g in grids])),
+            "elbo_grid": float(np.mean([g.elbo for g in grids]))}
+
+
+# ---------------------------------------------------------------- how the latent space is used
+
+@torch.no_grad()
+def encode_means(model: VAE, x: torch.Tensor, batch: int = 1000) -> np.ndarray:
+    """E_q[z|x] for every example, (N, D), encoded in batches."""
+    return torch.cat([model.encode(x[i:i + batch])[0] for i in range(0, len(x), batch)]).cpu().numpy()
+
+
+def active_units(mu: np.ndarray | torch.Tensor, threshold: float = ACTIVE_THRESHOLD) -> tuple[int, np.ndarray]:
+    """Dimension d is active when Var_x(E_q[z_d|x]) > threshold (Burda et al. 2016, sec. 5.2).
+
+    mu: posterior means (N, D) over N >= 2 examples. Returns the count and the per-dimension
+    variances (D,), unbiased (N - 1), as the trainer's evaluate() reports them.
+    """
+    m = mu.detach().cpu().double().numpy() if isinstance(mu, torch.Tensor) else np.asarray(mu, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] < 2:
+        raise ValueError(f"active_units needs posterior means of shape (N, D) with N >= 2; got {m.shape}")
+    variances = m.var(axis=0, ddof=1)  # (D,)
+    return int((variances > threshold).sum()), variances
+
+
+@torch.no_grad()
+def kl_per_dimension(model: VAE, x: torch.Tensor, batch: int = 1000) -> np.ndarray:
+    """Closed-form KL(q(z_d|x) || N(0, 1)) per dimension, mean over examples, (D,) nats."""
+    total = None
+    for i in range(0, len(x), batch):
+        mu, logvar = model.encode(x[i:i + batch])
+        s = kl_per_dim(mu.double(), logvar.double()).sum(0)  # (D,)
+        total = s if total is None else total + s
+    if total is None:
+        raise ValueError("kl_per_dimension needs at least one example")
+    return (total / len(x)).cpu().numpy()
