@@ -52,7 +52,7 @@ def free_port() -> int:
     return port
 
 
-def dashboard_round(epochs: int) -> tuple[list[float], float]:
+def dashboard_round(epochs: int, tabs: int = 1) -> tuple[list[float], float]:
     from playwright.sync_api import sync_playwright
 
     runs_dir = Path(tempfile.mkdtemp()) / "runs"
@@ -83,6 +83,9 @@ def dashboard_round(epochs: int) -> tuple[list[float], float]:
                     first_curve = json.loads(files[0].read_text().splitlines()[0])["wall_time"] - clicked
                     break
                 time.sleep(0.05)
+            for _ in range(tabs - 1):  # more sessions on the same server: they reattach to the run and poll it
+                extra = b.new_page(viewport={"width": 1400, "height": 1000})
+                extra.goto(f"http://127.0.0.1:{port}/")
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
                 speeds = epoch_speeds(runs_dir) if runs_dir.exists() and any(runs_dir.iterdir()) else []
@@ -100,6 +103,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--tabs", type=int, default=0, help="also compare N browser tabs polling against one (0: skip)")
     args = ap.parse_args()
     cli, dash, firsts = [], [], []
     for _ in range(args.rounds):
@@ -111,6 +115,13 @@ def main() -> None:
     print(f"headless CLI : median {c:,.0f} samples/s over {len(cli)} epochs")
     print(f"dashboard    : median {d:,.0f} samples/s over {len(dash)} epochs (browser open, live panel refreshing)")
     print(f"ratio dashboard/CLI: {d / c:.0%} (target >= 85%)")
+    if args.tabs > 1:
+        one, many = [], []
+        for _ in range(args.rounds):
+            one += dashboard_round(args.epochs, 1)[0]
+            many += dashboard_round(args.epochs, args.tabs)[0]
+        o, m = statistics.median(one), statistics.median(many)
+        print(f"{args.tabs} tabs: median {m:,.0f} samples/s vs 1 tab {o:,.0f}: {m / o:.0%} (target >= 75%)")
     print(f"click Train -> first curve point logged: {', '.join(f'{f:.1f} s' for f in firsts)} "
           f"(the live panel draws it within its 1 s refresh; target < 3 s)")
 

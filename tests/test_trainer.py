@@ -261,3 +261,17 @@ def test_periodic_evidence_rows_bound_the_elbo(tiny_config, tiny_sprites, runs_d
         assert m["ks"] == [1, 10, 100, 1000]
         assert m["iwae"][-1] >= m["elbo"] - 3 * m["elbo_se"]  # the bound sits above the ELBO
         assert m["log_px_grid"] >= m["elbo_grid"] and m["kl_to_posterior_grid"] >= 0
+
+
+def test_out_of_memory_fails_with_a_smaller_batch_hint(tiny_config, tiny_sprites, runs_dir, monkeypatch):
+    t = make(tiny_config, tiny_sprites, runs_dir, epochs=50)
+
+    def oom(x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    t.start()
+    assert wait_for(lambda: t.status().step > 2)
+    monkeypatch.setattr(t, "train_step", oom)
+    assert wait_for(lambda: t.status().state == "failed", 10)
+    assert "smaller batch size" in t.status().message
+    assert t.decode(np.zeros((1, 2))).shape == (1, 28, 28)  # the last published weights still serve the panels
