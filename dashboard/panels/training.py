@@ -239,7 +239,7 @@ def curves_figure(train: list[dict[str, Any]], test: list[dict[str, Any]], confi
         layout[f"xaxis{suffix}"] = {"domain": [i * (width + gap), i * (width + gap) + width], "anchor": f"y{suffix}",
                                     "title": {"text": "training step"}}
         layout[f"yaxis{suffix}"] = {"anchor": f"x{suffix}", "type": "log" if log_y else "linear",
-                                    "title": {"text": unit if i == 0 else None}}
+                                    "title": {"text": unit}}
         if not log_y and len(train) >= 20:
             layout[f"yaxis{suffix}"]["range"] = _robust_range(fig, i + 1)
     annotations = [{"text": f"<b>{t}</b>", "x": i * (width + gap) + width / 2, "y": 1.0, "xref": "paper",
