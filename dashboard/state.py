@@ -179,6 +179,79 @@ class Registry:
                 return k
         return None
 
+    # ------------------------------------------------------------ saved runs (the Runs panel)
+
+    def resume_run(self, run_dir: str | Path, *, epochs: int | None = None) -> Trainer:
+        """Continue a saved run from its last checkpoint and show it; the active run, if another, stops first.
+
+        A stopped, interrupted or failed run trains on to its planned epochs (or `epochs` more);
+        a finished one trains `epochs` more (default: its configured epoch count). A run that
+        another live process is training is refused (RunFileError), as is an unreadable one.
+        """
+        from vae_core import runs  # local: the registry itself only needs the trainer
+
+        with self._lock:
+            t = self.find(run_dir)
+            if t is None:
+                st_ = runs.read_status(Path(run_dir))
+                if st_.get("state") in ("running", "paused"):
+                    raise runs.RunFileError(f"run {Path(run_dir).name!r} is being trained by another process "
+                                            f"(pid {st_.get('pid')}); stop it there first")
+                t = Trainer.open(run_dir, sharing_with_server=True)
+            for other in self._trainers.values():
+                if other is not t and other.is_alive():
+                    other.stop(timeout=5.0)
+            self.show(t)
+        if t.is_alive():  # paused here: just let it go on
+            t.resume()
+            return t
+        if epochs is None and t.status().state == "finished":
+            epochs = t.config.train.epochs
+        t.start(epochs=epochs)
+        return t
+
+    def fork(self, run_dir: str | Path, *, epochs: int | None = None, name: str | None = None,
+             **live_changes: float) -> Trainer:
+        """Start a new run from a saved run's checkpoint with new β / lr / warm-up / free bits, and show it.
+
+        The child records {"run", "step"} of its parent and continues its step count. Raises
+        ConfigError (bad values) or RunFileError (unreadable parent) before anything is stopped.
+        """
+        from vae_core import runs
+
+        bad = set(live_changes) - set(LIVE_FIELDS)
+        if bad:
+            raise ConfigError(f"a fork keeps its parent's {', '.join(sorted(bad))}; start a new run to change them")
+        run_dir = Path(run_dir)
+        runs.load_checkpoint(run_dir / runs.CHECKPOINT)  # fail here, not later in the thread
+        config = runs.read_config(run_dir).replace(**live_changes, **({"epochs": epochs} if epochs else {}))
+        trainer = Trainer(config, runs_dir=run_dir.parent, name=name, init_from=run_dir, sharing_with_server=True)
+        with self._lock:
+            self._stop_active()
+            self._add(trainer, show=True)
+        trainer.start()
+        return trainer
+
+    def forget(self, run_dir: str | Path) -> bool:
+        """Drop this process's idle trainer for a run (before it is renamed or deleted); True if it was shown.
+
+        Raises RunFileError while that trainer is training or paused.
+        """
+        from vae_core import runs
+
+        with self._lock:
+            t = self.find(run_dir)
+            if t is None:
+                return False
+            if t.is_alive():
+                raise runs.RunFileError(f"run {Path(run_dir).name!r} is training here; stop it first")
+            key = self._id_of(t)
+            del self._trainers[key]
+            shown = self._current == key
+            if shown:
+                self._current = None
+            return shown
+
 
 def _warm_up(name: str) -> None:
     """One-off costs of a process's first run, paid before anyone presses Train."""

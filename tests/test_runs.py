@@ -210,3 +210,19 @@ def test_metrics_csv(tiny_config, tiny_sprites, runs_dir):
     rows = list(csv.DictReader(io.StringIO(runs.metrics_csv(t.metrics()))))
     assert len(rows) == len(t.metrics()) and {"step", "split", "elbo", "kl_per_dim"} <= set(rows[0])
     assert float(rows[-1]["elbo"]) == pytest.approx(t.metrics()[-1]["elbo"])
+
+
+def test_status_records_how_far_a_run_is_headed(tiny_config, tiny_sprites, runs_dir):
+    """Runs trained N more epochs, and forks, plan past config.epochs: the listing and a reopen see the real plan."""
+    t = train(tiny_config, tiny_sprites, runs_dir, epochs=1)
+    r = Trainer.open(t.run_dir, data=tiny_sprites, log_every=2)
+    r.start(epochs=2)
+    r.join(60)
+    (row,) = runs.list_runs(runs_dir)
+    assert (row.epochs_done, row.epochs_planned) == (3, 3)
+    f = Trainer(t.config.replace(epochs=2), runs_dir=runs_dir, data=tiny_sprites, init_from=t.run_dir, name="child")
+    f.start()
+    f.join(60)
+    child = {x.name: x for x in runs.list_runs(runs_dir)}["child"]
+    assert (child.epochs_done, child.epochs_planned) == (5, 5)  # the parent's 3, then its own 2
+    assert Trainer.open(f.run_dir).status().epochs_target == 5

@@ -256,7 +256,8 @@ def summarize_run(run_dir: Path) -> RunSummary:
     tests = [r for r in read_metrics_tail(run_dir) if r.get("split") == "test"]
     best = max((r["elbo"] for r in tests if isinstance(r.get("elbo"), (int, float))), default=None)
     return RunSummary(run_dir.name, str(run_dir), cfg.train.dataset, cfg.model.arch, cfg.model.latent_dim,
-                      cfg.train.beta, int(status.get("epochs_done", len(tests))), cfg.train.epochs, best,
+                      cfg.train.beta, int(status.get("epochs_done", len(tests))),
+                      int(status.get("epochs_target", cfg.train.epochs)), best,
                       tests[-1] if tests else None, status.get("state", "unknown"), status.get("message", ""),
                       float(cfg_raw.get("created", created)), cfg_raw.get("parent"))
 

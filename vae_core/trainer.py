@@ -153,6 +153,9 @@ class Trainer:
         t._metrics = runs.read_metrics(run_dir)
         t._metrics = [m for m in t._metrics if m.get("step", 0) <= t._step]
         st = runs.read_status(run_dir)
+        # Resumed-for-more and forked runs plan past config.epochs; status.json records where they were headed.
+        if isinstance(st.get("epochs_target"), int) and st["epochs_target"] > 0:
+            t._epochs_target = st["epochs_target"]
         t._state = "stopped" if st.get("state") in ("running", "paused", "interrupted", "unknown") else st.get("state", "stopped")
         if t._state not in STATES:
             t._state = "stopped"
@@ -355,7 +358,8 @@ class Trainer:
                 self._message = message
             st, msg = self._state, self._message
         if self.persist and self.run_dir is not None:
-            runs.write_status(self.run_dir, st, msg, step=self._step, epochs_done=int(self._epoch))
+            runs.write_status(self.run_dir, st, msg, step=self._step, epochs_done=int(self._epoch),
+                              epochs_target=self._epochs_target)
 
     def _run(self) -> None:
         try:

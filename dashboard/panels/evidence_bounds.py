@@ -1,0 +1,254 @@
+"""Evidence tab, section 1: the ELBO against log p(x) over training, the bound against k, and "Estimate now".
+
+The curves come from the trainer's 'evidence' rows (every few epochs, on a fixed held-out
+batch) and refresh while the run is active. "Estimate now" starts a vae_core.jobs.IwaeJob on
+a copy of the published weights; the job lives in a process-wide board (st.cache_resource),
+so a reload or a second tab finds it, and only its progress line polls while it runs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from dashboard.panels.evidence_series import (ELBO_COLOR, GAP_FILL, GRID_COLOR, IWAE_COLOR, JOB_COLOR, K, axis_unit,
+                                              best_bound, caveat, elbo_name, live_interval, split_rows)
+from dashboard.panels.explore import run_token
+from vae_core import jobs
+from vae_core.data import DatasetUnavailable
+from vae_core.trainer import Trainer
+
+JOB_POLL = 1.0  # seconds between progress looks while a job runs
+X_AXES = {"epoch": "epoch", "step": "training step"}
+CHART = {"displaylogo": False}
+
+
+@st.cache_resource(show_spinner=False)
+def job_board() -> jobs.JobBoard:
+    """The process's on-demand evaluations, one per run (keyed by run token)."""
+    return jobs.JobBoard()
+
+
+def finished_job(trainer: Trainer) -> jobs.JobSnapshot | None:
+    """The run's latest on-demand result, if one finished."""
+    job = job_board().get(run_token(trainer))
+    snap = job.snapshot() if job is not None else None
+    return snap if snap is not None and snap.state == "done" else None
+
+
+# ------------------------------------------------------------------ over training
+
+def render(trainer: Trainer) -> None:
+    st.markdown("Every few epochs the trainer estimates, on a fixed batch of held-out images, the ELBO and the "
+                "importance-weighted bounds log p̂ₖ(x) (Burda et al. 2016), which rise with k toward "
+                "log p(x). The shaded band between the ELBO and the best bound is a (lower) estimate of "
+                "KL(q(z|x) ‖ p(z|x)), the **inference gap**: how far the encoder's Gaussian is from the true "
+                "posterior.", unsafe_allow_html=True)
+
+    @st.fragment(run_every=live_interval(trainer))
+    def live() -> None:
+        rows = split_rows(trainer.metrics())
+        if not rows.evidence:
+            every = trainer.config.train.evidence_every
+            st.info("No log p(x) estimates yet: " + (
+                f"the trainer makes one after epoch 1 and then every {every} epochs." if every else
+                "this run was started with them off (Advanced → “log p(x) estimate every N epochs” = 0).")
+                + " **Estimate now** below makes one from the current weights.")
+            job = finished_job(trainer)
+            if job is not None:
+                st.plotly_chart(k_figure(None, job, axis_unit(trainer)), key=K + "vs_k", config=CHART)
+        else:
+            headline(rows.evidence[-1], trainer)
+            left, right = st.columns([3, 2])
+            with left:
+                x_key = st.radio("Horizontal axis", list(X_AXES), key=K + "x_axis", horizontal=True,
+                                 format_func=X_AXES.get)
+                st.plotly_chart(over_training_figure(rows.evidence, trainer, x_key), key=K + "over_training",
+                                config=CHART)
+            with right:
+                job = finished_job(trainer)
+                st.plotly_chart(k_figure(rows.evidence[-1], job, axis_unit(trainer)), key=K + "vs_k", config=CHART)
+                st.caption("Error bars: standard errors over images. Every k is evaluated on the same images, so "
+                           "most of that spread is shared: the rise with k is far surer than the bars suggest.")
+        if caveat(trainer):
+            st.caption("⚠ " + caveat(trainer))
+
+    live()
+    st.markdown("##### Estimate now")
+    estimate_section(trainer)
+
+
+def headline(row: dict[str, Any], trainer: Trainer) -> None:
+    k, bound, se = best_bound(row)
+    cols = st.columns(4)
+    cols[0].metric(elbo_name(trainer), f"{row['elbo']:.2f}",
+                   help=f"Mean over {row['n']} held-out images ± {row['elbo_se']:.2f} (standard error), after epoch "
+                        f"{row['epoch']}")
+    cols[1].metric(f"log p̂ₖ(x), k = {k}", f"{bound:.2f}", help=f"± {se:.2f} standard error; a lower bound on "
+                                                                 "log p(x) that tightens as k grows")
+    cols[2].metric("Gap ≈ KL(q(z|x) ‖ p(z|x))", f"{bound - row['elbo']:.2f}",
+                   help="Best bound minus the ELBO: a lower estimate of the KL to the true posterior")
+    if "log_px_grid" in row:
+        same = f" (log p̂ₖ(x) on the same 8: {row['iwae_grid_examples']:.2f})" if "iwae_grid_examples" in row else ""
+        cols[3].metric("log p(x) of the first 8, by quadrature", f"{row['log_px_grid']:.2f}",
+                       help="Exact up to grid error, on the first 8 of these images only (2 latents), so compare "
+                            "it with the right-hand panel below, not with the 64-image numbers" + same)
+    st.caption(f"Nats per example, after epoch {row['epoch']} (step {row['step']:,}), on {row['n']} held-out images."
+               if trainer.config.binarized else f"{axis_unit(trainer)}, after epoch {row['epoch']}.")
+
+
+def _x(rows: list[dict[str, Any]], x_key: str) -> np.ndarray:
+    return np.array([r[x_key] for r in rows], dtype=float)
+
+
+def _band(fig: go.Figure, x: np.ndarray, low: np.ndarray, high: np.ndarray, name: str, col: int) -> None:
+    """A shaded band between two curves, with its own legend entry and the width on hover."""
+    fig.add_trace(go.Scatter(x=x, y=low, mode="lines", line={"width": 0}, showlegend=False, hoverinfo="skip"),
+                  row=1, col=col)
+    fig.add_trace(go.Scatter(x=x, y=high, mode="lines", line={"width": 0}, fill="tonexty", fillcolor=GAP_FILL,
+                             name=name, customdata=high - low, hovertemplate="gap %{customdata:.2f}<extra></extra>",
+                             legendgroup=name), row=1, col=col)
+
+
+def _curve(fig: go.Figure, x, y, se, name: str, color: str, col: int, dash: str | None = None,
+           show: bool = True) -> None:
+    fig.add_trace(go.Scatter(x=x, y=y, name=name, mode="lines+markers", legendgroup=name, showlegend=show,
+                             line={"color": color, "dash": dash}, marker={"size": 6},
+                             error_y=None if se is None else {"type": "data", "array": se, "thickness": 1},
+                             hovertemplate="%{y:.2f}"), row=1, col=col)
+
+
+def over_training_figure(evidence: list[dict[str, Any]], trainer: Trainer, x_key: str = "epoch") -> go.Figure:
+    """ELBO and the best IWAE bound over training with the gap shaded; with 2 latents, a second panel
+    for the grid examples: ELBO, IWAE and log p(x) by quadrature on the same images."""
+    grid = [r for r in evidence if "log_px_grid" in r]
+    cols = 2 if grid else 1
+    titles = (f"{evidence[-1]['n']} held-out images",) + ((f"first {8} of them, by quadrature",) if grid else ())
+    fig = make_subplots(1, cols, subplot_titles=titles, horizontal_spacing=0.12)
+    x = _x(evidence, x_key)
+    elbo = np.array([r["elbo"] for r in evidence])
+    best = np.array([best_bound(r)[1] for r in evidence])
+    ks = sorted({best_bound(r)[0] for r in evidence})
+    _band(fig, x, elbo, best, "gap ≈ KL(q(z|x) ‖ p(z|x))", 1)
+    _curve(fig, x, elbo, [r["elbo_se"] for r in evidence], "ELBO", ELBO_COLOR, 1)
+    _curve(fig, x, best, [best_bound(r)[2] for r in evidence], "log p̂ₖ(x), k = " + "/".join(map(str, ks)),
+           IWAE_COLOR, 1)
+    if grid:
+        gx = _x(grid, x_key)
+        g_elbo, g_px = np.array([r["elbo_grid"] for r in grid]), np.array([r["log_px_grid"] for r in grid])
+        _band(fig, gx, g_elbo, g_px, "KL(q ‖ p(z|x)) by quadrature", 2)
+        _curve(fig, gx, g_elbo, None, "ELBO", ELBO_COLOR, 2, show=False)
+        if all("iwae_grid_examples" in r for r in grid):
+            _curve(fig, gx, [r["iwae_grid_examples"] for r in grid], None, "log p̂ₖ(x)", IWAE_COLOR, 2, show=False)
+        _curve(fig, gx, g_px, None, "log p(x) by quadrature", GRID_COLOR, 2, dash="dash")
+    unit = axis_unit(trainer)
+    for c in range(1, cols + 1):
+        fig.update_xaxes(title_text=X_AXES[x_key], row=1, col=c)
+        fig.update_yaxes(title_text=unit, row=1, col=c)
+    fig.update_layout(height=380, margin={"l": 60, "r": 10, "t": 40, "b": 60}, hovermode="x unified",
+                      legend={"orientation": "h", "y": -0.25, "x": 0}, uirevision="over_training")
+    return fig
+
+
+def k_figure(row: dict[str, Any] | None, job: jobs.JobSnapshot | None, unit: str) -> go.Figure:
+    """log p̂ₖ(x) against k (log axis) for the latest evaluation, and the latest on-demand one, with error bars."""
+    fig = go.Figure()
+    series = [] if row is None else [(row, f"epoch {row['epoch']} ({row['n']} images)", IWAE_COLOR)]
+    if job is not None:
+        series.append((job.result, f"on demand, step {job.step:,} ({job.n} images)", JOB_COLOR))
+    for r, name, color in series:
+        fig.add_trace(go.Scatter(x=r["ks"], y=r["iwae"], error_y={"type": "data", "array": r["iwae_se"]},
+                                 mode="lines+markers", name=name, line={"color": color},
+                                 hovertemplate="k = %{x}: %{y:.2f}<extra></extra>"))
+        fig.add_hline(y=r["elbo"], line={"color": color, "dash": "dot", "width": 1})
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name="ELBO of each (dotted line)",
+                             line={"color": "grey", "dash": "dot", "width": 1}))
+    fig.update_layout(title={"text": "Bound against k", "font": {"size": 14}}, height=380,
+                      xaxis={"type": "log", "title": {"text": "k (importance samples per image)"}},
+                      yaxis={"title": {"text": unit}}, margin={"l": 60, "r": 10, "t": 40, "b": 60},
+                      legend={"orientation": "h", "y": -0.25, "x": 0})
+    return fig
+
+
+# ------------------------------------------------------------------ on demand
+
+def _test_size(trainer: Trainer) -> int | None:
+    try:
+        return len(trainer.dataset().test_x)
+    except DatasetUnavailable:
+        return None
+
+
+def _start(trainer: Trainer) -> None:
+    k, n = st.session_state[K + "job_k"], st.session_state[K + "job_n"]
+    try:
+        job = jobs.IwaeJob.from_trainer(trainer, k=int(k), n=int(n))
+    except (DatasetUnavailable, RuntimeError, ValueError) as e:
+        st.session_state[K + "job_notice"] = f"Could not start the estimate: {e}"
+        return
+    job_board().submit(run_token(trainer), job)
+
+
+def _cancel(trainer: Trainer) -> None:
+    job_board().cancel(run_token(trainer))
+
+
+def estimate_section(trainer: Trainer) -> None:
+    size = _test_size(trainer)
+    if size is None:
+        st.info("The run's test set is not available on this machine, so it cannot be evaluated here.")
+        return
+    board_job = job_board().get(run_token(trainer))
+    running = board_job is not None and board_job.is_alive()
+    counts = [c for c in jobs.EXAMPLE_CHOICES if c <= size] or [size]
+    c1, c2, c3 = st.columns([3, 3, 2], vertical_alignment="bottom")
+    c1.select_slider("k, importance samples per image", jobs.K_CHOICES, value=jobs.DEFAULT_K, key=K + "job_k",
+                     help="The bounds for every power of ten up to k are reported too")
+    c2.select_slider("Held-out images", counts, value=min(jobs.DEFAULT_EXAMPLES, counts[-1]), key=K + "job_n",
+                     help="The first images of the test set, binarized with the run's fixed seed")
+    if running:
+        c3.button("Cancel", key=K + "job_cancel", on_click=_cancel, args=(trainer,), width="stretch")
+    else:
+        c3.button("Estimate now", key=K + "job_start", on_click=_start, args=(trainer,), type="primary",
+                  width="stretch", help="Runs in the background on a copy of the current weights; training "
+                                        "goes on (both share the CPU)")
+    notice = st.session_state.pop(K + "job_notice", None)
+    if notice:
+        st.error(notice)
+
+    @st.fragment(run_every=JOB_POLL if running else None)
+    def progress() -> None:
+        job = job_board().get(run_token(trainer))
+        if job is None:
+            st.caption("Evaluates the current weights on the held-out images with up to 5000 samples each "
+                       "(k = 5000 on 64 images takes a few seconds for the default MLP).")
+            return
+        snap = job.snapshot()
+        if snap.running:
+            st.progress(snap.progress, text=f"{snap.done} of {snap.n} images · k = {snap.k:,} · "
+                                            f"{snap.elapsed_s:.1f} s · weights from step {snap.step:,}")
+            return
+        if running:  # it just ended: one full rerun draws the result in the k chart and stops this polling
+            st.rerun()
+        job_summary(snap, axis_unit(trainer))
+
+    progress()
+
+
+def job_summary(snap: jobs.JobSnapshot, unit: str) -> None:
+    if snap.state == "cancelled":
+        st.caption(f"Cancelled after {snap.done} of {snap.n} images.")
+        return
+    if snap.state == "failed":
+        st.error(f"The estimate failed: {snap.error}")
+        return
+    r = snap.result
+    k, bound, se = best_bound(r)
+    parts = " · ".join(f"k = {kk:,}: {v:.2f}" for kk, v in zip(r["ks"], r["iwae"]))
+    st.success(f"On {snap.n} held-out images, weights from step {snap.step:,}: ELBO {r['elbo']:.2f} ± "
+               f"{r['elbo_se']:.2f}, log p̂ₖ(x) at k = {k:,}: {bound:.2f} ± {se:.2f}, gap {bound - r['elbo']:.2f} "
+               f"({unit}). Took {snap.elapsed_s:.1f} s.")
+    st.caption(f"All bounds: {parts} (purple in the k chart above).")

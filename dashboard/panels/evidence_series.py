@@ -1,0 +1,99 @@
+"""What the Evidence tab reads from a run: its metric rows split by kind, as plain series, and shared names.
+
+Pure functions over the trainer's metric rows (copies), so the sections can be tested without
+Streamlit and every section reads the same numbers the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dashboard.panels.training import poll_interval, units
+from vae_core.trainer import Trainer
+
+K = "evidence_"  # every widget key of the tab starts with this
+GAP_FILL = "rgba(228, 87, 86, 0.18)"
+ELBO_COLOR, IWAE_COLOR, GRID_COLOR, JOB_COLOR = "#4c78a8", "#e45756", "#54a24b", "#b279a2"
+COLLAPSE_KL_NATS = 0.5  # total KL below this: the code says almost nothing about x
+RECENT_TRAIN_ROWS = 60  # train rows drawn on the rate-distortion plane (about the last minute)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A run's metric rows by split: 'train' (every ~20 steps), 'test' (per epoch), 'evidence' (every few epochs)."""
+
+    train: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    evidence: list[dict[str, Any]]
+
+
+def split_rows(rows: list[dict[str, Any]]) -> Rows:
+    by: dict[str, list[dict[str, Any]]] = {"train": [], "test": [], "evidence": []}
+    for r in rows:
+        if r.get("split") in by:
+            by[r["split"]].append(r)
+    return Rows(by["train"], by["test"], by["evidence"])
+
+
+def live_interval(trainer: Trainer) -> float | None:
+    """Seconds between refreshes of the live sections: the Training tab's rhythm, None when idle."""
+    return poll_interval(trainer.status().state)
+
+
+def axis_unit(trainer: Trainer) -> str:
+    return units(trainer.config)[0]
+
+
+def caveat(trainer: Trainer) -> str:
+    """Why the numbers are not log-likelihoods (grey-level BCE, Gaussian densities), or ''."""
+    return units(trainer.config)[1]
+
+
+def elbo_name(trainer: Trainer) -> str:
+    """'ELBO', or what the same number is when grey-level pixels make it a cross-entropy (as the Training tab says)."""
+    config = trainer.config
+    return "−BCE − KL (not a bound)" if not config.binarized and config.model.likelihood == "bernoulli" else "ELBO"
+
+
+def best_bound(row: dict[str, Any]) -> tuple[int, float, float]:
+    """(k, log p_k(x), standard error) for the largest k of an evidence row or job result."""
+    return int(row["ks"][-1]), float(row["iwae"][-1]), float(row["iwae_se"][-1])
+
+
+def kl_matrix(test: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension KL over epochs: (epochs (E,), KL (D, E) nats); rows without kl_per_dim are skipped."""
+    kept = [r for r in test if isinstance(r.get("kl_per_dim"), list) and r["kl_per_dim"]]
+    if not kept:
+        return np.zeros(0), np.zeros((0, 0))
+    d = max(len(r["kl_per_dim"]) for r in kept)
+    z = np.full((d, len(kept)), np.nan)
+    for j, r in enumerate(kept):
+        z[: len(r["kl_per_dim"]), j] = r["kl_per_dim"]
+    return np.array([r["epoch"] for r in kept], dtype=float), z
+
+
+def collapse_signs(test: list[dict[str, Any]], train: list[dict[str, Any]], latent_dim: int) -> list[str]:
+    """Reasons to suspect posterior collapse, worded for a person; empty when there are none.
+
+    Two signs: the total KL near 0 (on the latest test evaluation, or on the last few train
+    rows, which react within seconds), and active units that fell below their earlier best.
+    """
+    signs = []
+    recent = [r["kl"] for r in train[-5:]]
+    latest_test = test[-1] if test else None
+    if latest_test is not None and latest_test["kl"] < COLLAPSE_KL_NATS:
+        signs.append(f"the total KL on the test set is {latest_test['kl']:.2f} nats (below {COLLAPSE_KL_NATS:g}) "
+                     f"after epoch {latest_test['epoch']}: the codes carry almost no information about the images")
+    elif recent and len(train) >= 5 and float(np.mean(recent)) < COLLAPSE_KL_NATS:
+        signs.append(f"the total KL over the last training steps averages {np.mean(recent):.2f} nats "
+                     f"(below {COLLAPSE_KL_NATS:g}): the codes are collapsing onto the prior")
+    counts = [(r["epoch"], r["active_units"]) for r in test if "active_units" in r]
+    if len(counts) >= 2:
+        best_epoch, best = max(counts, key=lambda c: c[1])
+        now_epoch, now = counts[-1]
+        if now < best:
+            signs.append(f"active units fell from {best} of {latent_dim} (epoch {best_epoch}) to {now} "
+                         f"(epoch {now_epoch})")
+    return signs

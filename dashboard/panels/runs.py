@@ -1,0 +1,135 @@
+"""The Runs tab: every saved run in a table; tick rows to act on a run or compare several.
+
+The table reads only each run's small files (config.json, status.json and the test lines of
+metrics.jsonl; never a checkpoint), so 200 runs list in well under a second. The first ticked
+run gets the actions (dashboard/panels/run_actions.py); two or more are compared
+(dashboard/panels/compare.py). Trainers stay in the process-wide registry; this tab keeps only
+UI choices (ticked run names, a pending delete) in st.session_state.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from dashboard.panels import compare, run_actions
+from dashboard.panels.run_actions import K, STATUS, notice, parent_text, select
+from dashboard.state import Registry
+from vae_core import runs, transfer
+from vae_core.config import ConfigError
+
+TABLE = K + "table"
+MAX_UPLOAD_MB = 200
+
+
+# ------------------------------------------------------------------ the table
+
+def format_when(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M")
+
+
+def table_rows(summaries: list[runs.RunSummary]) -> list[dict[str, Any]]:
+    """The runs table's rows, in the order given (list_runs: newest first)."""
+    return [{"Name": s.name, "Dataset": s.dataset, "Arch": s.arch, "Latent D": s.latent_dim or None,
+             "β": s.beta, "Epochs": f"{s.epochs_done} / {s.epochs_planned}", "Best test ELBO": s.best_test_elbo,
+             "Status": STATUS.get(s.status, s.status), "When": format_when(s.created), "Parent": parent_text(s.parent)}
+            for s in summaries]
+
+
+def _table(summaries: list[runs.RunSummary]) -> list[runs.RunSummary]:
+    """Draw the table; return the ticked runs, in table order.
+
+    Selections are kept by run name: the table's own selection is row positions, which shift when a
+    run is added, deleted or renamed, and vanish while another tab is open (lazy tabs).
+    """
+    names = [s.name for s in summaries]
+    shown = st.session_state.get("_runs_names")
+    if TABLE in st.session_state and shown is not None:  # rows of the table as it was last drawn
+        wanted = [shown[i] for i in st.session_state[TABLE]["selection"]["rows"] if 0 <= i < len(shown)]
+    else:  # the table was not drawn last time (another tab was open), or an action chose the ticks
+        wanted = st.session_state.get("_runs_selected", [])
+    wanted = [n for n in wanted if n in names]
+    if TABLE not in st.session_state or shown != names:
+        st.session_state[TABLE] = {"selection": {"rows": [names.index(n) for n in wanted], "columns": [],
+                                                 "cells": []}}
+    st.session_state["_runs_names"] = names
+    event = st.dataframe(table_rows(summaries), key=TABLE, on_select="rerun", selection_mode="multi-row",
+                         hide_index=True, column_config={
+                             "Name": st.column_config.TextColumn(width="medium", pinned=True),
+                             "β": st.column_config.NumberColumn(format="%g"),
+                             "Best test ELBO": st.column_config.NumberColumn(
+                                 format="%.2f", help="Highest test-set ELBO after any epoch, nats per example"),
+                             "Epochs": st.column_config.TextColumn(help="Done / planned"),
+                             "Parent": st.column_config.TextColumn(help="The run this one was forked from"),
+                         })
+    rows = [i for i in event.selection.rows if 0 <= i < len(summaries)]
+    picked = [summaries[i] for i in sorted(rows)]
+    st.session_state["_runs_selected"] = [s.name for s in picked]
+    return picked
+
+
+def _on_import(runs_dir: Path) -> None:
+    upload = st.session_state.get(K + "import")
+    if upload is None:
+        return
+    if upload.size > MAX_UPLOAD_MB * 2**20:
+        notice("error", f"{upload.name} is {upload.size / 2**20:.0f} MB; a run zip may be at most {MAX_UPLOAD_MB} MB.")
+        return
+    try:
+        d = transfer.import_zip(upload.getvalue(), runs_dir)
+    except (runs.RunFileError, ConfigError, OSError) as e:
+        notice("error", f"Could not import {upload.name}: {e}")
+        return
+    select([d.name])
+    notice("success", f"Imported **{upload.name}** as **{d.name}**; it is ticked in the table below.")
+
+
+# ------------------------------------------------------------------ drawing
+
+def render(registry: Registry) -> None:
+    """The Runs tab."""
+    runs_dir = runs.default_runs_dir()
+    st.markdown("Every run saved under the runs folder, from this dashboard or the command line, newest first. "
+                "**Tick** a row (box at its left) to open, resume, fork, export, rename or delete that run; "
+                "tick two or more to compare them.")
+    message = st.session_state.pop("_runs_notice", None)  # left by an action's callback
+    if message:
+        getattr(st, message[0])(message[1])
+    t0 = time.perf_counter()
+    summaries = runs.list_runs(runs_dir)
+    ms = (time.perf_counter() - t0) * 1000
+    if not summaries:
+        st.info(f"No runs in `{runs_dir}` yet. Train one (sidebar), run `python -m vae_core train`, or import a zip.")
+        _import(runs_dir)
+        return
+    picked = _table(summaries)
+    c1, c2 = st.columns([4, 1])
+    c1.caption(f"{len(summaries)} runs in `{runs_dir.resolve()}` · listed in {ms:.0f} ms. The table refreshes when "
+               "you act; training progress shows live in the Training tab.")
+    c2.button("Refresh", key=K + "refresh", icon=":material/refresh:", width="stretch")
+    _import(runs_dir)
+    if not picked:
+        return
+    target = picked[0]
+    if len(picked) > 1:
+        names = [s.name for s in picked]
+        chosen = st.selectbox("Act on", names, key=K + "target", help="The actions below apply to this ticked run")
+        target = picked[names.index(chosen)] if chosen in names else target
+    run_actions.render(registry, runs_dir, target)
+    if len(picked) > 1:
+        st.divider()
+        compare.render([s.path for s in picked])
+    else:
+        st.caption("Tick a second run to compare them.")
+
+
+def _import(runs_dir: Path) -> None:
+    with st.expander("Import a run (.zip)"):
+        st.caption(f"A zip exported here or with the CLI (config.json, metrics.jsonl, checkpoint.pt), at most "
+                   f"{MAX_UPLOAD_MB} MB. It is checked before it is kept: only those files are unpacked, into a new "
+                   "run folder, and the checkpoint must load as plain weights.")
+        st.file_uploader("Run zip", type=["zip"], key=K + "import", max_upload_size=MAX_UPLOAD_MB,
+                         on_change=_on_import, args=(runs_dir,))

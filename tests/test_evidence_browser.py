@@ -1,0 +1,51 @@
+"""The Evidence tab in headless Chromium, while a 2-latent run trains: posterior, identity check, estimate, remedy.
+
+Reuses test_browser's server and page fixtures. The remedy check is the one only a browser can
+make: a click must change the running job and the sidebar's β together, and stay changed
+while the live sections keep refreshing (a sidebar holding its old value would send it back).
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from test_browser import expect, page, server, set_number  # noqa: F401  (fixtures; skip where they skip)
+
+pytestmark = pytest.mark.browser
+
+
+def test_evidence_tab_while_training(page):  # noqa: F811
+    thumb = page.locator('.st-key-cfg_latent_dim input[type="range"]')
+    thumb.focus()
+    thumb.press("Home")
+    thumb.press("ArrowRight")
+    expect(thumb).to_have_value("2")
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]')
+    set_number(page, "cfg_epochs", 60)  # long enough to act on, stopped below
+    page.get_by_role("button", name="Train", exact=True).click()
+    expect(page.locator('[data-testid="stProgress"]').first).to_contain_text("samples/s", timeout=30_000)
+
+    page.get_by_role("tab", name=re.compile("Evidence")).click()
+    expect(page.get_by_text("Identity check")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text(re.compile(r"✓ agree to within 1e-06 nats"))).to_be_visible()
+    expect(page.locator(".st-key-evidence_posterior .heatmaplayer, .st-key-evidence_posterior image").first
+           ).to_be_attached()
+    expect(page.locator(".st-key-evidence_over_training")).to_be_visible(timeout=30_000)  # after epoch 1
+
+    page.get_by_role("button", name="Estimate now").click()
+    expect(page.get_by_text(re.compile(r"On 64 held-out images, weights from step"))).to_be_visible(timeout=60_000)
+
+    beta = page.locator(".st-key-cfg_beta")
+    expect(beta).to_contain_text("1")
+    page.get_by_role("button", name="Halve β").click()
+    expect(page.get_by_text(re.compile(r"Applied from the next step"))).to_be_visible(timeout=15_000)
+    expect(beta).to_contain_text("0.5")
+    expect(page.locator(".st-key-evidence_rd")).to_contain_text("β = 0.50", timeout=15_000)
+    page.wait_for_timeout(3000)  # a few live refreshes later the run and the sidebar still say 0.5
+    expect(beta).to_contain_text("0.5")
+    expect(page.locator(".st-key-evidence_rd")).to_contain_text("β = 0.50")
+
+    page.get_by_role("button", name="Stop", exact=True).click()
+    expect(page.get_by_text(re.compile(r"Stopped"))).to_be_visible(timeout=15_000)
+    assert page.locator('[data-testid="stException"]').count() == 0

@@ -1,0 +1,248 @@
+"""The Evidence tab through AppTest, on small trained runs: every section renders, the numbers are the core's.
+
+The panel runs in-process against trainers built here (AppTest passes them to the script
+function). run_every never fires in AppTest and background jobs are not awaited, so the
+on-demand estimate is polled with at.run() against a deadline.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from dashboard.panels import evidence_bounds, evidence_kl, evidence_posterior, evidence_series
+from vae_core.config import RunConfig
+from vae_core.trainer import Trainer
+
+K = evidence_series.K
+
+
+def _script(trainer):
+    from dashboard.panels import evidence
+
+    evidence.render(trainer)
+
+
+def _config(latent_dim: int, **kw) -> RunConfig:
+    return RunConfig().replace(**{"epochs": 2, "train_size": 512, "hidden_dim": 64, "batch_size": 64,
+                                  "evidence_every": 1, "latent_dim": latent_dim, **kw})
+
+
+def _trained(data, latent_dim: int) -> Trainer:
+    t = Trainer(_config(latent_dim), persist=False, data=data, num_threads=1)
+    t.start()
+    t.join(60)
+    assert t.status().state == "finished", t.status().message
+    return t
+
+
+@pytest.fixture(scope="module")
+def trainers(tiny_sprites):
+    return {d: _trained(tiny_sprites, d) for d in (2, 5)}
+
+
+@pytest.fixture(autouse=True)
+def clean_caches():
+    yield
+    evidence_bounds.job_board().cancel_all()
+    st.cache_resource.clear()
+    st.cache_data.clear()
+
+
+def app(trainer: Trainer) -> AppTest:
+    at = AppTest.from_function(_script, args=(trainer,), default_timeout=30)
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def chart(at: AppTest, key: str) -> dict:
+    for c in at.get("plotly_chart"):
+        spec = json.loads(c.proto.spec)
+        if c.proto.id.endswith(key) or key in c.proto.id:
+            return spec
+    raise KeyError(key)
+
+
+def values(a) -> np.ndarray:
+    """A Plotly JSON array: a plain list, or a typed array {"bdata": base64, "dtype": ...}."""
+    if isinstance(a, dict) and "bdata" in a:
+        import base64
+
+        out = np.frombuffer(base64.b64decode(a["bdata"]), dtype=a["dtype"])
+        return out.reshape(a["shape"]) if "shape" in a else out
+    return np.asarray(a, dtype=float)
+
+
+def page_text(at: AppTest) -> str:
+    return " ".join([m.value for m in at.markdown] + [c.value for c in at.caption] + [i.value for i in at.info]
+                    + [w.value for w in at.warning] + [s.value for s in at.success])
+
+
+# ------------------------------------------------------------------ rendering
+
+def test_two_latents_every_section_and_the_identity_check(trainers):
+    t = trainers[2]
+    at = app(t)
+    assert [h.value for h in at.subheader] == ["ELBO vs log p(x) during training", "The true posterior p(z|x)",
+                                               "The derivation, with this model's numbers", "What the KL term is doing"]
+    text = page_text(at)
+    assert "Identity check" in text and "✓ agree to within 1e-06 nats" in text
+    # The numbers shown are the core's, for the run's first held-out image at the default 200 x 200 grid.
+    g, _, _, _ = evidence_posterior.posterior(t, evidence_posterior.run_token(t), t.weights_version(), 0, 200)
+    assert len(g.z1) == 200 and g.identity_error <= 1e-6 and g.kl_to_posterior >= 0
+    assert f"{g.log_px:.6f}" in text
+    latex = " ".join(x.value for x in at.get("latex"))
+    assert f"{g.log_px:.3f} \\;=\\; ({g.elbo:.3f}) + {g.kl_to_posterior:.3f}" in latex
+    assert r"\le" in latex and r"\ge" not in latex.replace(r"\mathrm{KL} \ge 0", "")  # ELBO ≤ log p(x), never ≥
+    assert "the inequality is the other way round" in text
+    # Over training: ELBO, best bound and the shaded gap; with 2 latents a quadrature panel too.
+    spec = chart(at, "over_training")
+    names = {d.get("name") for d in spec["data"]}
+    assert {"ELBO", "gap ≈ KL(q(z|x) ‖ p(z|x))", "log p(x) by quadrature", "KL(q ‖ p(z|x)) by quadrature"} <= names
+    assert spec["layout"]["yaxis"]["title"]["text"] == "nats per example"
+    last = [r for r in t.metrics() if r["split"] == "evidence"][-1]
+    bound_trace = next(d for d in spec["data"] if str(d.get("name", "")).startswith("log p̂ₖ(x), k = 1000"))
+    assert values(bound_trace["y"])[-1] == pytest.approx(last["iwae"][-1])
+    k_spec = chart(at, "vs_k")
+    assert k_spec["layout"]["xaxis"]["type"] == "log"
+    heat = chart(at, "posterior")
+    assert heat["data"][0]["type"] == "heatmap"
+    assert sum("σ" in str(d.get("name", "")) for d in heat["data"]) == 2  # the 1σ and 2σ ellipses of q
+
+
+def test_five_latents_explain_the_grid_and_use_the_bounds(trainers):
+    at = app(trainers[5])
+    text = page_text(at)
+    assert "integrated on a grid only in 2" in text and "importance-weighted bounds above hold" in text
+    assert not any(c.proto.id.endswith("posterior") for c in at.get("plotly_chart"))
+    latex = " ".join(x.value for x in at.get("latex"))
+    last = [r for r in trainers[5].metrics() if r["split"] == "evidence"][-1]
+    assert f"{last['iwae'][-1]:.3f} \\;\\approx\\; ({last['elbo']:.3f})" in latex
+    heat = chart(at, "kl_dims")
+    assert len(heat["data"][0]["y"]) == 5 and heat["data"][0]["colorbar"]["title"]["text"] == "nats"
+    rd = chart(at, "rd")
+    assert "nats per example" in rd["layout"]["xaxis"]["title"]["text"]
+
+
+def test_image_navigation_and_grid_size(trainers):
+    at = app(trainers[2])
+    at.button(key=K + "image_next").click().run()
+    assert at.number_input(key=K + "image").value == 1
+    assert "test image 1, by quadrature" in page_text(at)
+    at.slider(key=K + "grid_n").set_value(60).run()
+    assert len(values(chart(at, "posterior")["data"][0]["x"])) == 60
+    assert "60 × 60 grid" in page_text(at)
+    at.radio(key=K + "grid_view").set_value("log p(z|x)").run()
+    assert not at.exception and "log p(z|x)" in json.dumps(chart(at, "posterior")["data"][0]["colorbar"])
+
+
+# ------------------------------------------------------------------ estimate now
+
+def test_estimate_now_runs_in_the_background_and_shows_its_result(trainers):
+    t = trainers[5]
+    at = app(t)
+    at.select_slider(key=K + "job_k").set_value(100)
+    at.select_slider(key=K + "job_n").set_value(32)
+    at.button(key=K + "job_start").click().run()
+    deadline = time.monotonic() + 20
+    while "On 32 held-out images" not in page_text(at):
+        assert time.monotonic() < deadline, page_text(at)
+        time.sleep(0.2)
+        at.run()
+        assert not at.exception
+    job = evidence_bounds.job_board().get(evidence_bounds.run_token(t)).snapshot()
+    assert job.state == "done" and job.progress == 1.0 and job.ks == (1, 10, 100)
+    assert f"{job.result['iwae'][-1]:.2f}" in page_text(at)
+    names = [d.get("name", "") for d in chart(at, "vs_k")["data"]]
+    assert any(n.startswith("on demand") for n in names)
+    assert at.button(key=K + "job_start")  # the button is back for another estimate
+
+
+# ------------------------------------------------------------------ collapse remedies
+
+def test_remedies_apply_to_an_active_run(tiny_sprites):
+    t = Trainer(_config(2, epochs=500, evidence_every=0), persist=False, data=tiny_sprites, num_threads=1)
+    t.start()
+    try:
+        at = AppTest.from_function(_script, args=(t,), default_timeout=30)
+        deadline = time.monotonic() + 30
+        while True:
+            at.run()
+            assert not at.exception
+            if t.weights_version() > 0 and [r for r in t.metrics() if r["split"] == "test"]:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        at.run()
+        at.button(key=K + "remedy_free_bits").click().run()
+        assert t.status().free_bits == 0.5
+        assert at.session_state["cfg_free_bits"] == 0.5  # the sidebar keeps it for a later Resume
+        at.button(key=K + "remedy_beta").click().run()
+        assert t.status().beta == 0.5
+        epoch = t.status().epoch
+        at.button(key=K + "remedy_warmup").click().run()
+        w = t.status().warmup_epochs
+        assert w >= math.ceil(epoch) + 5 and w == at.session_state["cfg_warmup_epochs"]
+        assert any("Applied from the next step" in s.value for s in at.success)
+        assert not at.exception
+    finally:
+        t.stop(timeout=10)
+    at.run()
+    assert all(at.button(key=K + f"remedy_{n}").disabled for n in ("warmup", "free_bits", "beta"))
+    assert "Resume it" in page_text(at)
+
+
+def test_remedies_are_disabled_after_the_run(trainers):
+    at = app(trainers[2])
+    assert all(at.button(key=K + f"remedy_{n}").disabled for n in ("warmup", "free_bits", "beta"))
+
+
+# ------------------------------------------------------------------ pure pieces
+
+def test_collapse_signs():
+    test = [{"epoch": 1, "kl": 3.0, "active_units": 4}, {"epoch": 2, "kl": 2.0, "active_units": 4}]
+    assert evidence_series.collapse_signs(test, [], 5) == []
+    test.append({"epoch": 3, "kl": 0.3, "active_units": 2})
+    signs = evidence_series.collapse_signs(test, [], 5)
+    assert len(signs) == 2 and "0.30 nats" in signs[0] and "fell from 4 of 5 (epoch 1) to 2" in signs[1]
+    train = [{"kl": 0.1}] * 5
+    assert "last training steps" in evidence_series.collapse_signs(test[:2], train, 5)[0]
+
+
+def test_warmup_remedy_ramps_from_now(trainers):
+    s = trainers[2].status()  # finished at epoch 2, beta 1
+    r = evidence_kl.remedies(s)
+    assert r["warmup"].changes == {"warmup_epochs": 7.0} and "2.0/7" in r["warmup"].effect
+    assert "ends at epoch 2, before the ramp" in r["warmup"].effect
+    assert r["beta"].changes == {"beta": 0.5} and r["free_bits"].changes == {"free_bits": 0.5}
+    assert all(x.unavailable is None for x in r.values())
+
+
+def test_rate_distortion_iso_lines_pass_through_the_latest_point(trainers):
+    t = trainers[2]
+    rows = evidence_series.split_rows(t.metrics())
+    fig = evidence_kl.rd_figure(rows.test, rows.train, t.status(), "nats per example")
+    r0, d0 = rows.train[-1]["kl"], -rows.train[-1]["recon"]
+    for name in ("ELBO iso-line", "β-objective iso-line"):
+        line = next(d for d in fig.data if d.name.startswith(name))
+        assert np.interp(r0, line.x, line.y) == pytest.approx(d0)
+    beta_line = next(d for d in fig.data if d.name.startswith("β-objective"))
+    slope = (beta_line.y[-1] - beta_line.y[0]) / (beta_line.x[-1] - beta_line.x[0])
+    assert slope == pytest.approx(-t.status().beta_effective)
+
+
+def test_opened_run_renders(tiny_sprites, runs_dir):
+    t = Trainer(_config(2, epochs=1), runs_dir=runs_dir, data=tiny_sprites, num_threads=1)
+    t.start()
+    t.join(60)
+    opened = Trainer.open(t.run_dir, data=tiny_sprites)
+    at = app(opened)
+    assert "✓ agree to within" in page_text(at)
+    assert chart(at, "over_training")

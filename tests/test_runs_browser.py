@@ -1,0 +1,63 @@
+"""The Runs tab in headless Chromium: tick two saved runs, compare them, download one as a zip.
+
+Reuses test_browser's server and page fixtures; the runs are trained in this process before the
+server starts (arguments are set up in order: runs first, then the page and its server).
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+
+from test_browser import expect, page, server  # noqa: F401  (fixtures; skips this module where they skip)
+from vae_core.config import RunConfig
+from vae_core.trainer import Trainer
+
+pytestmark = pytest.mark.browser
+ROW_PX = 35  # the table's header and row height
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    """Two tiny runs in the runs directory the server fixture will use (tmp_path / 'runs')."""
+    cfg = RunConfig().replace(epochs=2, train_size=256, hidden_dim=32, batch_size=64, evidence_every=0)
+    names = []
+    for beta in (0.5, 4.0):
+        t = Trainer(cfg.replace(beta=beta), runs_dir=tmp_path / "runs", name=f"beta-{beta:g}", num_threads=1)
+        t.start()
+        t.join(60)
+        assert t.status().state == "finished", t.status().message
+        names.append(t.name)
+    return names
+
+
+def idle(page) -> None:  # noqa: F811
+    page.wait_for_timeout(300)
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]')
+
+
+def test_compare_two_runs_and_download_one(two_runs, page, tmp_path):  # noqa: F811
+    page.get_by_role("tab", name="Runs").click()
+    expect(page.get_by_text("2 runs in")).to_be_visible()
+    grid = page.locator('[data-testid="stDataFrame"]').first.bounding_box()
+    for row in (1, 2):  # the tick boxes at the rows' left edge
+        page.mouse.click(grid["x"] + 15, grid["y"] + ROW_PX * row + ROW_PX / 2)
+        idle(page)
+    expect(page.get_by_text("Compare 2 runs")).to_be_visible()
+    charts = page.locator('[data-testid="stPlotlyChart"]')
+    expect(charts).to_have_count(2)
+    expect(charts.first.locator(".scatterlayer .trace").first).to_be_visible()
+    expect(charts.nth(1).get_by_text("β=0.5")).to_be_visible()  # the rate–distortion plane's labels
+    expect(charts.nth(1).get_by_text("β=4")).to_be_visible()
+    expect(page.locator('[data-testid="stImage"] img')).to_have_count(4)  # samples and reconstructions, each run
+    page.screenshot(path=str(tmp_path / "runs-compare.png"), full_page=True)
+
+    page.get_by_text("Export", exact=True).click()
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Whole run (.zip)").click()
+    data = (tmp_path / "run.zip")
+    download.value.save_as(data)
+    names = zipfile.ZipFile(io.BytesIO(data.read_bytes())).namelist()
+    assert f"{two_runs[1]}/checkpoint.pt" in names and download.value.suggested_filename == f"{two_runs[1]}.zip"
+    assert page.locator('[data-testid="stException"]').count() == 0
