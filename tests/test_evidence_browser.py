@@ -48,4 +48,5 @@ def test_evidence_tab_while_training(page):  # noqa: F811
 
     page.get_by_role("button", name="Stop", exact=True).click()
     expect(page.get_by_text(re.compile(r"Stopped"))).to_be_visible(timeout=15_000)
-    assert page.locator('[data-testid="stException"]').count() == 0
+    exceptions = page.locator('[data-testid="stException"]').all_inner_texts()
+    assert not exceptions, exceptions

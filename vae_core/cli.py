@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--iwae-k", type=int, default=100, help="importance samples (1..5000)")
     e.add_argument("--num-examples", type=int, default=500, help="test images to evaluate")
-    e.add_argument("--grid", type=int, default=200, help="grid size per axis for 2-latent runs (0: skip)")
+    e.add_argument("--grid", type=int, default=100, help="grid size per axis for 2-latent runs (0: skip)")
+    e.add_argument("--grid-examples", type=int, default=16, help="examples whose log p(x) is integrated on the grid")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
 
@@ -198,7 +199,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.num_examples < 1:
         raise CliError("--num-examples must be at least 1")
     result = evaluate_run(Path(args.run_dir), k=args.iwae_k, num_examples=args.num_examples,
-                          grid=args.grid, seed=args.seed)
+                          grid=args.grid, seed=args.seed, grid_examples=args.grid_examples)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
