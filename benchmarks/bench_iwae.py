@@ -17,21 +17,12 @@ import time
 
 import torch
 
+from bench_train import matmul_gflops  # benchmarks/ is on sys.path when run as a script
 from vae_core.config import ModelConfig
 from vae_core.data import make_sprites
 from vae_core.evidence import CHUNK_ELEMS, iwae_curve
 from vae_core.models import VAE
 from vae_core.objectives import iwae_bound, log_px_given_z
-
-
-def matmul_gflops(reps: int = 2000) -> float:
-    a, b = torch.randn(128, 784), torch.randn(784, 400)
-    for _ in range(50):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * 128 * 784 * 400 * reps / (time.perf_counter() - t) / 1e9
 
 
 def iwae_flops(cfg: ModelConfig, n: int, k: int) -> float:

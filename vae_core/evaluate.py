@@ -29,11 +29,10 @@ def load_model(run_dir: Path) -> tuple[VAE, RunConfig, dict[str, Any]]:
 
 
 def held_out_batch(config: RunConfig, n: int, data_dir: str | None = None) -> torch.Tensor:
-    """The first n test images, binarized with the same fixed seed the trainer uses for its test numbers."""
-    x = get_dataset(config.train.dataset, data_dir).test_x[:n]
-    if config.binarized:
-        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(10_000 + config.train.seed))
-    return x
+    """The first n test images of the run's dataset, binarized with the trainer's fixed test seed."""
+    from .jobs import held_out
+
+    return held_out(get_dataset(config.train.dataset, data_dir), config, n)
 
 
 @torch.no_grad()
