@@ -73,7 +73,6 @@ def main() -> None:
         controls.render(registry)
 
     st.markdown("Train a variational autoencoder and watch, live, what its objective is doing.")
-    training.render_status(registry)
 
     explore = optional_panel("explore")
     evidence = optional_panel("evidence")
@@ -90,6 +89,8 @@ def main() -> None:
     for tab, (title, draw) in zip(tabs, pages):
         with tab:
             if tab.open:
+                if title != "Training":  # the Training tab shows the status in its own live fragment
+                    training.render_status(registry)
                 guarded(title, draw)
 
 

@@ -262,3 +262,27 @@ def test_query_helpers_keep_only_valid_non_defaults():
                                                 "unrelated": "x", "beta": "1.37"})
     assert sorted(ignored) == ["arch=rnn", "latent_dim=500", "lr=-1", "seed=1.5"]
     assert back == {**settings.DEFAULTS, "beta": 1.37}
+
+
+def test_sessions_share_a_refresh_budget(monkeypatch):
+    """One or two sessions refresh every second; more stretch their interval so the total stays ~2/s."""
+    from dashboard.state import Viewers
+
+    clock = [100.0]
+    monkeypatch.setattr("dashboard.state.time.monotonic", lambda: clock[0])
+    v = Viewers(budget=2.0)
+    assert v.interval(None, "a") is None  # idle: no polling at all
+    assert v.interval(1.0, "a") == 1.0
+    v.seen("a", 1.0)
+    v.seen("b", 1.0)
+    assert v.count() == 2 and v.interval(1.0, "b") == 1.0
+    for s in "cde":
+        v.seen(s, 1.0)
+    assert v.count() == 5 and v.interval(1.0, "a") == 2.5
+    assert v.interval(2.0, "a") == 2.5 and v.interval(4.0, "a") == 4.0  # paused runs poll slower anyway
+    assert v.interval(1.0, "new") == 3.0  # a sixth session counts itself before its first poll
+    clock[0] += 2.5
+    for s in "abcd":  # "e" closed its tab: it drops out after two of its intervals
+        v.seen(s, 2.5)
+    clock[0] += 1.0
+    assert v.count() == 4 and v.interval(1.0, "a") == 2.0

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import statistics
+from collections.abc import Sequence
 
 import torch
 
@@ -54,30 +56,52 @@ class ThreadTuner:
     Beside a web server and a browser on a 2-core machine, 2 threads are fastest while the
     page is quiet and several times slower than 1 thread while it redraws (OpenMP threads
     wait on each other at every barrier when one is descheduled). The tuner times blocks of
-    steps, uses the faster count, and re-tries the other one block in every `explore_every`,
-    so it follows the load as it changes.
+    steps, uses the faster count and re-tries the runner-up for one block now and then, so it
+    follows the load as it changes. Each re-try that confirms the choice doubles the wait
+    before the next one (from `explore_every` blocks up to `max_explore_every`): a re-try
+    costs a slow block, and with a 1-second live refresh the measured choice rarely changes.
     """
 
-    def __init__(self, choices: tuple[int, ...], *, block: int = 20, explore_every: int = 8) -> None:
+    def __init__(self, choices: tuple[int, ...], *, block: int = 20, explore_every: int = 8,
+                 max_explore_every: int = 64) -> None:
         self.choices = tuple(sorted(set(c for c in choices if c >= 1))) or (1,)
-        self.block, self.explore_every = block, explore_every
-        self.speed: dict[int, float] = {}  # EMA of steps per second at each count
+        self.block = block
+        self.explore_every, self.max_explore_every = explore_every, max(explore_every, max_explore_every)
+        self.speed: dict[int, float] = {}  # EMA of (median) steps per second at each count
         self.blocks = 0
         self.current = self.choices[-1]
+        self._wait = explore_every  # blocks between re-tries, doubled while the choice holds
+        self._next_try = explore_every
 
-    def record(self, seconds: float, steps: int) -> int:
-        """Record a timed block run at self.current; return the thread count for the next block."""
-        if seconds > 0 and steps > 0:
-            rate = steps / seconds
+    def best(self) -> int:
+        return max(self.speed, key=self.speed.get)
+
+    def record(self, step_seconds: Sequence[float]) -> int:
+        """Record a block of steps run at self.current (seconds each); return the count for the next block.
+
+        A block's speed is 1 / its median step time: a page refresh holding the GIL stalls a few
+        steps whatever the thread count, and those outliers must not decide the choice.
+        """
+        was_trial = bool(self.speed) and len(self.speed) == len(self.choices) and self.current != self.best()
+        median = statistics.median(step_seconds) if len(step_seconds) else 0.0
+        if median > 0:
+            rate = 1.0 / median
             old = self.speed.get(self.current)
-            self.speed[self.current] = rate if old is None else 0.5 * old + 0.5 * rate
+            # A re-try replaces its count's old speed, measured under the load of long ago.
+            self.speed[self.current] = rate if old is None or was_trial else 0.5 * old + 0.5 * rate
         self.blocks += 1
         untried = [c for c in self.choices if c not in self.speed]
         if untried:
             self.current = untried[0]
-        elif self.blocks % self.explore_every == 0:
-            best = max(self.speed, key=self.speed.get)
-            self.current = min(self.choices, key=lambda c: (c == best, -self.speed[c]))  # the runner-up, once
+            return self.current
+        if was_trial:  # the re-try lost again: wait longer next time; it won: stay alert
+            self._wait = (min(self._wait * 2, self.max_explore_every) if self.best() != self.current
+                          else self.explore_every)
+            self._next_try = self.blocks + self._wait
+        best = self.best()
+        if self.blocks >= self._next_try and len(self.choices) > 1:
+            self._next_try = self.blocks + self._wait
+            self.current = max((c for c in self.choices if c != best), key=lambda c: self.speed[c])  # once
         else:
-            self.current = max(self.speed, key=self.speed.get)
+            self.current = best
         return self.current

@@ -116,6 +116,7 @@ class Trainer:
         self._step, self._epoch, self._steps_per_epoch = 0, 0.0, 1
         self._epochs_target = config.train.epochs
         self._samples_per_s = 0.0
+        self._quiet_until = 0.0  # monotonic time until which the tuned loop uses one thread (see make_room)
         self._resume_ckpt: dict[str, Any] | None = None
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
 
@@ -244,6 +245,19 @@ class Trainer:
             self._live.update({k: getattr(new_train, k) for k in LIVE_FIELDS})
             self.config = dataclasses.replace(self.config, train=new_train)
 
+    def make_room(self, seconds: float) -> None:
+        """Train on fewer threads for the next `seconds`: the caller is about to make the machine busy.
+
+        The dashboard calls this as it sends a refresh, which the browser then spends a fraction
+        of a second drawing. On a small CPU a lockstep 2-thread loop stalls whenever one of its
+        threads is descheduled for the browser, so yielding a core for that moment is faster
+        than fighting for it. Only runs with a thread tuner (training beside the server) react.
+        """
+        if self.tuner is not None:
+            until = time.monotonic() + seconds
+            if until > self._quiet_until:
+                self._quiet_until = until
+
     def add_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
         """fn(row) is called from the training thread for each metrics row (the CLI's progress bar)."""
         self._listeners.append(fn)
@@ -265,6 +279,10 @@ class Trainer:
         """Metric rows from index `since` on (pass len(previous) to get only new ones); copies."""
         with self._lock:
             return [dict(m) for m in self._metrics[since:]]
+
+    def metrics_count(self) -> int:
+        with self._lock:
+            return len(self._metrics)
 
     def artifacts(self) -> dict[str, Any]:
         """Latest images as uint8 arrays: 'originals' and 'reconstructions' (N, 28, 28), 'samples' (64, 28, 28)."""
@@ -446,9 +464,9 @@ class Trainer:
         self._set(message=f"training on {describe_device(self.device)}")
         acc = torch.zeros(4, device=self.device)  # loss, recon, kl, n — summed between log points
         last_publish = time.monotonic()
-        tuned_time, tuned_steps = 0.0, 0
-        if self.tuner is not None:
-            torch.set_num_threads(self.tuner.current)
+        tuned: list[float] = []  # seconds per step of the tuner's current block
+        threads_now = self.tuner.current if self.tuner is not None else self.num_threads
+        torch.set_num_threads(threads_now)
         while True:
             epoch_idx = self._step // spe
             if epoch_idx >= self._epochs_target:
@@ -464,13 +482,18 @@ class Trainer:
                 if self.tuner is None:
                     acc += self.train_step(x)
                 else:
+                    making_room = time.monotonic() < self._quiet_until
+                    want = self.tuner.choices[0] if making_room else self.tuner.current
+                    if want != threads_now:
+                        torch.set_num_threads(want)
+                        threads_now = want
                     t0 = time.perf_counter()
                     acc += self.train_step(x)
-                    tuned_time += time.perf_counter() - t0
-                    tuned_steps += 1
-                    if tuned_steps == self.tuner.block:
-                        torch.set_num_threads(self.tuner.record(tuned_time, tuned_steps))
-                        tuned_time, tuned_steps = 0.0, 0
+                    if not making_room:  # the tuner times only steps it chose the thread count for
+                        tuned.append(time.perf_counter() - t0)
+                        if len(tuned) == self.tuner.block:
+                            self.tuner.record(tuned)
+                            tuned = []
                 n_seen += len(idx)
                 with self._lock:
                     self._step += 1
