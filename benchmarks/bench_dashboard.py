@@ -2,7 +2,9 @@
 
 Alternates: CLI run, dashboard run (Chromium open on the live panel, refreshing every second),
 CLI, dashboard... and compares samples/s per epoch (epoch 1 excluded as warm-up). Also
-reports the time from clicking Train to the first curve point in the browser.
+reports the time from clicking Train to the first curve point in the browser. With --tabs N
+it also compares N sessions polling one run against one: only epochs begun after every page
+has loaded count, so it measures the polling, not the pages' one-off loading.
 
     python benchmarks/bench_dashboard.py [--rounds 2] [--epochs 4]
 
@@ -27,14 +29,17 @@ BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networkin
                 "--disable-sync", "--no-first-run"]
 
 
-def epoch_speeds(runs_dir: Path) -> list[float]:
+def epoch_speeds(runs_dir: Path, after: float | None = None) -> list[float]:
+    """Training samples/s of each epoch after the first (warm-up), or of each epoch begun after `after`."""
     rows = []
     for d in runs_dir.iterdir():
         for line in (d / "metrics.jsonl").read_text().splitlines():
             r = json.loads(line)
             if r.get("split") == "test":
-                rows.append(r["samples_per_s"])
-    return rows[1:]  # the first epoch includes warm-up
+                rows.append(r)
+    if after is None:
+        return [r["samples_per_s"] for r in rows[1:]]
+    return [r["samples_per_s"] for prev, r in zip(rows, rows[1:]) if prev["wall_time"] >= after]
 
 
 def cli_round(epochs: int) -> list[float]:
@@ -71,7 +76,7 @@ def dashboard_round(epochs: int, tabs: int = 1) -> tuple[list[float], float]:
         with sync_playwright() as p:
             b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=BROWSER_ARGS)
             page = b.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(f"http://127.0.0.1:{port}/?epochs=30")  # long enough to outlast loading the extra tabs
             page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=60_000)
             time.sleep(3)  # let the sprites warm-up finish, as a person reading the page would
             clicked = time.time()
@@ -83,12 +88,16 @@ def dashboard_round(epochs: int, tabs: int = 1) -> tuple[list[float], float]:
                     first_curve = json.loads(files[0].read_text().splitlines()[0])["wall_time"] - clicked
                     break
                 time.sleep(0.05)
-            for _ in range(tabs - 1):  # more sessions on the same server: they reattach to the run and poll it
-                extra = b.new_page(viewport={"width": 1400, "height": 1000})
-                extra.goto(f"http://127.0.0.1:{port}/")
+            after = None
+            if tabs > 1:  # more sessions on the same server: they reattach to the run and poll it
+                for _ in range(tabs - 1):
+                    extra = b.new_page(viewport={"width": 1400, "height": 1000})
+                    extra.goto(f"http://127.0.0.1:{port}/")
+                    extra.wait_for_selector('[data-testid="stProgress"]', timeout=60_000)
+                after = time.time() + 1.0  # count epochs begun once every page has loaded and polls
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
-                speeds = epoch_speeds(runs_dir) if runs_dir.exists() and any(runs_dir.iterdir()) else []
+                speeds = epoch_speeds(runs_dir, after) if runs_dir.exists() and any(runs_dir.iterdir()) else []
                 if len(speeds) >= epochs - 1:
                     break
                 time.sleep(0.5)

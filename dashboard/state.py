@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 
 
 # Live-panel refreshes per second the server allows across all sessions watching a run. Each refresh
-# costs its browser ~0.2 s of a core to redraw (measured with Chromium on 2 cores, the same machine):
-# with more than this many sessions watching, each refreshes less often, so training keeps its speed.
-REFRESH_BUDGET = 2.0
+# costs its browser ~0.15 s of a core to redraw (measured with Chromium on 2 cores, the same machine):
+# with more sessions watching, each refreshes less often, so training keeps its speed. At 2/s five
+# tabs trained at 72% of one tab's speed (steady polling, benchmarks/bench_dashboard.py --tabs 5).
+REFRESH_BUDGET = 1.5
 
 
 class Viewers:

@@ -210,6 +210,23 @@ def test_reload_and_second_tab_show_the_same_run(app):
     assert first.status().state == "stopped"
 
 
+def test_many_sessions_refresh_less_often(app):
+    """Sessions watching one run share the refresh budget, and the panel says why it refreshes less often."""
+    app.run()
+    configure(app, cfg_epochs=400).run()
+    app.button(key="btn_train").click()
+
+    def caption(a, text):
+        return any(text in c.value for c in a.caption)
+
+    run_until(app, lambda a: _status().step > 0 and caption(a, "Refreshes every 1 s"), what="the live caption")
+    for i in range(4):  # four more tabs polling
+        get_registry().viewers.seen(f"other-tab-{i}", 1.0)
+    run_until(app, lambda a: caption(a, "Refreshes every 3.3 s") and caption(a, "5 sessions are watching"),
+              timeout=2.5, what="a shared refresh budget")
+    assert state() == "running"
+
+
 def test_every_tab_renders_with_and_without_a_run(app):
     app.run()
     titles = [t.label for t in app.tabs]
