@@ -38,8 +38,14 @@ def split_rows(rows: list[dict[str, Any]]) -> Rows:
 
 
 def live_interval(trainer: Trainer) -> float | None:
-    """Seconds between refreshes of the live sections: the Training tab's rhythm, None when idle."""
-    return poll_interval(trainer.status().state)
+    """Seconds between refreshes of the live sections: the Training tab's rhythm, None when idle.
+
+    Longer when many sessions watch, as for the status line (the registry's shared refresh budget).
+    """
+    from dashboard.panels.training import viewer_id
+    from dashboard.state import get_registry
+
+    return get_registry().viewers.interval(poll_interval(trainer.status().state), viewer_id())
 
 
 def axis_unit(trainer: Trainer) -> str:
