@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 

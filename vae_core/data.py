@@ -171,7 +171,7 @@ def _network_reachable(url: str, timeout: float = NETWORK_PROBE_TIMEOUT_S) -> bo
 
 
 def _how_to_provide(name: str) -> str:
-    ways = [f"put its four IDX files (gzipped or not) in a folder and pass --data-dir DIR or set VAE_DATA_DIR",
+    ways = ["put its four IDX files (gzipped or not) in a folder and pass --data-dir DIR or set VAE_DATA_DIR",
             f"or place them under ./data/{_torchvision_class(name).__name__}/raw"]
     if name == "fashion-mnist":
         ways.append("or install Debian's package: apt-get install dataset-fashion-mnist")

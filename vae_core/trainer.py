@@ -2,17 +2,16 @@
 
 Readers (the dashboard, the CLI) never touch the model the optimiser updates: they get
 copies of metrics and images, and decode/encode through a CPU copy of the weights that
-the thread publishes about once a second.
+the thread publishes about once a second. This module holds the API any thread may call
+(construction, control, reading); what runs in the training thread is in training_loop.py.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,27 +25,9 @@ from .config import LIVE_FIELDS, ConfigError, RunConfig
 from .devices import ThreadTuner, default_threads, describe_device, resolve_device
 from .images import to_uint8
 from .models import VAE, build_model
-from .objectives import elbo_loss, elbo_terms
+from .training_loop import N_FIXED, N_SAMPLES, STATES, TrainingLoop, get_dataset
 
-N_FIXED = 16  # test images shown with their reconstructions
-N_SAMPLES = 64  # prior samples with a fixed z
-EVIDENCE_BATCH = 64  # held-out images for the importance-weighted evaluation
-EVIDENCE_KS = (1, 10, 100, 1000)
-EVIDENCE_GRID_EXAMPLES = 8  # examples whose true log p(x) is integrated on a grid (2 latents)
-STATES = ("idle", "running", "paused", "finished", "stopped", "failed")
-
-_DATA_CACHE: dict[tuple[str, str | None], data_mod.ImageData] = {}
-_DATA_LOCK = threading.Lock()
-
-
-def get_dataset(name: str, data_dir: str | None = None) -> data_mod.ImageData:
-    """Datasets are loaded once per process (sprites take seconds to render) and shared read-only."""
-    key = (name, str(data_dir) if data_dir else None)
-    with _DATA_LOCK:
-        if key not in _DATA_CACHE:
-            _DATA_CACHE[key] = data_mod.load_dataset(name, data_dir)
-        return _DATA_CACHE[key]
-
+__all__ = ["N_FIXED", "N_SAMPLES", "Status", "Trainer", "get_dataset"]
 
 @dataclass(frozen=True)
 class Status:
@@ -77,7 +58,7 @@ class Status:
         return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
 
 
-class Trainer:
+class Trainer(TrainingLoop):
     """Owns one run: its data, model, optimiser, thread, run directory and published snapshots."""
 
     def __init__(self, config: RunConfig, *, runs_dir: str | Path | None = None, name: str | None = None,
@@ -361,317 +342,3 @@ class Trainer:
         x = d.test_x[:n] if n else d.test_x
         y = d.test_y[:n] if n else d.test_y
         return x[:, 0].numpy().copy(), y.numpy().copy(), d.label_names
-
-    # ------------------------------------------------------------ the thread
-
-    def _beta_effective_locked(self) -> float:
-        w = self._live["warmup_epochs"]
-        return self._live["beta"] * (min(1.0, self._epoch / w) if w > 0 else 1.0)
-
-    def _set(self, state: str | None = None, message: str | None = None) -> None:
-        with self._lock:
-            if state is not None:
-                self._state = state
-            if message is not None:
-                self._message = message
-            st, msg = self._state, self._message
-        if self.persist and self.run_dir is not None:
-            runs.write_status(self.run_dir, st, msg, step=self._step, epochs_done=int(self._epoch),
-                              epochs_target=self._epochs_target)
-
-    def _run(self) -> None:
-        try:
-            torch.set_num_threads(self.num_threads)
-            self._train()
-        except (ConfigError, data_mod.DatasetUnavailable, runs.RunFileError) as e:  # expected, already worded
-            self._set("failed", str(e))
-        except torch.OutOfMemoryError:
-            self._set("failed", f"out of memory on {self.device.type} at batch size {self.config.train.batch_size}; "
-                                "start again with a smaller batch size")
-        except Exception as e:  # anything else in the thread becomes a failed status, never a hang
-            traceback.print_exc()
-            self._set("failed", f"{type(e).__name__}: {e}")
-
-    def _prepare(self) -> None:
-        """Load data, build model and optimiser, create or reopen the run directory."""
-        if getattr(self, "model", None) is not None:
-            # This trainer ran before (stopped, failed or finished, then started again): its model,
-            # optimiser and generator in memory are exactly what it last checkpointed.
-            if self.persist and self.run_dir is not None:
-                runs.truncate_metrics(self.run_dir, self._step)
-                self.writer = runs.MetricsWriter(self.run_dir)
-            return
-        cfg = self.config
-        self._set(message=f"loading {cfg.train.dataset}")
-        data = self.check()
-        n_train = len(data.train_x)
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
-        self.train_x = data.train_x.to(self.device)
-        self.test_x = data.test_x.to(self.device)
-        self.test_y = data.test_y
-        # The test set is binarized once with a fixed seed so test numbers are comparable across epochs.
-        test_gen = torch.Generator(device=self.device).manual_seed(10_000 + cfg.train.seed)
-        self.test_xb = torch.bernoulli(self.test_x, generator=test_gen) if cfg.binarized else self.test_x
-        self.batcher = data_mod.IndexBatcher(n_train, cfg.train.batch_size, self.gen, self.device)
-        with self._lock:
-            self._steps_per_epoch = self.batcher.steps_per_epoch
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed)
-            self.model = build_model(cfg.model).to(self.device)
-        self.opt = self._make_optimizer()
-        ckpt = self._resume_ckpt
-        if ckpt is None and self.init_from is not None:
-            ckpt = runs.load_checkpoint(self.init_from / runs.CHECKPOINT)
-            self.parent = {"run": self.init_from.name, "step": int(ckpt["step"])}
-        if ckpt is not None:
-            self.model.load_state_dict(ckpt["model"])
-            if "optimizer" in ckpt:
-                self.opt.load_state_dict(ckpt["optimizer"])
-            if "generator" in ckpt and self.device.type == "cpu":
-                self.gen.set_state(ckpt["generator"])
-            for g in self.opt.param_groups:
-                g["lr"] = self._live["lr"]
-            if self.parent is not None:  # a fork starts its own step count at the parent's
-                with self._lock:
-                    self._step, self._epoch = int(ckpt["step"]), float(ckpt.get("epoch", 0))
-                    self._epochs_target = math.ceil(self._epoch) + cfg.train.epochs
-
-        if self.persist:
-            if self.run_dir is None:
-                self.run_dir = runs.create_run_dir(self.runs_dir, cfg, self.name)
-                self.name = self.run_dir.name
-                runs.write_config(self.run_dir, cfg, created=time.time(), parent=self.parent,
-                                  device=describe_device(self.device), dataset_source=data.source)
-            else:  # resuming: drop metric rows written after the checkpoint we continue from
-                runs.truncate_metrics(self.run_dir, self._step)
-                previous = runs.read_json(self.run_dir / runs.CONFIG)
-                runs.write_config(self.run_dir, cfg, created=previous.get("created", time.time()),
-                                  parent=previous.get("parent"), device=describe_device(self.device),
-                                  dataset_source=data.source)
-            self.writer = runs.MetricsWriter(self.run_dir)
-        fixed = torch.Generator().manual_seed(0)
-        self.fixed_idx = torch.arange(N_FIXED)
-        self.fixed_z = torch.randn((N_SAMPLES, cfg.model.latent_dim), generator=fixed).to(self.device)
-        self._last_good = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        self._publish_weights(self._last_good)
-        self._render_artifacts()
-
-    def _train(self) -> None:
-        self._prepare()
-        cfg = self.config
-        spe = self.batcher.steps_per_epoch
-        self._set(message=f"training on {describe_device(self.device)}")
-        acc = torch.zeros(4, device=self.device)  # loss, recon, kl, n — summed between log points
-        last_publish = time.monotonic()
-        tuned: list[float] = []  # seconds per step of the tuner's current block
-        threads_now = self.tuner.current if self.tuner is not None else self.num_threads
-        torch.set_num_threads(threads_now)
-        while True:
-            epoch_idx = self._step // spe
-            if epoch_idx >= self._epochs_target:
-                break
-            order = self.batcher.epoch()[self._step % spe:]  # a resumed run finishes its epoch
-            t_epoch, n_seen = time.perf_counter(), 0
-            for idx in order:
-                if not self._wait_turn():
-                    return self._finish("stopped", f"stopped at step {self._step}")
-                x = self.train_x[idx]
-                if cfg.binarized:
-                    x = torch.bernoulli(x, generator=self.gen)  # dynamic binarization: a fresh draw per batch
-                if self.tuner is None:
-                    acc += self.train_step(x)
-                else:
-                    making_room = time.monotonic() < self._quiet_until
-                    want = self.tuner.choices[0] if making_room else self.tuner.current
-                    if want != threads_now:
-                        torch.set_num_threads(want)
-                        threads_now = want
-                    t0 = time.perf_counter()
-                    acc += self.train_step(x)
-                    if not making_room:  # the tuner times only steps it chose the thread count for
-                        tuned.append(time.perf_counter() - t0)
-                        if len(tuned) == self.tuner.block:
-                            self.tuner.record(tuned)
-                            tuned = []
-                n_seen += len(idx)
-                with self._lock:
-                    self._step += 1
-                    self._epoch = self._step / spe
-                if self._step % self.log_every == 0 or self._step % spe == 0:
-                    if not self._log_train(acc):
-                        return
-                    acc.zero_()
-                    dt = time.perf_counter() - t_epoch
-                    with self._lock:
-                        self._samples_per_s = n_seen / dt if dt > 0 else 0.0
-                    if time.monotonic() - last_publish > 1.0:
-                        self._publish_model()
-                        last_publish = time.monotonic()
-            train_time = time.perf_counter() - t_epoch
-            self._end_epoch(n_seen / train_time if train_time > 0 else 0.0)
-        self._finish("finished", f"finished {self._epochs_target} epochs ({self._step} steps)")
-
-    def _wait_turn(self) -> bool:
-        """Block while paused (letting single steps through); False when asked to stop."""
-        with self._lock:
-            while True:
-                if self._stop.is_set():
-                    return False
-                if self._state == "running":
-                    return True
-                if self._pending_steps > 0:
-                    self._pending_steps -= 1
-                    return True
-                self._wake.wait(0.25)
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        # The fused kernel updates all parameters in one call: ~10% faster steps for this small MLP on CPU.
-        fused = self.device.type in ("cpu", "cuda")
-        return torch.optim.Adam(self.model.parameters(), lr=self._live["lr"], fused=fused)
-
-    def train_step(self, x: torch.Tensor) -> torch.Tensor:
-        """One Adam step on batch x; returns detached (loss, recon, kl, 1) for logging, no sync."""
-        with self._lock:
-            beta, free_bits, lr = self._beta_effective_locked(), self._live["free_bits"], self._live["lr"]
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        self.model.train()
-        terms = elbo_terms(self.model, x, self.gen)
-        loss = elbo_loss(terms, beta=beta, free_bits=free_bits)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return torch.stack([loss.detach(), terms.recon.detach().mean(), terms.kl.detach().mean(),
-                            torch.ones((), device=x.device)])
-
-    def _log_train(self, acc: torch.Tensor) -> bool:
-        loss, recon, kl, n = acc.tolist()  # the one sync point per log interval
-        if n == 0:
-            return True
-        loss, recon, kl = loss / n, recon / n, kl / n
-        if not all(math.isfinite(v) for v in (loss, recon, kl)):
-            self.model.load_state_dict(self._last_good)
-            # Adam's moments may hold NaN too; a fresh optimiser is the safe restart.
-            self.opt = self._make_optimizer()
-            self._finish("failed", f"the loss became {'NaN' if math.isnan(loss) else 'infinite'} at step {self._step} "
-                                   f"(beta={self._live['beta']:g}, lr={self._live['lr']:g}); the last good weights "
-                                   f"were kept. Lower the learning rate, then resume.")
-            return False
-        with self._lock:
-            beta_eff = self._beta_effective_locked()
-        self._last_good = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        self._emit({"step": self._step, "epoch": round(self._epoch, 4), "split": "train", "elbo": recon - kl,
-                    "recon": recon, "kl": kl, "loss": loss, "beta": beta_eff, "beta_set": self._live["beta"],
-                    "lr": self._live["lr"], "free_bits": self._live["free_bits"], "wall_time": time.time()})
-        return True
-
-    def _emit(self, row: dict[str, Any]) -> None:
-        with self._lock:
-            self._metrics.append(row)
-        if self.persist and self.run_dir is not None:
-            self.writer.write(row)
-        for fn in self._listeners:
-            fn(row)
-
-    @torch.no_grad()
-    def evaluate(self, x: torch.Tensor | None = None, batch: int = 1000) -> dict[str, Any]:
-        """Test-set ELBO, recon, KL (nats per example), per-dimension KL and active units; no weight change."""
-        x = self.test_xb if x is None else x
-        self.model.eval()
-        sums = torch.zeros(3, device=self.device)
-        kl_dims, mus = [], []
-        for i in range(0, len(x), batch):
-            xb = x[i:i + batch]
-            t = elbo_terms(self.model, xb, self.gen)
-            sums += torch.stack([t.recon.sum(), t.kl.sum(), torch.tensor(float(len(xb)), device=self.device)])
-            kl_dims.append(t.kl_dims.sum(0))
-            mus.append(t.mu)
-        recon, kl, n = sums.tolist()
-        mu = torch.cat(mus)
-        per_dim = (torch.stack(kl_dims).sum(0) / n).cpu().numpy()
-        variances = mu.var(0).cpu().numpy() if len(mu) > 1 else np.zeros(mu.shape[1])
-        return {"elbo": (recon - kl) / n, "recon": recon / n, "kl": kl / n, "kl_per_dim": per_dim.tolist(),
-                "active_units": int((variances > 0.01).sum()), "mu_variance": variances.tolist()}
-
-    @torch.no_grad()
-    def evidence(self, ks: tuple[int, ...] = EVIDENCE_KS) -> dict[str, Any]:
-        """ELBO and importance-weighted bounds log p_k(x) on a fixed held-out batch, nats per example.
-
-        The bounds rise with k toward log p(x) (Burda et al. 2016); their distance above the
-        ELBO estimates KL(q(z|x) || p(z|x)), the inference gap. With 2 latents the true
-        log p(x) by quadrature on a grid is added for a few of the examples.
-        """
-        from .evidence import grid_evidence, iwae_curve
-
-        self.model.eval()
-        x = self.test_xb[:EVIDENCE_BATCH]
-        gen = torch.Generator(device=self.device).manual_seed(20_000 + self._step)
-        out = iwae_curve(self.model, x, ks, generator=gen)
-        if self.config.model.latent_dim == 2:
-            out.update(grid_evidence(self.model, x[:EVIDENCE_GRID_EXAMPLES], n=64))
-            # The same examples' IWAE bound, so the panel compares like with like.
-            sub = iwae_curve(self.model, x[:EVIDENCE_GRID_EXAMPLES], (max(ks),), generator=gen)
-            out["iwae_grid_examples"] = sub["iwae"][0]
-        return out
-
-    def _end_epoch(self, samples_per_s: float) -> None:
-        ev = self.evaluate()
-        self._publish_model()
-        row = {"step": self._step, "epoch": int(round(self._epoch)), "split": "test", **ev,
-               "beta": self.status().beta_effective, "samples_per_s": samples_per_s, "wall_time": time.time()}
-        self._emit(row)
-        if not math.isfinite(ev["elbo"]):
-            self._finish("failed", f"the test ELBO became non-finite after epoch {int(self._epoch)}; lower the learning rate")
-            return
-        every = self.config.train.evidence_every
-        epoch = int(round(self._epoch))
-        if every and (epoch % every == 0 or epoch == self._epochs_target or epoch == 1):
-            self._set(message=f"epoch {epoch}: estimating log p(x) with importance sampling")
-            # k = 1000 costs ~0.5 s for the MLP but ~8 s for the conv net on 2 CPU cores; the panel's
-            # on-demand evaluation goes higher when asked.
-            ks = EVIDENCE_KS if self.config.model.arch == "mlp" or self.device.type != "cpu" else EVIDENCE_KS[:3]
-            self._emit({"step": self._step, "epoch": epoch, "split": "evidence", **self.evidence(ks),
-                        "wall_time": time.time()})
-        self._checkpoint()
-        self._set(message=f"epoch {epoch} of {self._epochs_target}: test ELBO {ev['elbo']:.2f} nats")
-
-    def _checkpoint(self) -> None:
-        if not self.persist or self.run_dir is None:
-            return
-        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "config": self.config.to_dict(),
-                 "step": self._step, "epoch": self._epoch, "live": dict(self._live)}
-        if self.device.type == "cpu":
-            state["generator"] = self.gen.get_state()
-        runs.save_checkpoint(self.run_dir, state)
-
-    def _finish(self, state: str, message: str) -> None:
-        self._checkpoint()  # on failure the model already holds the last good weights again
-        self._publish_model()
-        if self.persist and self.run_dir is not None:
-            self.writer.close()
-        self._set(state, message)
-
-    # ------------------------------------------------------------ publishing
-
-    def _publish_weights(self, state: dict[str, torch.Tensor]) -> None:
-        cpu = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-        with self._lock:
-            self._published = cpu
-            self._published_version += 1
-
-    def _publish_model(self) -> None:
-        self._publish_weights(self._last_good)
-        self._render_artifacts()
-
-    @torch.no_grad()
-    def _render_artifacts(self) -> None:
-        self.model.eval()
-        x = self.test_x[self.fixed_idx]
-        mu, _ = self.model.encode(x)
-        recon = self.model.decode(mu)
-        samples = self.model.decode(self.fixed_z)
-        art = {"originals": to_uint8(x[:, 0].cpu().numpy()), "reconstructions": to_uint8(recon[:, 0].cpu().numpy()),
-               "samples": to_uint8(samples[:, 0].cpu().numpy()), "step": self._step}
-        with self._lock:
-            self._artifacts = art

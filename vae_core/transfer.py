@@ -7,7 +7,7 @@ import zipfile
 from pathlib import Path
 
 from . import runs
-from .config import ConfigError, RunConfig
+from .config import RunConfig
 
 MAX_ZIP_BYTES = 512 * 1024 * 1024  # uncompressed total; a run is a few MB
 ALLOWED = {runs.CONFIG, runs.METRICS, runs.CHECKPOINT, runs.STATUS}
