@@ -15,6 +15,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from helpers import train_to_end
 from dashboard.panels import evidence_bounds, evidence_kl, evidence_posterior, evidence_series
 from vae_core.config import RunConfig
 from vae_core.trainer import Trainer
@@ -34,11 +35,7 @@ def _config(latent_dim: int, **kw) -> RunConfig:
 
 
 def _trained(data, latent_dim: int) -> Trainer:
-    t = Trainer(_config(latent_dim), persist=False, data=data, num_threads=1)
-    t.start()
-    t.join(60)
-    assert t.status().state == "finished", t.status().message
-    return t
+    return train_to_end(Trainer(_config(latent_dim), persist=False, data=data, num_threads=1))
 
 
 @pytest.fixture(scope="module")

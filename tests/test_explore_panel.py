@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from helpers import train_to_end
 from dashboard.panels import explore
 from vae_core.config import RunConfig
 from vae_core.data import DatasetUnavailable
@@ -28,11 +29,7 @@ def _script(trainer):
 
 def _trained(data, latent_dim: int) -> Trainer:
     cfg = RunConfig().replace(epochs=1, batch_size=64, hidden_dim=64, latent_dim=latent_dim, evidence_every=0)
-    t = Trainer(cfg, persist=False, data=data, num_threads=1)
-    t.start()
-    t.join(60)
-    assert t.status().state == "finished", t.status().message
-    return t
+    return train_to_end(Trainer(cfg, persist=False, data=data, num_threads=1))
 
 
 @pytest.fixture(scope="module")

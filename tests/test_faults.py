@@ -12,6 +12,7 @@ import tracemalloc
 
 import pytest
 
+from helpers import train_to_end
 from vae_core import runs
 from vae_core.trainer import Trainer
 
@@ -46,9 +47,7 @@ def test_sigkill_leaves_a_run_that_lists_opens_and_resumes(tmp_path, kill_after_
     step = t.status().step
     assert step > 0 and all(m["step"] <= step for m in t.metrics())
     assert t.decode([[0.0, 0.0]]).shape == (1, 28, 28)
-    t.start(epochs=1)
-    t.join(60)
-    assert t.status().state == "finished", t.status().message
+    train_to_end(t, epochs=1)
     rows = runs.read_metrics(run)
     steps = [m["step"] for m in rows]
     assert steps == sorted(steps) and steps[-1] > step

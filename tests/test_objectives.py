@@ -1,7 +1,6 @@
 """Loss terms against references; the IWAE bound's basic properties; config validation."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

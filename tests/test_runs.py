@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 
+from helpers import train_to_end
 from vae_core import runs
 from vae_core.config import ConfigError
 from vae_core.transfer import export_zip, import_zip
@@ -15,11 +16,7 @@ from vae_core.trainer import Trainer
 
 
 def train(tiny_config, tiny_sprites, runs_dir, **kw):
-    t = Trainer(tiny_config.replace(**kw), runs_dir=runs_dir, data=tiny_sprites, log_every=2)
-    t.start()
-    t.join(60)
-    assert t.status().state == "finished", t.status().message
-    return t
+    return train_to_end(Trainer(tiny_config.replace(**kw), runs_dir=runs_dir, data=tiny_sprites, log_every=2))
 
 
 def test_run_directory_contents(tiny_config, tiny_sprites, runs_dir):

@@ -10,6 +10,7 @@ import zipfile
 
 import pytest
 
+from helpers import train_to_end
 from test_browser import expect, page, server  # noqa: F401  (fixtures; skips this module where they skip)
 from vae_core.config import RunConfig
 from vae_core.trainer import Trainer
@@ -25,10 +26,7 @@ def two_runs(tmp_path):
     names = []
     for beta in (0.5, 4.0):
         t = Trainer(cfg.replace(beta=beta), runs_dir=tmp_path / "runs", name=f"beta-{beta:g}", num_threads=1)
-        t.start()
-        t.join(60)
-        assert t.status().state == "finished", t.status().message
-        names.append(t.name)
+        names.append(train_to_end(t).name)
     return names
 
 

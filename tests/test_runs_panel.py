@@ -20,6 +20,7 @@ import streamlit as st
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from helpers import train_to_end
 from dashboard.panels import compare
 from dashboard.panels import run_actions as actions
 from dashboard.panels import runs as panel
@@ -38,10 +39,7 @@ def saved_runs(tmp_path_factory):
     """Runs 'b0.5' and 'b2' (Trainer) and 'cli-b1' (python -m vae_core train), oldest first."""
     d = tmp_path_factory.mktemp("saved") / "runs"
     for beta in (0.5, 2.0):
-        t = Trainer(TINY.replace(beta=beta), runs_dir=d, name=f"b{beta:g}", num_threads=1)
-        t.start()
-        t.join(60)
-        assert t.status().state == "finished", t.status().message
+        train_to_end(Trainer(TINY.replace(beta=beta), runs_dir=d, name=f"b{beta:g}", num_threads=1))
         time.sleep(0.02)  # distinct creation times, so the order is defined
     assert cli.main(["train", "--epochs", "1", "--train-size", "256", "--hidden-dim", "32", "--batch-size", "64",
                      "--evidence-every", "0", "--threads", "1", "--runs-dir", str(d), "--name", "cli-b1",
