@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from dashboard.panels.training import poll_interval, units
+from dashboard.panels.training import poll_interval, units, viewer_id
+from dashboard.state import get_registry
 from vae_core.trainer import Trainer
 
 K = "evidence_"  # every widget key of the tab starts with this
@@ -42,9 +43,6 @@ def live_interval(trainer: Trainer) -> float | None:
 
     Longer when many sessions watch, as for the status line (the registry's shared refresh budget).
     """
-    from dashboard.panels.training import viewer_id
-    from dashboard.state import get_registry
-
     return get_registry().viewers.interval(poll_interval(trainer.status().state), viewer_id())
 
 
