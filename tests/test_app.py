@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import plotly.graph_objects as go
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
@@ -104,6 +105,16 @@ def test_curve_helpers():
                                  log_y=True)
     assert fig.layout.yaxis.type == "log" and all(min(tr.y) > 0 for tr in fig.data if len(tr.y))  # losses
     assert fig.layout.yaxis.title.text == "nats per example"
+    # The live figure is built as a plain spec without Plotly's validators (they cost ~16 ms a refresh):
+    # Plotly must still accept every property of it, for each kind of panel it draws.
+    bce = RunConfig().replace(binarize=False)
+    for train, test, config, log_y in [(rows, [], RunConfig(), False), (rows[:2], rows[:1], bce, True),
+                                       ([], [], RunConfig(), False), (rows * 3, rows[::5], RunConfig(), False)]:
+        spec = training.curves_figure(train, test, config, log_y=log_y).to_dict()
+        validated = go.Figure(spec)  # raises on any property Plotly does not know or a bad value
+        assert len(validated.data) == len(spec["data"])
+    fig = training.curves_figure(rows, [], RunConfig())
+    assert fig.layout.yaxis.range[0] < min(fig.data[1].y[len(rows) // 10:])  # the robust range holds the curve
 
 
 # ------------------------------------------------------------------ the app
@@ -303,3 +314,20 @@ def test_sessions_share_a_refresh_budget(monkeypatch):
         v.seen(s, 2.5)
     clock[0] += 1.0
     assert v.count() == 4 and v.interval(1.0, "a") == 2.0
+
+
+def test_warm_up_freezes_the_long_lived_heap_once_before_any_run(monkeypatch):
+    """Full garbage collections over torch's and Streamlit's objects stalled training 100-260 ms each."""
+    from dashboard import state
+
+    frozen = []
+    monkeypatch.setattr(state.gc, "freeze", lambda: frozen.append(1))
+    monkeypatch.setattr(state, "_frozen", False)
+    monkeypatch.setattr(state, "get_dataset", lambda name: None)
+    busy = state.Registry()
+    monkeypatch.setattr(busy, "trainers", lambda: {"run-1": object()})
+    state._warm_up("sprites", busy)
+    assert frozen == []  # a run exists: its objects must stay collectable
+    state._warm_up("sprites", state.Registry())
+    state._warm_up("sprites", state.Registry())
+    assert frozen == [1]  # once per process

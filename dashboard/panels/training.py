@@ -230,7 +230,13 @@ def downsample(n: int, max_points: int = MAX_POINTS) -> np.ndarray:
 
 def curves_figure(train: list[dict[str, Any]], test: list[dict[str, Any]], config: RunConfig, *,
                   log_y: bool = False) -> go.Figure:
-    """Three panels sharing the step axis: ELBO, reconstruction term, KL (and β·KL); train and test."""
+    """Three panels sharing the step axis: ELBO, reconstruction term, KL (and β·KL); train and test.
+
+    Built as a plain Plotly spec and wrapped without validation: plotly's validating constructors
+    took ~16 ms of server time per refresh for this figure, holding the GIL while the trainer
+    waited at every torch call; the spec takes ~1 ms. tests/test_app.py renders it through Plotly's
+    validator to keep it honest.
+    """
     unit = units(config)[0]
     sign = -1.0 if log_y else 1.0  # a log axis needs the positive losses
     if not config.binarized and config.model.likelihood == "bernoulli":
@@ -240,26 +246,26 @@ def curves_figure(train: list[dict[str, Any]], test: list[dict[str, Any]], confi
         titles = ("−ELBO (loss)" if log_y else "ELBO (higher is better)",
                   "−E[log p(x|z)] (reconstruction loss)" if log_y else "Reconstruction term E[log p(x|z)]")
     titles += ("KL(q(z|x) ‖ p(z)) and β·KL",)
-    fig = go.Figure()
-    steps = np.array([r["step"] for r in train])
+    traces: list[dict[str, Any]] = []
+    steps = np.array([r["step"] for r in train], dtype=float)
     keep = downsample(len(train))
     if train:  # drawn first and wider, so it shows around the KL line it equals when β = 1
         y = smooth([r["beta"] * r["kl"] for r in train])[keep]
-        fig.add_trace(_line(steps[keep], y, "β·KL (as weighted in the loss)", BETA_COLOR, 3, log_y, show=True,
+        traces.append(_line(steps[keep], y, "β·KL (as weighted in the loss)", BETA_COLOR, 3, log_y, show=True,
                             dash="dot", width=3.5, rank=3))
     for i, key in enumerate(("elbo", "recon", "kl"), start=1):
         s = 1.0 if key == "kl" else sign
         if train:
             y = smooth([s * r[key] for r in train])[keep]
-            fig.add_trace(_line(steps[keep], y, "train (smoothed)", TRAIN_COLOR, i, log_y, show=i == 1))
+            traces.append(_line(steps[keep], y, "train (smoothed)", TRAIN_COLOR, i, log_y, show=i == 1))
         if test:
             kept = [test[j] for j in downsample(len(test))]
-            fig.add_trace(_line([r["step"] for r in kept], [s * r[key] for r in kept], "test (per epoch)", TEST_COLOR,
+            traces.append(_line([r["step"] for r in kept], [s * r[key] for r in kept], "test (per epoch)", TEST_COLOR,
                                 i, log_y, show=i == 1, markers=True))
     for i in (1, 2, 3):  # Plotly leaves out the axes of a panel without traces: give each an empty one
         suffix = "" if i == 1 else str(i)
-        fig.add_trace(go.Scatter(x=[], y=[], xaxis=f"x{suffix}", yaxis=f"y{suffix}", showlegend=False,
-                                 hoverinfo="skip"))
+        traces.append({"type": "scatter", "x": [], "y": [], "xaxis": f"x{suffix}", "yaxis": f"y{suffix}",
+                       "showlegend": False, "hoverinfo": "skip"})
     gap = 0.06
     width = (1 - 2 * gap) / 3
     layout: dict[str, Any] = {}
@@ -272,29 +278,29 @@ def curves_figure(train: list[dict[str, Any]], test: list[dict[str, Any]], confi
         layout[f"yaxis{suffix}"] = {"anchor": f"x{suffix}", "type": "log" if log_y else "linear",
                                     "title": {"text": unit}, "ticklabeloverflow": "allow"}
         if not log_y and len(train) >= 20:
-            layout[f"yaxis{suffix}"]["range"] = _robust_range(fig, i + 1)
-    annotations = [{"text": f"<b>{t}</b>", "x": i * (width + gap) + width / 2, "y": 1.0, "xref": "paper",
-                    "yref": "paper", "xanchor": "center", "yanchor": "bottom", "showarrow": False}
-                   for i, t in enumerate(titles)]
-    fig.update_layout(**layout, annotations=annotations, height=350,
-                      margin={"l": 70, "r": 10, "t": 40, "b": 80, "autoexpand": False},
-                      legend={"orientation": "h", "y": -0.24, "yanchor": "top", "x": 1, "xanchor": "right"},
-                      hovermode="x unified", uirevision="curves")
-    return fig
+            layout[f"yaxis{suffix}"]["range"] = _robust_range(traces, i + 1)
+    layout.update(
+        annotations=[{"text": f"<b>{t}</b>", "x": i * (width + gap) + width / 2, "y": 1.0, "xref": "paper",
+                      "yref": "paper", "xanchor": "center", "yanchor": "bottom", "showarrow": False}
+                     for i, t in enumerate(titles)],
+        height=350, margin={"l": 70, "r": 10, "t": 40, "b": 80, "autoexpand": False},
+        legend={"orientation": "h", "y": -0.24, "yanchor": "top", "x": 1, "xanchor": "right"},
+        hovermode="x unified", uirevision="curves")
+    return go.Figure({"data": traces, "layout": layout}, _validate=False)
 
 
-def _robust_range(fig: go.Figure, panel: int) -> list[float]:
+def _robust_range(traces: list[dict[str, Any]], panel: int) -> list[float]:
     """A y-range that ignores the first tenth of the train curve, whose early values would flatten the rest.
 
     Double-clicking the plot still shows everything.
     """
     axis = "y" if panel == 1 else f"y{panel}"
     ys = []
-    for trace in fig.data:
-        if trace.yaxis != axis:
+    for trace in traces:
+        if trace["yaxis"] != axis or not len(trace["y"]):
             continue
-        y = np.asarray(trace.y, dtype=float)
-        ys.append(y[len(y) // 10:] if trace.mode == "lines" else y[1:] if len(y) > 1 else y)
+        y = np.asarray(trace["y"], dtype=float)
+        ys.append(y[len(y) // 10:] if trace["mode"] == "lines" else y[1:] if len(y) > 1 else y)
     y = np.concatenate(ys) if ys else np.zeros(1)
     y = y[np.isfinite(y)]
     lo, hi = (float(y.min()), float(y.max())) if len(y) else (0.0, 1.0)
@@ -303,16 +309,19 @@ def _robust_range(fig: go.Figure, panel: int) -> list[float]:
 
 
 def _line(x, y, name: str, color: str, panel: int, log_y: bool, *, show: bool, markers: bool = False,
-          dash: str | None = None, width: float | None = None, rank: int = 1) -> go.Scatter:
+          dash: str | None = None, width: float | None = None, rank: int = 1) -> dict[str, Any]:
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if log_y:  # points a log axis cannot show (a positive log-density) are left out, not clipped
         ok = y > 0
         x, y = x[ok], y[ok]
     suffix = "" if panel == 1 else str(panel)
     markers = markers or len(x) < 3  # a line through one point draws nothing
-    return go.Scatter(x=x, y=y, name=name, legendgroup=name, showlegend=show, legendrank=rank, mode="lines+markers" if markers else "lines",
-                      line={"color": color, "width": width or (2 if markers else 1.5), "dash": dash}, marker={"size": 6},
-                      xaxis=f"x{suffix}", yaxis=f"y{suffix}", hovertemplate="%{y:.2f}")
+    line = {"color": color, "width": width or (2 if markers else 1.5)}
+    if dash:
+        line["dash"] = dash
+    return {"type": "scatter", "x": x, "y": y, "name": name, "legendgroup": name, "showlegend": show,
+            "legendrank": rank, "mode": "lines+markers" if markers else "lines", "line": line, "marker": {"size": 6},
+            "xaxis": f"x{suffix}", "yaxis": f"y{suffix}", "hovertemplate": "%{y:.2f}"}
 
 
 def _reconstructions(t: Trainer) -> None:
