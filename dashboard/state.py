@@ -8,6 +8,7 @@ starting a new one. Sessions keep only UI choices in `st.session_state`; trainer
 from __future__ import annotations
 
 import atexit
+import gc
 import itertools
 import logging
 import sys
@@ -292,7 +293,10 @@ class Registry:
             return shown
 
 
-def _warm_up(name: str) -> None:
+_frozen = False  # gc.freeze() once per process
+
+
+def _warm_up(name: str, registry: "Registry | None" = None) -> None:
     """One-off costs of a process's first run, paid before anyone presses Train."""
     try:
         get_dataset(name)  # rendering the sprites: ~2.5 s
@@ -300,6 +304,15 @@ def _warm_up(name: str) -> None:
         import torch._dynamo  # noqa: F401
     except Exception:  # a warm-up only; the run reports any real problem itself
         log.exception("warm-up for %s failed", name)
+    global _frozen
+    if registry is not None and not registry.trainers() and not _frozen:
+        # Torch, its compiler stack, Streamlit and Plotly leave ~600k long-lived objects that every full
+        # garbage collection walks with the GIL held: 100-260 ms in which the training thread cannot
+        # start a single torch call. Freezing them (gc.freeze) makes those collections ~2 ms. Only
+        # before the first run: objects frozen are never collected, and a run's must be.
+        gc.collect()
+        gc.freeze()
+        _frozen = True
 
 
 @st.cache_resource(show_spinner=False)
@@ -315,5 +328,5 @@ def get_registry() -> Registry:
     # trained since the last epoch is lost; atexit runs before daemon threads are abandoned.
     atexit.register(reg.stop_all)
     # Paying the first run's one-off costs now keeps click-to-first-curve short.
-    threading.Thread(target=_warm_up, args=("sprites",), name="vae-data-warmup", daemon=True).start()
+    threading.Thread(target=_warm_up, args=("sprites", reg), name="vae-data-warmup", daemon=True).start()
     return reg
