@@ -1,12 +1,15 @@
 """Training throughput with the dashboard open in a browser vs the headless CLI, same config.
 
 Alternates: CLI run, dashboard run (Chromium open on the live panel, refreshing every second),
-CLI, dashboard... and compares samples/s per epoch (epoch 1 excluded as warm-up). Also
+CLI, dashboard... and compares samples/s per epoch (epoch 1 excluded as warm-up). A sprites
+epoch lasts under a second, so a round measures --epochs - 1 of them (default 11, ~10 s);
+this shared machine drifts by +-15% over tens of seconds, so each round's dashboard speed is
+also divided by the CLI round just before it and the median of those paired ratios is shown. Also
 reports the time from clicking Train to the first curve point in the browser. With --tabs N
 it also compares N sessions polling one run against one: only epochs begun after every page
 has loaded count, so it measures the polling, not the pages' one-off loading.
 
-    python benchmarks/bench_dashboard.py [--rounds 2] [--epochs 4]
+    python benchmarks/bench_dashboard.py [--rounds 3] [--epochs 12] [--tabs 5]
 
 Needs playwright and /usr/bin/chromium.
 """
@@ -110,20 +113,25 @@ def dashboard_round(epochs: int, tabs: int = 1) -> tuple[list[float], float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--tabs", type=int, default=0, help="also compare N browser tabs polling against one (0: skip)")
     args = ap.parse_args()
-    cli, dash, firsts = [], [], []
+    cli, dash, firsts, pairs = [], [], [], []
     for _ in range(args.rounds):
-        cli += cli_round(args.epochs)
+        c_round = cli_round(args.epochs)
         speeds, first = dashboard_round(args.epochs)
+        cli += c_round
         dash += speeds
         firsts.append(first)
+        pairs.append(statistics.median(speeds) / statistics.median(c_round))
+        print(f"round {len(pairs)}: CLI {statistics.median(c_round):,.0f}, dashboard {statistics.median(speeds):,.0f} "
+              f"samples/s: {pairs[-1]:.0%}", flush=True)
     c, d = statistics.median(cli), statistics.median(dash)
     print(f"headless CLI : median {c:,.0f} samples/s over {len(cli)} epochs")
     print(f"dashboard    : median {d:,.0f} samples/s over {len(dash)} epochs (browser open, live panel refreshing)")
-    print(f"ratio dashboard/CLI: {d / c:.0%} (target >= 85%)")
+    print(f"ratio dashboard/CLI: {d / c:.0%} of the medians; paired rounds {', '.join(f'{r:.0%}' for r in pairs)} "
+          f"(median {statistics.median(pairs):.0%}; target >= 85%)")
     if args.tabs > 1:
         one, many = [], []
         for _ in range(args.rounds):
