@@ -293,3 +293,22 @@ def test_out_of_memory_fails_with_a_smaller_batch_hint(tiny_config, tiny_sprites
     assert wait_for(lambda: t.status().state == "failed", 10)
     assert "smaller batch size" in t.status().message
     assert t.decode(np.zeros((1, 2))).shape == (1, 28, 28)  # the last published weights still serve the panels
+
+
+def test_make_room_trains_on_one_thread_for_the_window(tiny_config, tiny_sprites, runs_dir, monkeypatch):
+    """While the dashboard's refresh is drawn the loop yields a core; the tuner does not time those steps."""
+    monkeypatch.delenv("VAE_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    counts = []
+    real = torch.set_num_threads
+    monkeypatch.setattr("vae_core.training_loop.torch.set_num_threads", lambda n: (counts.append(n), real(n)))
+    t = Trainer(tiny_config.replace(epochs=2), runs_dir=runs_dir, data=tiny_sprites, sharing_with_server=True)
+    t.make_room(60.0)  # the whole run falls inside the window
+    t.start()
+    t.join(60)
+    assert t.status().state == "finished", t.status().message
+    assert counts[-1] == 1 and 2 not in counts[2:]  # after the initial setting, only one thread
+    assert t.tuner.blocks == 0 and not t.tuner.speed  # steps in a window never count as measurements
+    headless = Trainer(tiny_config, runs_dir=runs_dir, data=tiny_sprites)
+    headless.make_room(60.0)  # no tuner (CLI, fixed --threads): nothing changes
+    assert headless._quiet_until == 0.0
