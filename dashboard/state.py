@@ -296,16 +296,16 @@ class Registry:
 _frozen = False  # gc.freeze() once per process
 
 
-def _warm_up(name: str, registry: "Registry | None" = None) -> None:
+def _warm_up(name: str, registry: Registry) -> None:
     """One-off costs of a process's first run, paid before anyone presses Train."""
+    global _frozen
     try:
         get_dataset(name)  # rendering the sprites: ~2.5 s
         # The first torch.optim.Adam imports torch._dynamo: ~1 s, measured as most of a first run's start-up.
         import torch._dynamo  # noqa: F401
     except Exception:  # a warm-up only; the run reports any real problem itself
         log.exception("warm-up for %s failed", name)
-    global _frozen
-    if registry is not None and not registry.trainers() and not _frozen:
+    if not _frozen and not registry.trainers():
         # Torch, its compiler stack, Streamlit and Plotly leave ~600k long-lived objects that every full
         # garbage collection walks with the GIL held: 100-260 ms in which the training thread cannot
         # start a single torch call. Freezing them (gc.freeze) makes those collections ~2 ms. Only

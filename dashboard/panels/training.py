@@ -234,7 +234,7 @@ def curves_figure(train: list[dict[str, Any]], test: list[dict[str, Any]], confi
 
     Built as a plain Plotly spec and wrapped without validation: plotly's validating constructors
     took ~16 ms of server time per refresh for this figure, holding the GIL while the trainer
-    waited at every torch call; the spec takes ~1 ms. tests/test_app.py renders it through Plotly's
+    waited at every torch call; the spec takes ~3 ms, mostly smoothing. tests/test_app.py renders it through Plotly's
     validator to keep it honest.
     """
     unit = units(config)[0]
