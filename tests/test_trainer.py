@@ -227,15 +227,17 @@ def test_thread_tuner_follows_the_faster_count():
 
     tuner = ThreadTuner((1, 2), block=10, explore_every=4)
     speeds = {1: 100.0, 2: 300.0}  # steps/s: 2 threads faster while the page is quiet
-    counts = []
+    counts, sizes = [], []
     for _ in range(200):
         counts.append(tuner.current)
-        tuner.record([1 / speeds[tuner.current]] * 10)
-    assert counts[:2] == [2, 1]
+        sizes.append(tuner.block_size())
+        tuner.record([1 / speeds[tuner.current]] * sizes[-1])
+    assert counts[:2] == [2, 1] and sizes[:2] == [10, 10]  # first, each count gets a whole block
     trials = [i for i, c in enumerate(counts) if c == 1][1:]
     gaps = np.diff(trials)
     # keeps re-checking, less often while the choice holds: waits of 8, 16, 32 blocks after each trial, capped
     assert len(trials) >= 4 and list(gaps[:3]) == [9, 17, 33] and max(gaps) <= tuner.max_explore_every + 1
+    assert {sizes[i] for i in trials} == {5} and sizes.count(10) == len(sizes) - len(trials)  # re-tries: half
     speeds = {1: 100.0, 2: 30.0}  # the browser redraws: oversubscribed 2 threads crawl
     counts = []
     for _ in range(40):

@@ -58,14 +58,18 @@ class ThreadTuner:
     wait on each other at every barrier when one is descheduled). The tuner times blocks of
     steps, uses the faster count and re-tries the runner-up for one block now and then, so it
     follows the load as it changes. Each re-try that confirms the choice doubles the wait
-    before the next one (from `explore_every` blocks up to `max_explore_every`): a re-try
-    costs a slow block, and with a 1-second live refresh the measured choice rarely changes.
+    before the next one (from `explore_every` blocks up to `max_explore_every`) and lasts half
+    a block: a re-try is a slow block, and with a 1-second live refresh the measured choice
+    rarely changes. (Traced per step beside a refreshing browser, re-tries every 8-64 blocks
+    of 20 steps cost 1.7% of a 12-epoch run; the count in use is timed all the time, so a
+    load that slows it shows without a re-try.)
     """
 
-    def __init__(self, choices: tuple[int, ...], *, block: int = 20, explore_every: int = 8,
-                 max_explore_every: int = 64) -> None:
+    def __init__(self, choices: tuple[int, ...], *, block: int = 20, explore_every: int = 16,
+                 max_explore_every: int = 512) -> None:
         self.choices = tuple(sorted(set(c for c in choices if c >= 1))) or (1,)
         self.block = block
+        self.trial_block = max(5, block // 2)
         self.explore_every, self.max_explore_every = explore_every, max(explore_every, max_explore_every)
         self.speed: dict[int, float] = {}  # EMA of (median) steps per second at each count
         self.blocks = 0
@@ -76,13 +80,21 @@ class ThreadTuner:
     def best(self) -> int:
         return max(self.speed, key=self.speed.get)
 
+    def trying(self) -> bool:
+        """Whether the current block re-tries the runner-up."""
+        return bool(self.speed) and len(self.speed) == len(self.choices) and self.current != self.best()
+
+    def block_size(self) -> int:
+        """Steps to time before the next record(): a re-try is shorter, as it is usually the slower count."""
+        return self.trial_block if self.trying() else self.block
+
     def record(self, step_seconds: Sequence[float]) -> int:
         """Record a block of steps run at self.current (seconds each); return the count for the next block.
 
         A block's speed is 1 / its median step time: a page refresh holding the GIL stalls a few
         steps whatever the thread count, and those outliers must not decide the choice.
         """
-        was_trial = bool(self.speed) and len(self.speed) == len(self.choices) and self.current != self.best()
+        was_trial = self.trying()
         median = statistics.median(step_seconds) if len(step_seconds) else 0.0
         if median > 0:
             rate = 1.0 / median

@@ -175,7 +175,7 @@ class TrainingLoop:
                     acc += self.train_step(x)
                     if not making_room:  # the tuner times only steps it chose the thread count for
                         tuned.append(time.perf_counter() - t0)
-                        if len(tuned) == self.tuner.block:
+                        if len(tuned) >= self.tuner.block_size():
                             self.tuner.record(tuned)
                             tuned = []
                 n_seen += len(idx)
