@@ -113,6 +113,9 @@ def test_curve_helpers():
         spec = training.curves_figure(train, test, config, log_y=log_y).to_dict()
         validated = go.Figure(spec)  # raises on any property Plotly does not know or a bad value
         assert len(validated.data) == len(spec["data"])
+        # Plotly draws no axes for a panel without a trace: each panel has one (empty ones only before data)
+        assert {tr["yaxis"] for tr in spec["data"]} == {"y", "y2", "y3"}
+        assert all(len(tr["x"]) for tr in spec["data"]) == bool(train or test)
     fig = training.curves_figure(rows, [], RunConfig())
     assert fig.layout.yaxis.range[0] < min(fig.data[1].y[len(rows) // 10:])  # the robust range holds the curve
 

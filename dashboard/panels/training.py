@@ -262,7 +262,7 @@ def curves_figure(train: list[dict[str, Any]], test: list[dict[str, Any]], confi
             kept = [test[j] for j in downsample(len(test))]
             traces.append(_line([r["step"] for r in kept], [s * r[key] for r in kept], "test (per epoch)", TEST_COLOR,
                                 i, log_y, show=i == 1, markers=True))
-    for i in (1, 2, 3):  # Plotly leaves out the axes of a panel without traces: give each an empty one
+    for i in (1, 2, 3) if not traces else ():  # Plotly leaves out the axes of a panel without traces
         suffix = "" if i == 1 else str(i)
         traces.append({"type": "scatter", "x": [], "y": [], "xaxis": f"x{suffix}", "yaxis": f"y{suffix}",
                        "showlegend": False, "hoverinfo": "skip"})
