@@ -149,6 +149,7 @@ class TrainingLoop:
         acc = torch.zeros(4, device=self.device)  # loss, recon, kl, n — summed between log points
         last_publish = time.monotonic()
         tuned: list[float] = []  # seconds per step of the tuner's current block
+        block_len = self.tuner.block_size() if self.tuner is not None else 0  # fixed when a block starts
         threads_now = self.tuner.current if self.tuner is not None else self.num_threads
         torch.set_num_threads(threads_now)
         while True:
@@ -175,9 +176,9 @@ class TrainingLoop:
                     acc += self.train_step(x)
                     if not making_room:  # the tuner times only steps it chose the thread count for
                         tuned.append(time.perf_counter() - t0)
-                        if len(tuned) >= self.tuner.block_size():
+                        if len(tuned) >= block_len:
                             self.tuner.record(tuned)
-                            tuned = []
+                            tuned, block_len = [], self.tuner.block_size()
                 n_seen += len(idx)
                 with self._lock:
                     self._step += 1
