@@ -314,3 +314,36 @@ def test_make_room_trains_on_one_thread_for_the_window(tiny_config, tiny_sprites
     headless = Trainer(tiny_config, runs_dir=runs_dir, data=tiny_sprites)
     headless.make_room(60.0)  # no tuner (CLI, fixed --threads): nothing changes
     assert headless._quiet_until == 0.0
+
+
+def test_openmp_polling_is_shortened_before_torch_loads():
+    """GOMP_SPINCOUNT counts only if set before torch loads libgomp: the CLI's and the dashboard's imports
+    must reach vae_core first. A value the user sets is kept."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import importlib.abc, os, sys
+seen = []
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("GOMP_SPINCOUNT"))
+sys.meta_path.insert(0, Watch())
+import streamlit  # what dashboard/app.py imports, in its order
+from dashboard.panels import controls, training
+from dashboard.state import Registry
+import vae_core.cli
+print(seen)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    root = Path(__file__).resolve().parents[1]
+
+    def torch_loaded_with(env: dict[str, str]) -> str:
+        return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert torch_loaded_with(env) == "['10000']"
+    assert torch_loaded_with({**env, "GOMP_SPINCOUNT": "500"}) == "['500']"
