@@ -1,8 +1,12 @@
 """The background trainer: controls, live settings, failure handling, determinism, snapshots."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -319,11 +323,6 @@ def test_make_room_trains_on_one_thread_for_the_window(tiny_config, tiny_sprites
 def test_openmp_polling_is_shortened_before_torch_loads():
     """GOMP_SPINCOUNT counts only if set before torch loads libgomp: the CLI's and the dashboard's imports
     must reach vae_core first. A value the user sets is kept."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     code = """
 import importlib.abc, os, sys
 seen = []

@@ -56,7 +56,7 @@ class ThreadTuner:
     Beside a web server and a browser on a 2-core machine, 2 threads are fastest while the
     page is quiet and several times slower than 1 thread while it redraws (OpenMP threads
     wait on each other at every barrier when one is descheduled). The tuner times blocks of
-    steps, uses the faster count and re-tries the runner-up for one block now and then, so it
+    steps, uses the faster count and re-tries the runner-up for a short block now and then, so it
     follows the load as it changes. Each re-try that confirms the choice doubles the wait
     before the next one (from `explore_every` blocks up to `max_explore_every`) and lasts half
     a block: a re-try is a slow block, and with a 1-second live refresh the measured choice
