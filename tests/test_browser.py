@@ -132,3 +132,39 @@ def test_train_live_and_every_panel_draws(page, tmp_path):
     expect(page.get_by_text(re.compile(r"Stopped"))).to_be_visible(timeout=15_000)
     assert page.locator('[data-testid="stException"]').count() == 0
     assert (tmp_path / "training.png").stat().st_size > 10_000
+
+
+def test_settings_survive_widget_code_that_loads_late(server):
+    # Each widget type's code is a separate script the page fetches on demand. On a busy machine
+    # (CI once) the Advanced expander's checkbox and number boxes arrived after the first rerun and
+    # started from their widget defaults, which the next rerun sent back: binarize became false,
+    # hidden units 16. Hold those scripts back until a rerun has happened, then check nothing moved.
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.set_default_timeout(30_000)
+        held = []
+        page.route(re.compile(r"/static/js/(Checkbox|NumberInput)\.[^/]*\.js$"), lambda route: held.append(route))
+        page.goto(server)
+        idle = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+        page.wait_for_selector(idle, timeout=60_000)
+        thumb = page.locator('.st-key-cfg_latent_dim input[type="range"]')
+        thumb.focus()
+        thumb.press("ArrowRight")  # 2 -> 3: a rerun while the held widgets have no code yet
+        expect(thumb).to_have_value("3")
+        page.wait_for_selector(idle)
+        assert held, "the widget scripts were not requested: the test no longer holds anything back"
+        for route in held:
+            route.continue_()
+        page.route(re.compile(r"/static/js/(Checkbox|NumberInput)\.[^/]*\.js$"), lambda r: r.continue_())
+        expect(page.locator(".st-key-cfg_binarize input")).to_be_attached()
+        expect(page.locator(".st-key-cfg_hidden_dim input")).to_have_value("400")
+        thumb.focus()
+        thumb.press("ArrowLeft")  # another rerun: it sends whatever the late widgets now hold
+        expect(thumb).to_have_value("2")
+        page.wait_for_selector(idle)
+        page.wait_for_timeout(500)  # the URL follows the run's settings
+        assert "?" not in page.url, f"settings changed by themselves: {page.url}"
+        assert page.locator(".st-key-cfg_binarize input").is_checked()
+        expect(page.locator(".st-key-cfg_hidden_dim input")).to_have_value("400")
+        browser.close()

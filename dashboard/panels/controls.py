@@ -46,6 +46,7 @@ def init_state(trainer: Trainer | None) -> None:
     start a different run on the next Train.
     """
     if st.session_state.get("_cfg_seeded"):
+        _reassert()
         return
     params = {k: st.query_params[k] for k in st.query_params if k in DEFAULTS}
     if params:
@@ -59,6 +60,20 @@ def init_state(trainer: Trainer | None) -> None:
     for k, v in values.items():
         st.session_state.setdefault(PREFIX + k, v)
     st.session_state["_cfg_seeded"] = True
+
+
+def _reassert() -> None:
+    """Hand every control its value again, so each run tells the browser what it must show.
+
+    Streamlit sends a keyed widget's value to the browser only in the run where session state
+    set it; afterwards the browser keeps its own copy. A widget whose code arrives late (each
+    widget type is a separate script the page loads on demand: on a slow machine the one
+    checkbox, hidden in Advanced, can arrive after the first rerun) has no copy and starts
+    from its default, which the next rerun then sends back: the seeded value is silently lost.
+    Assigning the current value before the widget is drawn makes every run send it.
+    """
+    for k, d in DEFAULTS.items():
+        st.session_state[PREFIX + k] = st.session_state.get(PREFIX + k, d)
 
 
 def sync_url(values: dict[str, Any]) -> None:
