@@ -67,9 +67,9 @@ def _reassert() -> None:
 
     Streamlit sends a keyed widget's value to the browser only in the run where session state
     set it; afterwards the browser keeps its own copy. A widget whose code arrives late (each
-    widget type is a separate script the page loads on demand: on a slow machine the one
-    checkbox, hidden in Advanced, can arrive after the first rerun) has no copy and starts
-    from its default, which the next rerun then sends back: the seeded value is silently lost.
+    widget type is a separate script the page loads on demand: on a busy machine the checkbox
+    and number boxes in Advanced arrived after the first rerun) has no copy and starts from
+    its widget default, which the next rerun sends back: the seeded value is silently lost.
     Assigning the current value before the widget is drawn makes every run send it.
     """
     for k, d in DEFAULTS.items():
