@@ -6,6 +6,7 @@ so every test stops its trainers and clears the cache afterwards.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -66,6 +67,12 @@ def run_until(at: AppTest, predicate, timeout: float = 40.0, what: str = "condit
 def _status():
     t = get_registry().current()
     return t.status() if t is not None else None
+
+
+def curves(at: AppTest) -> list[dict]:
+    """The figures of the live curves: specs handed to the in-place Plotly component (dashboard/live_chart)."""
+    return [json.loads(json.loads(c.proto.json_args)["spec"]) for c in at.get("component_instance")
+            if c.proto.component_name.endswith("live_chart")]
 
 
 def errors(at: AppTest) -> list[str]:
@@ -151,7 +158,8 @@ def test_train_shows_metrics_then_pause_step_resume_stop_reset(app):
     app.run()
     configure(app, cfg_epochs=400).run()
     app.button(key="btn_train").click()
-    run_until(app, lambda a: len(a.metric) == 4 and len(a.get("plotly_chart")) == 1, what="test metrics and curves")
+    run_until(app, lambda a: len(a.metric) == 4 and len(curves(a)) == 1, what="test metrics and curves")
+    assert {t["name"] for t in curves(app)[0]["data"]} >= {"train (smoothed)", "test (per epoch)"}
     assert len(app.get("image")) >= 1  # reconstructions
     assert app.button(key="btn_pause").label == "Pause"
 
@@ -261,7 +269,8 @@ def test_every_tab_renders_with_and_without_a_run(app):
     app.session_state["main_tab"] = "Training"
     app.run()
     app.toggle(key="curves_log").set_value(True).run()
-    assert not app.exception and len(app.get("plotly_chart")) == 1
+    assert not app.exception and len(curves(app)) == 1
+    assert curves(app)[0]["layout"]["yaxis"]["type"] == "log"
 
 
 def test_url_parameters_round_trip_settings(app):

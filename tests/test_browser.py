@@ -100,11 +100,22 @@ def test_train_live_and_every_panel_draws(page, tmp_path):
     progress = page.locator('[data-testid="stProgress"]')
     expect(progress).to_contain_text("samples/s", timeout=30_000)
     expect(page.locator('[data-testid="stMetric"]').first).to_contain_text("Test ELBO", timeout=30_000)
-    curves = page.locator('[data-testid="stPlotlyChart"]').first
+    curves = page.frame_locator('iframe[title*="live_chart"]').locator("#plot")  # dashboard/live_chart
     expect(curves.locator(".scatterlayer .trace").first).to_be_visible()
     expect(page.locator('[data-testid="stImage"] img').first).to_be_visible()  # reconstructions
 
     # The live panel keeps updating by itself: the test ELBO card moves to a later epoch.
+    # The curves are updated in place (Plotly.react on the same chart), not rebuilt on each refresh.
+    points = curves.evaluate("gd => { gd.__kept = true; return gd._fullData[0]._length; }")
+    # A person zooms into the ELBO panel while it trains: the zoom survives the refreshes.
+    full = curves.evaluate("gd => gd._fullLayout.xaxis.range.slice()")
+    box = curves.locator('.nsewdrag[data-subplot="xy"]').bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.8, steps=8)
+    page.mouse.up()
+    zoomed = curves.evaluate("gd => gd._fullLayout.xaxis.range.slice()")
+    assert zoomed[1] - zoomed[0] < 0.7 * (full[1] - full[0]), (full, zoomed)
     before = progress.inner_text()
     expect(progress).not_to_have_text(before, timeout=15_000)
     epoch_of = lambda: float(re.search(r"epoch ([\d.]+)", progress.inner_text()).group(1))  # noqa: E731
@@ -113,6 +124,10 @@ def test_train_live_and_every_panel_draws(page, tmp_path):
     page.wait_for_function(
         "e => { const m = document.querySelector('[data-testid=\"stProgress\"]').innerText.match(/epoch ([\\d.]+)/);"
         " return m && parseFloat(m[1]) >= e + 1; }", arg=first_epoch, timeout=30_000)
+    kept, later_points, later_range = curves.evaluate(
+        "gd => [gd.__kept === true, gd._fullData[0]._length, gd._fullLayout.xaxis.range.slice()]")
+    assert kept and later_points > points, (kept, points, later_points)
+    assert later_range == pytest.approx(zoomed), (zoomed, later_range)
     page.mouse.move(700, 5)  # no tooltip over the picture
     page.evaluate("document.activeElement && document.activeElement.blur()")
     page.screenshot(path=str(tmp_path / "training.png"), full_page=True)

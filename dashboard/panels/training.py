@@ -18,6 +18,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
+from dashboard.live_chart import live_chart
 from dashboard.state import Registry
 from vae_core.config import RunConfig
 from vae_core.images import png_bytes, tile, upscale
@@ -157,7 +158,7 @@ def render(registry: Registry) -> None:
         st.info("No run yet. Choose settings in the sidebar and press **Train** (the built-in sprites train in "
                 "seconds on a CPU). The curves will appear here.")
         # Empty axes show what will be plotted, and the browser loads its Plotly code before the first point.
-        st.plotly_chart(curves_figure([], [], RunConfig()), key="curves", config={"displaylogo": False})
+        live_chart(curves_figure([], [], RunConfig()), key="curves")
         return
     live(registry, draw_live)
 
@@ -172,7 +173,7 @@ def draw_live(t: Trainer) -> int:
         st.info("Waiting for the first metrics (loading data and building the model)…")
     log_y = st.toggle("Log scale", key="curves_log",
                       help="Shows the positive losses −ELBO and −E[log p(x|z)] (and KL) on a log axis.")
-    st.plotly_chart(curves_figure(train, test, t.config, log_y=log_y), key="curves", config={"displaylogo": False})
+    live_chart(curves_figure(train, test, t.config, log_y=log_y), key="curves")
     caveat = units(t.config)[1]
     if caveat:
         st.caption("⚠ " + caveat)
