@@ -3,9 +3,8 @@
 st.plotly_chart derives its element id from the figure, so each refresh with new data mounts a new
 chart and Plotly builds it from scratch (newPlot, new DOM): a person's zoom was lost every second,
 and in Chromium while training that was ~85 of the browser's ~180 ms of CPU per second, taken
-from the trainer's two cores (measured against leaving the chart out). This
-component keeps one chart per key and hands each new figure to Plotly.react, which updates the
-existing one. It uses the plotly.js that ships with the Python plotly package, copied next to
+from the trainer's two cores (measured against leaving the chart out). This component keeps one
+chart per key and hands each new figure to Plotly.react, which updates the existing one. It uses the plotly.js that ships with the Python plotly package, copied next to
 index.html in a cache folder, because Streamlit serves a component's files only from its own folder.
 """
 from __future__ import annotations
@@ -15,7 +14,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import plotly
 import plotly.graph_objects as go
@@ -24,6 +22,7 @@ import streamlit.components.v1 as components
 
 HERE = Path(__file__).resolve().parent
 PLOTLY_JS = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
+CONFIG = {"displaylogo": False, "responsive": True}  # Plotly's config for every chart drawn here
 
 
 def _component_dir(root: Path | None = None) -> Path:
@@ -57,7 +56,6 @@ def _component_dir(root: Path | None = None) -> Path:
 _component = components.declare_component("live_chart", path=str(_component_dir()))
 
 
-def live_chart(fig: go.Figure, *, key: str, config: dict[str, Any] | None = None) -> None:
+def live_chart(fig: go.Figure, *, key: str) -> None:
     """Draw `fig`; with the same key on the next run, update that chart in place."""
-    _component(spec=pio.to_json(fig, validate=False), config=config or {"displaylogo": False, "responsive": True},
-               key=key, default=None)
+    _component(spec=pio.to_json(fig, validate=False), config=CONFIG, key=key, default=None)

@@ -157,7 +157,7 @@ def render(registry: Registry) -> None:
     if trainer is None:
         st.info("No run yet. Choose settings in the sidebar and press **Train** (the built-in sprites train in "
                 "seconds on a CPU). The curves will appear here.")
-        # Empty axes show what will be plotted, and the browser loads its Plotly code before the first point.
+        # Empty axes show what will be plotted, and the browser caches plotly.js before the first point.
         live_chart(curves_figure([], [], RunConfig()), key="curves")
         return
     live(registry, draw_live)
