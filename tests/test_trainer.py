@@ -264,6 +264,50 @@ def test_thread_tuner_ignores_stalled_steps():
     assert counts[2:].count(2) >= 90
 
 
+def test_thread_tuner_rechecks_soon_when_the_choice_changes():
+    """A count's speed measured under a passing load must not decide for long: the first 2-thread block of a
+    dashboard run was traced at 1/8 of its speed while the page loaded, and the tuner then trained on one
+    thread for 16 blocks. When the choice changes, the other count is re-checked within explore_every blocks."""
+    from vae_core.devices import ThreadTuner
+
+    tuner = ThreadTuner((1, 2), block=10, explore_every=4)
+    speeds = {1: 150.0, 2: 30.0}  # the page is loading: 2 threads crawl
+    counts = []
+    for i in range(300):
+        if i == 1:
+            speeds[2] = 250.0  # loaded: 2 threads are faster from now on
+        if i == 200:
+            speeds[2] = 40.0  # a burst of load long after the re-try wait has grown
+        if i == 203:
+            speeds[2] = 250.0
+        counts.append(tuner.current)
+        tuner.record([1 / speeds[tuner.current]] * tuner.block_size())
+    assert counts[:6] == [2, 1, 1, 1, 1, 1]  # chose 1 thread after the slow first block...
+    assert counts[6:11] == [2] * 5  # ...re-tried 2 after explore_every blocks, and 2 won
+    assert counts[201:205] == [1] * 4 and counts[205:210] == [2] * 5  # the burst: away, back after 4 blocks
+    assert counts[20:200].count(1) <= 6  # otherwise only the spaced-out re-tries
+
+
+def test_quiet_windows_open_before_a_steady_refresh_is_due():
+    from vae_core.devices import QuietWindows
+
+    q = QuietWindows(lead=0.03, grace=0.06, history=4)
+    assert not q.requested() and not q.quiet(0.0)
+    q.request(10.0, 0.15)
+    assert q.requested() and q.quiet(10.1) and not q.quiet(10.16)
+    for t in (11.0, 12.005, 12.998):  # a timer ticking every second, within a few ms
+        q.request(t, 0.15)
+    assert not q.quiet(13.5) and not q.quiet(13.96)
+    assert q.quiet(13.975) and q.quiet(14.05)  # from `lead` before the next call is due...
+    assert not q.quiet(14.07)  # ...until `grace` after it when the call does not come (the tab closed)
+    q.request(14.0, 0.15)
+    assert q.quiet(14.14) and q.quiet(14.98)
+    q2 = QuietWindows(lead=0.03, grace=0.06, history=4)
+    for t in (0.0, 0.3, 1.0, 1.3, 2.0):  # two sessions' refreshes interleaved: no rhythm to predict
+        q2.request(t, 0.15)
+    assert not any(q2.quiet(2.0 + dt) for dt in (0.3 - 0.02, 0.7 - 0.02, 1.0 - 0.02))
+
+
 def test_dashboard_trainer_tunes_threads(tiny_config, tiny_sprites, runs_dir, monkeypatch):
     monkeypatch.delenv("VAE_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
@@ -317,7 +361,7 @@ def test_make_room_trains_on_one_thread_for_the_window(tiny_config, tiny_sprites
     assert t.tuner.blocks == 0 and not t.tuner.speed  # steps in a window never count as measurements
     headless = Trainer(tiny_config, runs_dir=runs_dir, data=tiny_sprites)
     headless.make_room(60.0)  # no tuner (CLI, fixed --threads): nothing changes
-    assert headless._quiet_until == 0.0
+    assert not headless._quiet.requested()
 
 
 def test_openmp_polling_is_shortened_before_torch_loads():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import threading
+from collections import deque
 from collections.abc import Sequence
 
 import torch
@@ -60,12 +62,14 @@ class ThreadTuner:
     follows the load as it changes. Each re-try that confirms the choice doubles the wait
     before the next one (from `explore_every` blocks up to `max_explore_every`) and lasts half
     a block: a re-try is a slow block, and with a 1-second live refresh the measured choice
-    rarely changes. (Traced per step beside a refreshing browser, re-tries every 8-64 blocks
-    of 20 steps cost 1.7% of a 12-epoch run; the count in use is timed all the time, so a
-    load that slows it shows without a re-try.)
+    rarely changes. When the choice does change, the other count is re-checked after
+    `explore_every` blocks again: its speed is old, and the first one of a run may have been
+    timed while the page loaded (traced: 2 threads at 1/8 of their speed, after which the run
+    trained on one thread for 16 blocks, about 5 s). The count in use is timed all the time, so
+    a load that slows it shows without a re-try.
     """
 
-    def __init__(self, choices: tuple[int, ...], *, block: int = 20, explore_every: int = 16,
+    def __init__(self, choices: tuple[int, ...], *, block: int = 20, explore_every: int = 4,
                  max_explore_every: int = 512) -> None:
         self.choices = tuple(sorted(set(c for c in choices if c >= 1))) or (1,)
         self.block = block
@@ -74,6 +78,7 @@ class ThreadTuner:
         self.speed: dict[int, float] = {}  # EMA of (median) steps per second at each count
         self.blocks = 0
         self.current = self.choices[-1]
+        self._chosen: int | None = None  # the count chosen after the last block
         self._wait = explore_every  # blocks between re-tries, doubled while the choice holds
         self._next_try = explore_every
 
@@ -106,14 +111,60 @@ class ThreadTuner:
         if untried:
             self.current = untried[0]
             return self.current
-        if was_trial:  # the re-try lost again: wait longer next time; it won: stay alert
-            self._wait = (min(self._wait * 2, self.max_explore_every) if self.best() != self.current
-                          else self.explore_every)
-            self._next_try = self.blocks + self._wait
         best = self.best()
+        if was_trial and best != self.current:  # the re-try lost again: wait longer before the next
+            self._wait = min(self._wait * 2, self.max_explore_every)
+            self._next_try = self.blocks + self._wait
+        elif best != self._chosen:
+            # The choice changed: a re-try won, or the count in use slowed below the other's speed. That
+            # speed is old (measured under another load, the first time maybe while the page loaded), so
+            # re-check soon rather than after a wait grown long while the old choice held.
+            self._wait = self.explore_every
+            self._next_try = self.blocks + self._wait
+        self._chosen = best
         if self.blocks >= self._next_try and len(self.choices) > 1:
             self._next_try = self.blocks + self._wait
             self.current = max((c for c in self.choices if c != best), key=lambda c: self.speed[c])  # once
         else:
             self.current = best
         return self.current
+
+
+class QuietWindows:
+    """When a tuned training loop should train on fewer threads: while a live refresh is drawn.
+
+    request(now, seconds) marks `seconds` from now as quiet (the dashboard calls it as a refresh
+    starts). The browser's work begins before that call, though: its timer fires and sends the
+    rerun request several ms earlier, and a 2-thread step caught by it stalls at every OpenMP
+    barrier (traced: one 3.8 ms step took 40-45 ms). So once the calls come at a steady rhythm
+    (the live panel's timer ticks every second, to within ~1%), the window also opens `lead`
+    seconds before the next call is due, and closes `grace` seconds after it if none comes.
+    Calls from several sessions do not form a rhythm, and then only the requested windows count.
+    """
+
+    def __init__(self, *, lead: float = 0.03, grace: float = 0.06, history: int = 4, tolerance: float = 0.03) -> None:
+        self.lead, self.grace, self.tolerance = lead, grace, tolerance
+        self._calls: deque[float] = deque(maxlen=history)
+        self._until = 0.0  # end of the requested window
+        self._due: float | None = None  # when the next call is expected, if the calls keep a rhythm
+        self._lock = threading.Lock()  # sessions' script threads may call at once
+
+    def request(self, now: float, seconds: float) -> None:
+        with self._lock:
+            self._calls.append(now)
+            self._until = max(self._until, now + seconds)
+            self._due = None
+            if len(self._calls) == self._calls.maxlen:
+                calls = list(self._calls)
+                gaps = [b - a for a, b in zip(calls, calls[1:])]
+                period = statistics.median(gaps)
+                if 0.2 <= period <= 5.0 and max(abs(g - period) for g in gaps) <= self.tolerance * period:
+                    self._due = now + period
+
+    def quiet(self, now: float) -> bool:
+        due = self._due
+        return now < self._until or (due is not None and due - self.lead <= now < due + self.grace)
+
+    def requested(self) -> bool:
+        """Whether any window was ever requested."""
+        return bool(self._calls)

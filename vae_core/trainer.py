@@ -22,7 +22,7 @@ import torch
 from . import data as data_mod
 from . import runs
 from .config import LIVE_FIELDS, ConfigError, RunConfig
-from .devices import ThreadTuner, default_threads, describe_device, resolve_device
+from .devices import QuietWindows, ThreadTuner, default_threads, describe_device, resolve_device
 from .images import to_uint8
 from .models import VAE, build_model
 from .training_loop import N_FIXED, N_SAMPLES, STATES, TrainingLoop, get_dataset
@@ -97,7 +97,7 @@ class Trainer(TrainingLoop):
         self._step, self._epoch, self._steps_per_epoch = 0, 0.0, 1
         self._epochs_target = config.train.epochs
         self._samples_per_s = 0.0
-        self._quiet_until = 0.0  # monotonic time until which the tuned loop uses one thread (see make_room)
+        self._quiet = QuietWindows()  # when the tuned loop trains on one thread (see make_room)
         self._resume_ckpt: dict[str, Any] | None = None
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
 
@@ -232,12 +232,11 @@ class Trainer(TrainingLoop):
         The dashboard calls this as it sends a refresh, which the browser then spends a fraction
         of a second drawing. On a small CPU a lockstep 2-thread loop stalls whenever one of its
         threads is descheduled for the browser, so yielding a core for that moment is faster
-        than fighting for it. Only runs with a thread tuner (training beside the server) react.
+        than fighting for it. Calls at a steady rhythm also open the window just before the next
+        is due (QuietWindows). Only runs with a thread tuner (training beside the server) react.
         """
         if self.tuner is not None:
-            until = time.monotonic() + seconds
-            if until > self._quiet_until:
-                self._quiet_until = until
+            self._quiet.request(time.monotonic(), seconds)
 
     def add_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
         """fn(row) is called from the training thread for each metrics row (the CLI's progress bar)."""

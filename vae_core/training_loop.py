@@ -167,7 +167,7 @@ class TrainingLoop:
                 if self.tuner is None:
                     acc += self.train_step(x)
                 else:
-                    making_room = time.monotonic() < self._quiet_until
+                    making_room = self._quiet.quiet(time.monotonic())
                     want = self.tuner.choices[0] if making_room else self.tuner.current
                     if want != threads_now:
                         torch.set_num_threads(want)
