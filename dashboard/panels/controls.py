@@ -8,7 +8,7 @@ and disables Train instead of raising.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import streamlit as st
 
@@ -96,7 +96,28 @@ def dataset_availability() -> dict[str, tuple[bool, str]]:
 # ------------------------------------------------------------------ callbacks (run before the script)
 
 def _notice(kind: str, text: str) -> None:
+    """Show a message under the buttons until the person's next action (see _expire_notice)."""
     st.session_state["_ctl_notice"] = (kind, text)
+    st.session_state["_ctl_notice_new"] = True
+
+
+def app_rerun() -> NoReturn:
+    """st.rerun() for a rerun the app starts itself (the live panel catching up): messages stay."""
+    st.session_state["_app_rerun"] = True
+    st.rerun()
+
+
+def _expire_notice() -> None:
+    """Drop the last message once a run follows an action of the person's that set none.
+
+    A message set by a callback shows in the run right after it, and also in reruns the app
+    starts itself: the live panel reruns the page when the first metrics arrive, which on a
+    loaded machine can interrupt the very run that showed "β = 4 applied" (a CI failure).
+    """
+    app_started = st.session_state.pop("_app_rerun", False)
+    new = st.session_state.pop("_ctl_notice_new", False)
+    if not (app_started or new):
+        st.session_state.pop("_ctl_notice", None)
 
 
 def _build_or_report() -> RunConfig | None:
@@ -170,6 +191,7 @@ def _name(t: Trainer | None) -> str:
 def render(registry: Registry) -> Controls:
     """Draw the sidebar controls (call inside `with st.sidebar:`) and return what they describe."""
     trainer = registry.current()
+    _expire_notice()
     init_state(trainer)
     status = trainer.status() if trainer is not None else None
     availability = dataset_availability()
@@ -290,7 +312,8 @@ def _buttons(registry: Registry, status, config: RunConfig | None, errors: dict[
               help="End the run; it is checkpointed and can be resumed")
     c4.button("Reset", key="btn_reset", width="stretch", on_click=registry.reset, disabled=status is None,
               help="Stop the run and clear the page (the run stays saved on disk)")
-    notice = st.session_state.pop("_ctl_notice", None)
+    notice = st.session_state.get("_ctl_notice")
+    st.session_state.pop("_ctl_notice_new", None)  # shown: the person's next action clears it
     if notice is not None:
         getattr(st, notice[0])(notice[1])
     st.caption("⚡ settings (β, learning rate, KL warm-up, free bits) change a running run live; "

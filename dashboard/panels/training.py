@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard.live_chart import live_chart
+from dashboard.panels.controls import app_rerun
 from dashboard.state import Registry
 from vae_core.config import RunConfig
 from vae_core.images import png_bytes, tile, upscale
@@ -74,13 +75,13 @@ def live(registry: Registry, body: Callable[[Trainer], int] | None = None) -> No
         t = registry.current()
         s = t.status() if t is not None else None
         if registry.current_id() != seen_id or (s.state if s else None) != seen_state:
-            st.rerun()  # the run ended, paused or was replaced (maybe from another tab)
+            app_rerun()  # the run ended, paused or was replaced (maybe from another tab)
         if t is None:
             return
         if interval is not None:
             registry.viewers.seen(viewer, interval)
             if registry.viewers.interval(base, viewer) != interval:
-                st.rerun()  # a session came or went: share the refresh budget anew
+                app_rerun()  # a session came or went: share the refresh budget anew
         if s.state == "running":
             t.make_room(ROOM_S)
         _status_line(t, s)
@@ -88,7 +89,7 @@ def live(registry: Registry, body: Callable[[Trainer], int] | None = None) -> No
             return
         rows = body(t)
         if first_point and rows:
-            st.rerun()  # back to the normal interval
+            app_rerun()  # back to the normal interval
         ms = (time.perf_counter() - t0) * 1000
         shared = (f" ({registry.viewers.count()} sessions are watching; together they refresh about "
                   f"{registry.viewers.budget:g} times a second, so training keeps its speed)"
