@@ -359,6 +359,8 @@ def test_make_room_trains_on_one_thread_for_the_window(tiny_config, tiny_sprites
     assert t.status().state == "finished", t.status().message
     assert counts[-1] == 1 and 2 not in counts[2:]  # after the initial setting, only one thread
     assert t.tuner.blocks == 0 and not t.tuner.speed  # steps in a window never count as measurements
+    # The status names the chosen count, not the one in use while the page redraws (when it reads it).
+    assert t.status().device == "cpu (2 threads; 1 while the page redraws)"
     headless = Trainer(tiny_config, runs_dir=runs_dir, data=tiny_sprites)
     headless.make_room(60.0)  # no tuner (CLI, fixed --threads): nothing changes
     assert not headless._quiet.requested()

@@ -250,10 +250,22 @@ class Trainer(TrainingLoop):
             sps = self._samples_per_s
             eta = remaining * self.config.train.batch_size / sps if sps > 0 and self._state == "running" else None
             return Status(self._state, self._message, self._step, self._epoch, self._epochs_target,
-                          self._epochs_target * self._steps_per_epoch, sps, eta, describe_device(self.device),
+                          self._epochs_target * self._steps_per_epoch, sps, eta, self._device_text(),
                           str(self.run_dir) if self.run_dir else None, self._live["beta"],
                           self._beta_effective_locked(), self._live["lr"], self._live["warmup_epochs"],
                           self._live["free_bits"])
+
+    def _device_text(self) -> str:
+        """The device, with the thread count the tuner chose rather than the one in use this instant.
+
+        A tuned run trains on one thread while each refresh is drawn, which is when the page
+        reads this, so torch.get_num_threads() would nearly always say 1.
+        """
+        if self.tuner is None:
+            return describe_device(self.device)
+        n, quiet = self.tuner.current, self.tuner.choices[0]
+        text = f"cpu ({n} thread{'s' if n != 1 else ''}"
+        return text + (f"; {quiet} while the page redraws)" if n != quiet else ")")
 
     def metrics(self, since: int = 0) -> list[dict[str, Any]]:
         """Metric rows from index `since` on (pass len(previous) to get only new ones); copies."""
