@@ -29,12 +29,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def describe_device(device: torch.device) -> str:
+def describe_device(device: torch.device, threads: int | None = None, note: str = "") -> str:
+    """e.g. 'cpu (2 threads)': torch's thread count now, unless `threads` says which; `note` is appended."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     if device.type == "cpu":
-        n = torch.get_num_threads()
-        return f"cpu ({n} thread{'s' if n != 1 else ''})"
+        n = torch.get_num_threads() if threads is None else threads
+        return f"cpu ({n} thread{'s' if n != 1 else ''}{'; ' + note if note else ''})"
     return device.type
 
 

@@ -264,8 +264,7 @@ class Trainer(TrainingLoop):
         if self.tuner is None:
             return describe_device(self.device)
         n, quiet = self.tuner.current, self.tuner.choices[0]
-        text = f"cpu ({n} thread{'s' if n != 1 else ''}"
-        return text + (f"; {quiet} while the page redraws)" if n != quiet else ")")
+        return describe_device(self.device, n, f"{quiet} while the page redraws" if n != quiet else "")
 
     def metrics(self, since: int = 0) -> list[dict[str, Any]]:
         """Metric rows from index `since` on (pass len(previous) to get only new ones); copies."""
