@@ -152,7 +152,7 @@ def tabs_round(epochs: int, tabs: int) -> list[float]:
             for _ in range(tabs - 1):  # more sessions on the same server: they reattach to the run and poll it
                 extra = b.new_page(viewport={"width": 1400, "height": 1000})
                 extra.goto(f"http://127.0.0.1:{port}/")
-                extra.wait_for_selector('[data-testid="stProgress"]', timeout=60_000)
+                extra.frame_locator('iframe[title*="live_panel"]').locator("#progress-text").wait_for(timeout=60_000)
             after = time.time() + 1.0  # count epochs begun once every page has loaded and polls
             deadline = time.monotonic() + 300
             speeds: list[float] = []

@@ -69,10 +69,26 @@ def _status():
     return t.status() if t is not None else None
 
 
+def panels(at: AppTest) -> list:
+    """The live panel components (dashboard/live_panel) on the page."""
+    return [c for c in at.get("component_instance") if c.proto.component_name.endswith("live_panel")]
+
+
+def panel(at: AppTest) -> dict:
+    """What the Training tab's live panel was handed: status, metrics, notice, figure spec, footer..."""
+    (only,) = panels(at)
+    return json.loads(only.proto.json_args)
+
+
 def curves(at: AppTest) -> list[dict]:
-    """The figures of the live curves: specs handed to the in-place Plotly component (dashboard/live_chart)."""
-    return [json.loads(json.loads(c.proto.json_args)["spec"]) for c in at.get("component_instance")
-            if c.proto.component_name.endswith("live_chart")]
+    """The figures of the live curves: specs handed to the live panel, which updates its chart in place."""
+    return [json.loads(spec) for c in panels(at) if (spec := json.loads(c.proto.json_args)["spec"])]
+
+
+def status_text(at: AppTest, kind: str) -> str:
+    """The live panel's status message if it is of this kind ("success", "warning", ...), else ""."""
+    s = panel(at)["status"]
+    return s["text"] if s and s["kind"] == kind else ""
 
 
 def errors(at: AppTest) -> list[str]:
@@ -127,6 +143,41 @@ def test_curve_helpers():
     assert fig.layout.yaxis.range[0] < min(fig.data[1].y[len(rows) // 10:])  # the robust range holds the curve
 
 
+def test_status_and_metrics_views_say_what_the_run_is_doing():
+    """The live panel's texts are built in Python (the component only lays them out): one per run state."""
+    from types import SimpleNamespace
+
+    from vae_core.trainer import Status
+
+    t = SimpleNamespace(name="b2")
+    views = {state: training.status_view(t, Status(
+        state=state, message="epoch 2 of 10", step=1234, epoch=2.5, epochs_target=10, total_steps=5000,
+        samples_per_s=20_000.0, eta_s=75.0, device="cpu (2 threads)", run_dir=None, beta=1.0, beta_effective=1.0,
+        lr=1e-3, warmup_epochs=0.0, free_bits=0.0))
+        for state in ("running", "paused", "finished", "stopped", "failed", "idle")}
+    assert views["running"]["kind"] == "caption" and views["running"]["text"].startswith("**b2** · ▶")
+    assert views["running"]["progress_text"] == ("epoch 2.50 / 10 · step 1,234 / 5,000 · 20,000 samples/s · "
+                                                 "ETA 1 min 15 s · cpu (2 threads)")
+    assert views["paused"]["kind"] == "warning" and "Paused at step 1,234" in views["paused"]["text"]
+    assert views["finished"]["kind"] == "success" and views["finished"]["progress"] == 1.0
+    assert views["paused"]["progress"] == pytest.approx(1234 / 5000)
+    assert views["stopped"]["kind"] == "info" and "**Resume** continues" in views["stopped"]["text"]
+    assert views["failed"] == {"progress": None, "kind": "error", "text": "**b2** · Training failed: epoch 2 of 10"}
+    assert views["idle"]["progress"] is None
+
+    test = [{"epoch": 1, "elbo": -90.0, "recon": -80.0, "kl": 10.0, "active_units": 2},
+            {"epoch": 2, "elbo": -85.5, "recon": -76.0, "kl": 9.5, "active_units": 2}]
+    cards = training.metrics_view(test, RunConfig())
+    assert [(c["label"], c["value"], c["delta"]) for c in cards] == [
+        ("Test ELBO (nats)", "-85.50", "+4.50"), ("Reconstruction E[log p(x|z)]", "-76.00", "+4.00"),
+        ("KL(q(z|x) ‖ p(z))", "9.50", "-0.50"), ("Active latent units", "2 / 2", None)]
+    assert cards[2]["delta_color"] == "off" and "after epoch 2" in cards[0]["help"]
+    assert training.metrics_view(test[:1], RunConfig())[0]["delta"] is None  # nothing to compare with yet
+    assert training.metrics_view([], RunConfig()) == []
+    grey = training.metrics_view(test, RunConfig().replace(binarize=False))
+    assert grey[0]["label"] == "Test −BCE − KL (not a bound)" and "not a log-likelihood" in grey[0]["help"]
+
+
 # ------------------------------------------------------------------ the app
 
 def test_first_page_renders_idle(app):
@@ -134,7 +185,7 @@ def test_first_page_renders_idle(app):
     assert not app.exception and not errors(app)
     assert app.button(key="btn_train").label == "Train"
     assert app.button(key="btn_stop").disabled and app.button(key="btn_pause").disabled
-    assert any("No run yet" in i.value for i in app.info)
+    assert "No run yet" in panel(app)["notice"] and len(curves(app)) == 1  # empty axes, where the curves will be
     assert get_registry().current() is None
 
 
@@ -158,14 +209,17 @@ def test_train_shows_metrics_then_pause_step_resume_stop_reset(app):
     app.run()
     configure(app, cfg_epochs=400).run()
     app.button(key="btn_train").click()
-    run_until(app, lambda a: len(a.metric) == 4 and len(curves(a)) == 1, what="test metrics and curves")
+    run_until(app, lambda a: len(panel(a)["metrics"]) == 4 and len(curves(a)) == 1, what="test metrics and curves")
     assert {t["name"] for t in curves(app)[0]["data"]} >= {"train (smoothed)", "test (per epoch)"}
-    assert len(app.get("image")) >= 1  # reconstructions
+    assert [m["label"] for m in panel(app)["metrics"]][0] == "Test ELBO (nats)"
+    assert "epoch" in panel(app)["status"]["progress_text"] and not panel(app)["notice"]
+    (png,) = [a.bytes for a in panels(app)[0].proto.special_args if a.key == "png"]  # reconstructions
+    assert png.startswith(b"\x89PNG") and "from the weights at step" in panel(app)["recon"]["caption"]
     assert app.button(key="btn_pause").label == "Pause"
 
     app.button(key="btn_pause").click().run()
     assert state() == "paused" and app.button(key="btn_pause").label == "Resume"
-    assert any("Paused" in w.value for w in app.warning)
+    assert "Paused" in status_text(app, "warning")
     time.sleep(0.3)
     before = _status().step
     app.button(key="btn_step").click().run()
@@ -179,14 +233,14 @@ def test_train_shows_metrics_then_pause_step_resume_stop_reset(app):
     app.button(key="btn_stop").click().run()
     run_until(app, lambda a: state() == "stopped", what="stopped")
     stopped_at = _status().step
-    assert any("Stopped" in i.value for i in app.info)
+    assert "Stopped" in status_text(app, "info")
 
     app.button(key="btn_pause").click().run()  # Resume a stopped run: continues from its checkpoint
     run_until(app, lambda a: _status().step > stopped_at, what="resumed steps")
     assert get_registry().current().status().run_dir == str(get_registry().current().run_dir)
 
     app.button(key="btn_reset").click().run()
-    assert get_registry().current() is None and any("No run yet" in i.value for i in app.info)
+    assert get_registry().current() is None and "No run yet" in panel(app)["notice"]
 
 
 def test_live_setting_reaches_the_running_run(app):
@@ -232,7 +286,7 @@ def test_reload_and_second_tab_show_the_same_run(app):
     assert not second.exception
     assert get_registry().current() is first
     assert second.slider(key="cfg_latent_dim").value == 3  # controls show the run's settings, not defaults
-    assert any("epoch" in (p.proto.text or "") for p in second.get("progress"))
+    assert "epoch" in panel(second)["status"]["progress_text"]
     second.button(key="btn_train").click().run()  # Train while one runs: the old run stops, a new one shows
     assert get_registry().current() is not first
     first.join(10)
@@ -246,7 +300,7 @@ def test_many_sessions_refresh_less_often(app):
     app.button(key="btn_train").click()
 
     def caption(a, text):
-        return any(text in c.value for c in a.caption)
+        return text in panel(a)["footer"]
 
     run_until(app, lambda a: _status().step > 0 and caption(a, "Refreshes every 1 s"), what="the live caption")
     for i in range(4):  # four more tabs polling
@@ -268,14 +322,15 @@ def test_every_tab_renders_with_and_without_a_run(app):
     app.session_state["main_tab"] = "Training"
     app.button(key="btn_train").click()
     run_until(app, lambda a: state() == "finished", what="finished run")
-    assert any("Finished" in s.value for s in app.success)
+    assert "Finished" in status_text(app, "success")
     for title in titles:
         app.session_state["main_tab"] = title
         app.run()
         assert not app.exception and not errors(app), title
     app.session_state["main_tab"] = "Training"
     app.run()
-    app.toggle(key="curves_log").set_value(True).run()
+    app.session_state["live_panel"] = {"log_y": True}  # what the panel's Log scale box sends
+    app.run()
     assert not app.exception and len(curves(app)) == 1
     assert curves(app)[0]["layout"]["yaxis"]["type"] == "log"
 

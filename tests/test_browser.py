@@ -96,13 +96,22 @@ def test_train_live_and_every_panel_draws(page, tmp_path):
     page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]')
     set_number(page, "cfg_epochs", 40)  # long enough to watch, stopped below
 
+    # The whole live panel is one component (dashboard/live_panel): status, metrics, chart, reconstructions.
+    # It is there before any run, with empty axes, and Train updates it instead of loading a new one.
+    panel = page.frame_locator('iframe[title*="live_panel"]')
+    expect(panel.locator("#notice")).to_contain_text("No run yet")
+    frame = page.locator('iframe[title*="live_panel"]').element_handle().content_frame()
+    frame.evaluate("() => { window.__loaded_before_train = true; }")
     page.get_by_role("button", name="Train", exact=True).click()
-    progress = page.locator('[data-testid="stProgress"]')
+    progress = panel.locator("#progress-text")
     expect(progress).to_contain_text("samples/s", timeout=30_000)
-    expect(page.locator('[data-testid="stMetric"]').first).to_contain_text("Test ELBO", timeout=30_000)
-    curves = page.frame_locator('iframe[title*="live_chart"]').locator("#plot")  # dashboard/live_chart
+    expect(panel.locator("#metrics")).to_contain_text("Test ELBO", timeout=30_000)
+    expect(panel.locator("#notice")).to_be_hidden()
+    assert frame.evaluate("() => window.__loaded_before_train === true"), "Train reloaded the live panel"
+    curves = panel.locator("#plot")
     expect(curves.locator(".scatterlayer .trace").first).to_be_visible()
-    expect(page.locator('[data-testid="stImage"] img').first).to_be_visible()  # reconstructions
+    expect(panel.locator("#recon img")).to_be_visible()  # reconstructions
+    assert panel.locator("#recon img").evaluate("img => img.naturalWidth") > 100
 
     # The live panel keeps updating by itself: the test ELBO card moves to a later epoch.
     # The curves are updated in place (Plotly.react on the same chart), not rebuilt on each refresh.
@@ -120,14 +129,23 @@ def test_train_live_and_every_panel_draws(page, tmp_path):
     expect(progress).not_to_have_text(before, timeout=15_000)
     epoch_of = lambda: float(re.search(r"epoch ([\d.]+)", progress.inner_text()).group(1))  # noqa: E731
     first_epoch = epoch_of()
-    expect(page.get_by_text(re.compile(r"Refreshes every 1 s"))).to_be_visible()
-    page.wait_for_function(
-        "e => { const m = document.querySelector('[data-testid=\"stProgress\"]').innerText.match(/epoch ([\\d.]+)/);"
+    expect(panel.locator("#footer")).to_contain_text("Refreshes every 1 s")
+    frame.wait_for_function(
+        "e => { const m = document.getElementById('progress-text').innerText.match(/epoch ([\\d.]+)/);"
         " return m && parseFloat(m[1]) >= e + 1; }", arg=first_epoch, timeout=30_000)
     kept, later_points, later_range = curves.evaluate(
         "gd => [gd.__kept === true, gd._fullData[0]._length, gd._fullLayout.xaxis.range.slice()]")
     assert kept and later_points > points, (kept, points, later_points)
     assert later_range == pytest.approx(zoomed), (zoomed, later_range)
+    # Log scale: the box in the panel redraws the same chart with the positive losses on log axes.
+    panel.get_by_label("Log scale").check()
+    expect(curves.locator(".g-ytitle").first).to_be_visible()
+    frame.wait_for_function("() => document.getElementById('plot')._fullLayout.yaxis.type === 'log'", timeout=15_000)
+    expect(panel.locator(".annotation-text").first).to_contain_text("−ELBO (loss)")
+    assert curves.evaluate("gd => gd.__kept === true")
+    panel.get_by_label("Log scale").uncheck()
+    frame.wait_for_function("() => document.getElementById('plot')._fullLayout.yaxis.type === 'linear'",
+                            timeout=15_000)
     page.mouse.move(700, 5)  # no tooltip over the picture
     page.evaluate("document.activeElement && document.activeElement.blur()")
     page.screenshot(path=str(tmp_path / "training.png"), full_page=True)
@@ -144,7 +162,9 @@ def test_train_live_and_every_panel_draws(page, tmp_path):
         page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
 
     page.get_by_role("button", name="Stop", exact=True).click()
-    expect(page.get_by_text(re.compile(r"Stopped"))).to_be_visible(timeout=15_000)
+    expect(page.get_by_text(re.compile(r"Stopped"))).to_be_visible(timeout=15_000)  # this tab's status line
+    page.get_by_role("tab", name="Training").click()
+    expect(panel.locator("#message")).to_contain_text("Stopped", timeout=15_000)
     assert page.locator('[data-testid="stException"]').count() == 0
     assert (tmp_path / "training.png").stat().st_size > 10_000
 

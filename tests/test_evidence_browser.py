@@ -24,7 +24,8 @@ def test_evidence_tab_while_training(page):  # noqa: F811
     page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]')
     set_number(page, "cfg_epochs", 60)  # long enough to act on, stopped below
     page.get_by_role("button", name="Train", exact=True).click()
-    expect(page.locator('[data-testid="stProgress"]').first).to_contain_text("samples/s", timeout=30_000)
+    live = page.frame_locator('iframe[title*="live_panel"]')  # the Training tab's live panel (dashboard/live_panel)
+    expect(live.locator("#progress-text")).to_contain_text("samples/s", timeout=30_000)
 
     page.get_by_role("tab", name=re.compile("Evidence")).click()
     # .first throughout: while a fragment reruns, Streamlit can briefly show its stale copy beside the new one.

@@ -1,8 +1,8 @@
 """The live training panel: status and progress, ELBO / reconstruction / KL curves, reconstructions.
 
 One `st.fragment` per tab polls about once a second while a run is active and not at all
-otherwise: on the Training tab it draws the status line, curves and reconstructions, on the
-other tabs the status line only. It only reads the trainer's published snapshot (status,
+otherwise: on the Training tab it draws the whole live panel (one component, dashboard/live_panel,
+fed the plain values built here), on the other tabs the status line only. It only reads the trainer's published snapshot (status,
 metric rows, uint8 images) and draws, so a refresh costs a few tens of milliseconds of server
 time; when the run's state changes it triggers one full rerun so the sidebar and the polling
 interval catch up.
@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 import uuid
 import weakref
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from dashboard.live_chart import live_chart
+from dashboard.live_panel import live_panel, log_scale
 from dashboard.panels.controls import app_rerun
 from dashboard.state import Registry
 from vae_core.config import RunConfig
@@ -32,6 +32,7 @@ FIRST_POINT_POLL = 0.25  # seconds between looks while a new run has no metrics 
 ROOM_S = 0.15
 MAX_POINTS = 300  # per train curve; Plotly redraws the whole figure on every refresh
 SMOOTHING = 0.6  # EMA weight of the past for train curves (rows are already 20-step averages)
+PANEL_KEY = "live_panel"  # the component's key; its value holds the Log scale box
 TRAIN_COLOR, TEST_COLOR, BETA_COLOR = "#4c78a8", "#e45756", "#54a24b"
 
 
@@ -49,14 +50,15 @@ def viewer_id() -> str:
 
 # ------------------------------------------------------------------ the one polling fragment of a tab
 
-def live(registry: Registry, body: Callable[[Trainer], int] | None = None) -> None:
-    """Status line (and, on the Training tab, `body`: curves and reconstructions) in one polling fragment.
+def live(registry: Registry, panel: bool = False) -> None:
+    """The status line (and, with `panel`, the Training tab's whole live panel) in one polling fragment.
 
     One fragment per tab, not one per section: each fragment run has a fixed cost on the server
     and in the browser. It polls every poll_interval while a run is active, less often when more
     sessions watch than the refresh budget allows, and not at all when idle. When the run's
     state, the shown run or the polling interval changes it triggers one full rerun, so the
-    sidebar buttons and the interval catch up.
+    sidebar buttons and the interval catch up. The panel is drawn before any run too, at the
+    same place, so pressing Train updates the chart that is there instead of loading a new one.
     """
     trainer = registry.current()
     seen_id = registry.current_id()
@@ -66,7 +68,7 @@ def live(registry: Registry, body: Callable[[Trainer], int] | None = None) -> No
     interval = registry.viewers.interval(base, viewer)
     # Until a new run's first metrics arrive, look 4x as often, so the first point shows up to 0.75 s
     # sooner (measured: click to first point in the browser ~0.6 s on sprites, CPU).
-    first_point = body is not None and seen_state == "running" and trainer.metrics_count() == 0
+    first_point = panel and seen_state == "running" and trainer.metrics_count() == 0
     run_every = FIRST_POINT_POLL if first_point else interval
 
     @st.fragment(run_every=run_every)
@@ -76,53 +78,58 @@ def live(registry: Registry, body: Callable[[Trainer], int] | None = None) -> No
         s = t.status() if t is not None else None
         if registry.current_id() != seen_id or (s.state if s else None) != seen_state:
             app_rerun()  # the run ended, paused or was replaced (maybe from another tab)
-        if t is None:
-            return
         if interval is not None:
             registry.viewers.seen(viewer, interval)
             if registry.viewers.interval(base, viewer) != interval:
                 app_rerun()  # a session came or went: share the refresh budget anew
-        if s.state == "running":
+        if s is not None and s.state == "running":
             t.make_room(ROOM_S)
-        _status_line(t, s)
-        if body is None:
+        if not panel:
+            if t is not None:
+                status_line(status_view(t, s))
             return
-        rows = body(t)
-        if first_point and rows:
+        view = panel_view(t, s, log_scale(PANEL_KEY))
+        if first_point and view["metrics_rows"]:
             app_rerun()  # back to the normal interval
         ms = (time.perf_counter() - t0) * 1000
         shared = (f" ({registry.viewers.count()} sessions are watching; together they refresh about "
                   f"{registry.viewers.budget:g} times a second, so training keeps its speed)"
                   if interval and base and interval > base else "")
-        st.caption((f"Refreshes every {interval:g} s while the run is active{shared}; " if interval else "")
-                   + f"this view took {ms:.0f} ms on the server.")
+        footer = ((f"Refreshes every {interval:g} s while the run is active{shared}; " if interval else "")
+                  + f"this view took {ms:.0f} ms on the server.") if t is not None else ""
+        live_panel(key=PANEL_KEY, footer=footer, **{k: v for k, v in view.items() if k != "metrics_rows"})
 
     fragment()
 
 
 def render_status(registry: Registry) -> None:
-    """The status line at the top of a tab other than Training (which shows it in its own fragment)."""
+    """The status line at the top of a tab other than Training (which shows it in its live panel)."""
     live(registry)
 
 
-def _status_line(t: Trainer, s: Status) -> None:
+def status_view(t: Trainer, s: Status) -> dict[str, Any]:
+    """What the status line says: a progress bar (or None) with its text, and a message of a kind."""
     name = f"**{t.name}** · " if t.name else ""
+    bar = {"progress": s.progress, "progress_text": progress_text(s)}
     if s.state == "running":
-        st.progress(s.progress, text=progress_text(s))
-        st.caption(f"{name}▶ {s.message}")
-    elif s.state == "paused":
-        st.progress(s.progress, text=progress_text(s))
-        st.warning(f"{name}Paused at step {s.step:,}. **Resume** continues, **Step** does one optimisation step.")
-    elif s.state == "finished":
-        st.progress(1.0, text=progress_text(s))
-        st.success(f"{name}Finished: {s.message}.")
-    elif s.state == "stopped":
-        st.progress(s.progress, text=progress_text(s))
-        st.info(f"{name}Stopped: {s.message}. **Resume** continues from the last checkpoint.")
-    elif s.state == "failed":
-        st.error(f"{name}Training failed: {s.message}")
-    else:
-        st.caption(f"{name}{s.message}")
+        return {**bar, "kind": "caption", "text": f"{name}▶ {s.message}"}
+    if s.state == "paused":
+        return {**bar, "kind": "warning",
+                "text": f"{name}Paused at step {s.step:,}. **Resume** continues, **Step** does one optimisation step."}
+    if s.state == "finished":
+        return {**bar, "progress": 1.0, "kind": "success", "text": f"{name}Finished: {s.message}."}
+    if s.state == "stopped":
+        return {**bar, "kind": "info", "text": f"{name}Stopped: {s.message}. **Resume** continues from the last checkpoint."}
+    if s.state == "failed":
+        return {"progress": None, "kind": "error", "text": f"{name}Training failed: {s.message}"}
+    return {"progress": None, "kind": "caption", "text": f"{name}{s.message}"}
+
+
+def status_line(view: dict[str, Any]) -> None:
+    """The status line as Streamlit elements, on the tabs other than Training."""
+    if view["progress"] is not None:
+        st.progress(view["progress"], text=view["progress_text"])
+    getattr(st, view["kind"])(view["text"])
 
 
 def progress_text(s: Status) -> str:
@@ -147,60 +154,53 @@ def format_duration(seconds: float) -> str:
 # ------------------------------------------------------------------ curves and reconstructions (Training tab)
 
 def render(registry: Registry) -> None:
-    """The Training tab: explanation, then status, test metrics, live curves and reconstructions."""
-    trainer = registry.current()
+    """The Training tab: explanation, then the live panel (status, test metrics, curves, reconstructions)."""
     st.markdown(
         "The VAE maximises the **ELBO** = E<sub>q(z|x)</sub>[log p(x|z)] − KL(q(z|x) ‖ p(z)), a lower bound on "
         "the log-likelihood: **ELBO ≤ log p(x)**, with equality only when q(z|x) is the true posterior. "
         "The first term (reconstruction) rewards decoding x back from its code; the KL keeps the codes close to "
         "the prior N(0, I). With β ≠ 1 the loss weights the KL by β, and the objective is no longer the ELBO.",
         unsafe_allow_html=True)
-    if trainer is None:
-        st.info("No run yet. Choose settings in the sidebar and press **Train** (the built-in sprites train in "
-                "seconds on a CPU). The curves will appear here.")
-        # Empty axes show what will be plotted, and the browser caches plotly.js before the first point.
-        live_chart(curves_figure([], [], RunConfig()), key="curves")
-        return
-    live(registry, draw_live)
+    live(registry, panel=True)
 
 
-def draw_live(t: Trainer) -> int:
-    """Draw test metrics, curves and reconstructions; returns how many metric rows there were."""
+def panel_view(t: Trainer | None, s: Status | None, log_y: bool) -> dict[str, Any]:
+    """Everything the live panel shows, as plain values (live_panel's arguments, and `metrics_rows`)."""
+    if t is None:  # empty axes show what will be plotted, and the browser has plotly.js before the first point
+        return {"status": None, "metrics": [], "metrics_rows": 0, "fig": curves_figure([], [], RunConfig()),
+                "log_y": False, "recon": None, "png": None,
+                "notice": "No run yet. Choose settings in the sidebar and press **Train** (the built-in sprites "
+                          "train in seconds on a CPU). The curves will appear here."}
     rows = t.metrics()
     train = [r for r in rows if r.get("split") == "train"]
     test = [r for r in rows if r.get("split") == "test"]
-    _test_metrics(test, t.config)
-    if not train and not test:
-        st.info("Waiting for the first metrics (loading data and building the model)…")
-    log_y = st.toggle("Log scale", key="curves_log",
-                      help="Shows the positive losses −ELBO and −E[log p(x|z)] (and KL) on a log axis.")
-    live_chart(curves_figure(train, test, t.config, log_y=log_y), key="curves")
-    caveat = units(t.config)[1]
-    if caveat:
-        st.caption("⚠ " + caveat)
-    _reconstructions(t)
-    return len(rows)
+    recon, png = reconstructions_view(t)
+    return {"status": status_view(t, s), "metrics": metrics_view(test, t.config), "metrics_rows": len(rows),
+            "notice": "" if train or test else "Waiting for the first metrics (loading data and building the model)…",
+            "fig": curves_figure(train, test, t.config, log_y=log_y), "log_y": log_y, "caveat": units(t.config)[1],
+            "recon": recon, "png": png}
 
 
-def _test_metrics(test: list[dict[str, Any]], config: RunConfig) -> None:
+def metrics_view(test: list[dict[str, Any]], config: RunConfig) -> list[dict[str, Any]]:
+    """The test metrics after the last epoch, each with its change since the epoch before."""
     if not test:
-        return
+        return []
     last, prev = test[-1], test[-2] if len(test) > 1 else None
-    cols = st.columns(4)
 
-    def delta(key: str) -> str | None:
-        return None if prev is None else f"{last[key] - prev[key]:+.2f}"
+    def card(label: str, key: str | None, value: str, help: str = "", delta_color: str = "normal") -> dict[str, Any]:
+        delta = None if prev is None or key is None else f"{last[key] - prev[key]:+.2f}"
+        return {"label": label, "value": value, "delta": delta, "delta_color": delta_color, "help": help}
 
     bce = not config.binarized and config.model.likelihood == "bernoulli"
-    elbo_label = "Test −BCE − KL (not a bound)" if bce else "Test ELBO (nats)"
-    recon_label = "Reconstruction −BCE" if bce else "Reconstruction E[log p(x|z)]"
-    cols[0].metric(elbo_label, f"{last['elbo']:.2f}", delta("elbo"),
-                   help=f"Mean over the test set after epoch {last['epoch']}; higher is better. {units(config)[1]}")
-    cols[1].metric(recon_label, f"{last['recon']:.2f}", delta("recon"))
-    cols[2].metric("KL(q(z|x) ‖ p(z))", f"{last['kl']:.2f}", delta("kl"), delta_color="off")
-    cols[3].metric("Active latent units", f"{last.get('active_units', '–')} / {config.model.latent_dim}",
-                   help="Dimensions whose code mean varies across test images (variance > 0.01); "
-                        "the others have collapsed to the prior")
+    return [
+        card("Test −BCE − KL (not a bound)" if bce else "Test ELBO (nats)", "elbo", f"{last['elbo']:.2f}",
+             help=f"Mean over the test set after epoch {last['epoch']}; higher is better. {units(config)[1]}".strip()),
+        card("Reconstruction −BCE" if bce else "Reconstruction E[log p(x|z)]", "recon", f"{last['recon']:.2f}"),
+        card("KL(q(z|x) ‖ p(z))", "kl", f"{last['kl']:.2f}", delta_color="off"),
+        card("Active latent units", None, f"{last.get('active_units', '–')} / {config.model.latent_dim}",
+             help="Dimensions whose code mean varies across test images (variance > 0.01); "
+                  "the others have collapsed to the prior"),
+    ]
 
 
 def units(config: RunConfig) -> tuple[str, str]:
@@ -326,15 +326,15 @@ def _line(x, y, name: str, color: str, panel: int, log_y: bool, *, show: bool, m
             "xaxis": f"x{suffix}", "yaxis": f"y{suffix}", "hovertemplate": "%{y:.2f}"}
 
 
-def _reconstructions(t: Trainer) -> None:
-    st.markdown("##### Reconstructions")
+def reconstructions_view(t: Trainer) -> tuple[dict[str, Any], bytes | None]:
+    """The reconstructions' caption (and the weights' step) and their picture, or None before the model exists."""
     art = t.artifacts()
     if "originals" not in art:
-        st.caption("Reconstructions appear once the model is built.")
-        return
-    st.caption("Top: fixed test images. Bottom: their reconstructions, the decoder's mean at z = μ(x), "
-               f"from the weights at step {art.get('step', 0):,} (updated about once a second while training).")
-    st.image(_reconstruction_png(t, art), output_format="PNG")
+        return {"caption": "Reconstructions appear once the model is built.", "step": None}, None
+    step = int(art.get("step", 0))
+    return {"caption": "Top: fixed test images. Bottom: their reconstructions, the decoder's mean at z = μ(x), "
+                       f"from the weights at step {step:,} (updated about once a second while training).",
+            "step": step}, _reconstruction_png(t, art)
 
 
 # The latest reconstruction PNG per trainer, shared by the sessions watching it (one encode per update).
