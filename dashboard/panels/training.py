@@ -2,10 +2,10 @@
 
 One `st.fragment` per tab polls about once a second while a run is active and not at all
 otherwise: on the Training tab it draws the whole live panel (one component, dashboard/live_panel,
-fed the plain values built here), on the other tabs the status line only. It only reads the trainer's published snapshot (status,
-metric rows, uint8 images) and draws, so a refresh costs a few tens of milliseconds of server
-time; when the run's state changes it triggers one full rerun so the sidebar and the polling
-interval catch up.
+fed the plain values built here), on the other tabs the status line only. It only reads the
+trainer's published snapshot (status, metric rows, uint8 images) and draws, so a refresh costs a
+few milliseconds of server time; when the run's state changes it triggers one full rerun so the
+sidebar and the polling interval catch up.
 """
 from __future__ import annotations
 
@@ -88,8 +88,8 @@ def live(registry: Registry, panel: bool = False) -> None:
             if t is not None:
                 status_line(status_view(t, s))
             return
-        view = panel_view(t, s, log_scale(PANEL_KEY))
-        if first_point and view["metrics_rows"]:
+        view, rows = panel_view(t, s, log_scale(PANEL_KEY))
+        if first_point and rows:
             app_rerun()  # back to the normal interval
         ms = (time.perf_counter() - t0) * 1000
         shared = (f" ({registry.viewers.count()} sessions are watching; together they refresh about "
@@ -97,7 +97,7 @@ def live(registry: Registry, panel: bool = False) -> None:
                   if interval and base and interval > base else "")
         footer = ((f"Refreshes every {interval:g} s while the run is active{shared}; " if interval else "")
                   + f"this view took {ms:.0f} ms on the server.") if t is not None else ""
-        live_panel(key=PANEL_KEY, footer=footer, **{k: v for k, v in view.items() if k != "metrics_rows"})
+        live_panel(key=PANEL_KEY, footer=footer, **view)
 
     fragment()
 
@@ -119,7 +119,8 @@ def status_view(t: Trainer, s: Status) -> dict[str, Any]:
     if s.state == "finished":
         return {**bar, "progress": 1.0, "kind": "success", "text": f"{name}Finished: {s.message}."}
     if s.state == "stopped":
-        return {**bar, "kind": "info", "text": f"{name}Stopped: {s.message}. **Resume** continues from the last checkpoint."}
+        return {**bar, "kind": "info",
+                "text": f"{name}Stopped: {s.message}. **Resume** continues from the last checkpoint."}
     if s.state == "failed":
         return {"progress": None, "kind": "error", "text": f"{name}Training failed: {s.message}"}
     return {"progress": None, "kind": "caption", "text": f"{name}{s.message}"}
@@ -164,21 +165,20 @@ def render(registry: Registry) -> None:
     live(registry, panel=True)
 
 
-def panel_view(t: Trainer | None, s: Status | None, log_y: bool) -> dict[str, Any]:
-    """Everything the live panel shows, as plain values (live_panel's arguments, and `metrics_rows`)."""
+def panel_view(t: Trainer | None, s: Status | None, log_y: bool) -> tuple[dict[str, Any], int]:
+    """Everything the live panel shows, as live_panel's arguments, and how many metric rows the run has."""
     if t is None:  # empty axes show what will be plotted, and the browser has plotly.js before the first point
-        return {"status": None, "metrics": [], "metrics_rows": 0, "fig": curves_figure([], [], RunConfig()),
-                "log_y": False, "recon": None, "png": None,
+        return {"fig": curves_figure([], [], RunConfig()),
                 "notice": "No run yet. Choose settings in the sidebar and press **Train** (the built-in sprites "
-                          "train in seconds on a CPU). The curves will appear here."}
+                          "train in seconds on a CPU). The curves will appear here."}, 0
     rows = t.metrics()
     train = [r for r in rows if r.get("split") == "train"]
     test = [r for r in rows if r.get("split") == "test"]
     recon, png = reconstructions_view(t)
-    return {"status": status_view(t, s), "metrics": metrics_view(test, t.config), "metrics_rows": len(rows),
+    return {"status": status_view(t, s), "metrics": metrics_view(test, t.config),
             "notice": "" if train or test else "Waiting for the first metrics (loading data and building the model)…",
             "fig": curves_figure(train, test, t.config, log_y=log_y), "log_y": log_y, "caveat": units(t.config)[1],
-            "recon": recon, "png": png}
+            "recon": recon, "png": png}, len(rows)
 
 
 def metrics_view(test: list[dict[str, Any]], config: RunConfig) -> list[dict[str, Any]]:
