@@ -137,6 +137,9 @@ def test_train_live_and_every_panel_draws(page, tmp_path):
         "gd => [gd.__kept === true, gd._fullData[0]._length, gd._fullLayout.xaxis.range.slice()]")
     assert kept and later_points > points, (kept, points, later_points)
     assert later_range == pytest.approx(zoomed), (zoomed, later_range)
+    page.mouse.dblclick(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)  # back to the whole run
+    frame.wait_for_function(f"() => {{ const r = document.getElementById('plot')._fullLayout.xaxis.range;"
+                            f" return r[1] - r[0] > {zoomed[1] - zoomed[0]}; }}", timeout=15_000)
     # Log scale: the box in the panel redraws the same chart with the positive losses on log axes.
     panel.get_by_label("Log scale").check()
     expect(curves.locator(".g-ytitle").first).to_be_visible()
@@ -146,6 +149,7 @@ def test_train_live_and_every_panel_draws(page, tmp_path):
     panel.get_by_label("Log scale").uncheck()
     frame.wait_for_function("() => document.getElementById('plot')._fullLayout.yaxis.type === 'linear'",
                             timeout=15_000)
+    expect(panel.locator(".plotly-notifier .notifier-note")).to_have_count(0, timeout=15_000)  # zoom tips gone
     page.mouse.move(700, 5)  # no tooltip over the picture
     page.evaluate("document.activeElement && document.activeElement.blur()")
     page.screenshot(path=str(tmp_path / "training.png"), full_page=True)
