@@ -178,6 +178,17 @@ def test_status_and_metrics_views_say_what_the_run_is_doing():
     assert grey[0]["label"] == "Test −BCE − KL (not a bound)" and "not a log-likelihood" in grey[0]["help"]
 
 
+def test_server_config_is_quiet_local_and_themed_both_ways():
+    import tomllib
+
+    cfg = tomllib.loads((Path(APP).parents[1] / ".streamlit" / "config.toml").read_text())
+    assert cfg["server"]["headless"] and not cfg["server"]["runOnSave"] and cfg["server"]["address"] == "localhost"
+    assert cfg["browser"]["gatherUsageStats"] is False
+    assert "base" not in cfg["theme"]  # follows the browser's light/dark preference; the menu switches
+    for palette in ("light", "dark"):
+        assert {"primaryColor", "backgroundColor", "secondaryBackgroundColor", "textColor"} <= set(cfg["theme"][palette])
+
+
 # ------------------------------------------------------------------ the app
 
 def test_first_page_renders_idle(app):

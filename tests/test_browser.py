@@ -173,6 +173,25 @@ def test_train_live_and_every_panel_draws(page, tmp_path):
     assert (tmp_path / "training.png").stat().st_size > 10_000
 
 
+def test_dark_preference_gives_a_dark_page_and_live_panel(server):
+    # .streamlit/config.toml has a light and a dark palette and no fixed base: a browser that prefers
+    # dark gets the dark one, and the live panel (its own frame) follows the theme Streamlit hands it.
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1100}, color_scheme="dark")
+        page.goto(server)
+        page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=60_000)
+        assert page.evaluate("() => getComputedStyle(document.querySelector('[data-testid=stApp]')).backgroundColor"
+                             ) == "rgb(14, 17, 23)"
+        panel = page.frame_locator('iframe[title*="live_panel"]')
+        expect(panel.locator("#notice")).to_contain_text("No run yet")
+        expect(panel.locator("#plot .main-svg").first).to_be_attached()
+        frame = page.locator('iframe[title*="live_panel"]').element_handle().content_frame()
+        frame.wait_for_function("() => document.getElementById('plot')._fullLayout.font.color === '#fafafa'")
+        assert frame.evaluate("() => getComputedStyle(document.body).color") == "rgb(250, 250, 250)"
+        browser.close()
+
+
 def test_settings_survive_widget_code_that_loads_late(server):
     # Each widget type's code is a separate script the page fetches on demand. On a busy machine
     # (CI once) the Advanced expander's checkbox and number boxes arrived after the first rerun and
