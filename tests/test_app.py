@@ -340,7 +340,7 @@ def test_every_tab_renders_with_and_without_a_run(app):
         assert not app.exception and not errors(app), title
     app.session_state["main_tab"] = "Training"
     app.run()
-    app.session_state["live_panel"] = {"log_y": True}  # what the panel's Log scale box sends
+    app.session_state["live_panel"] = {"log_y": True}  # what the panel's Log scale switch sends
     app.run()
     assert not app.exception and len(curves(app)) == 1
     assert curves(app)[0]["layout"]["yaxis"]["type"] == "log"

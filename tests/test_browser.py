@@ -140,7 +140,7 @@ def test_train_live_and_every_panel_draws(page, tmp_path):
     page.mouse.dblclick(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)  # back to the whole run
     frame.wait_for_function(f"() => {{ const r = document.getElementById('plot')._fullLayout.xaxis.range;"
                             f" return r[1] - r[0] > {zoomed[1] - zoomed[0]}; }}", timeout=15_000)
-    # Log scale: the box in the panel redraws the same chart with the positive losses on log axes.
+    # Log scale: the switch in the panel redraws the same chart with the positive losses on log axes.
     panel.get_by_label("Log scale").check()
     expect(curves.locator(".g-ytitle").first).to_be_visible()
     frame.wait_for_function("() => document.getElementById('plot')._fullLayout.yaxis.type === 'log'", timeout=15_000)

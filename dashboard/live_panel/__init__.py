@@ -61,7 +61,7 @@ _component = components.declare_component("live_panel", path=str(_component_dir(
 
 
 def log_scale(key: str) -> bool:
-    """Whether the person ticked the panel's "Log scale" box (its value reruns the fragment)."""
+    """Whether the person turned on the panel's Log scale switch (a change reruns the fragment)."""
     value = st.session_state.get(key)
     return bool(value.get("log_y")) if isinstance(value, dict) else False
 

@@ -32,7 +32,7 @@ FIRST_POINT_POLL = 0.25  # seconds between looks while a new run has no metrics 
 ROOM_S = 0.15
 MAX_POINTS = 300  # per train curve; Plotly redraws the whole figure on every refresh
 SMOOTHING = 0.6  # EMA weight of the past for train curves (rows are already 20-step averages)
-PANEL_KEY = "live_panel"  # the component's key; its value holds the Log scale box
+PANEL_KEY = "live_panel"  # the component's key; its value holds the Log scale switch
 TRAIN_COLOR, TEST_COLOR, BETA_COLOR = "#4c78a8", "#e45756", "#54a24b"
 
 
