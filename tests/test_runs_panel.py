@@ -109,6 +109,7 @@ def test_table_lists_every_run_newest_first(runs_dir):
     assert row["Best test ELBO"] == pytest.approx(best)
     assert "Tick a second run" not in texts(at.caption)  # nothing ticked: no actions yet
     assert all(b.key != "runs_open" for b in at.button)
+    assert "3 runs in" in texts(at.caption)
 
 
 def test_listing_200_runs_takes_under_a_second(runs_dir):
