@@ -108,8 +108,8 @@ def render(registry: Registry) -> None:
     picked = _table(summaries)
     c1, c2 = st.columns([4, 1])
     n = len(summaries)
-    c1.caption(f"{n} run{'' if n == 1 else 's'} in `{runs_dir.resolve()}` · listed in {ms:.0f} ms. The table refreshes when "
-               "you act; training progress shows live in the Training tab.")
+    c1.caption(f"{n} run{'' if n == 1 else 's'} in `{runs_dir.resolve()}` · listed in {ms:.0f} ms. "
+               "The table refreshes when you act; training progress shows live in the Training tab.")
     c2.button("Refresh", key=K + "refresh", icon=":material/refresh:", width="stretch")
     _import(runs_dir)
     if not picked:
