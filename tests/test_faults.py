@@ -72,6 +72,6 @@ def test_stop_start_50_runs_no_leaks(tiny_config, tiny_sprites, tmp_path):
             gc.collect()
             sizes.append(tracemalloc.get_traced_memory()[0])
     tracemalloc.stop()
-    assert threading.active_count() == base_threads
+    assert threading.active_count() <= base_threads  # (a thread of an earlier test may have ended meanwhile)
     # Python-heap growth between the 10th and 50th run stays under 5 MB (one model is ~0.5 MB).
     assert sizes[-1] - sizes[0] < 5 * 2**20, sizes

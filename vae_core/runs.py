@@ -11,7 +11,9 @@ import json
 import os
 import platform
 import re
+import socket
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,14 @@ from .config import ConfigError, RunConfig
 
 CHECKPOINT_VERSION = 1
 CONFIG, METRICS, CHECKPOINT, STATUS = "config.json", "metrics.jsonl", "checkpoint.pt", "status.json"
+CONTROL, LOCK = "control.json", "train.lock"  # steering written by any process; held by the one that trains
+HOST = socket.gethostname()
+# The training process rewrites status.json at least this often (a heartbeat thread, not the loop, so a
+# long evaluation does not stop it). A run whose heartbeat is older than STALE_S reads as interrupted:
+# the only test that works across machines; on this host a dead PID says so at once.
+HEARTBEAT_S = 2.0
+STALE_S = 30.0
+ACTIVE_STATES = ("running", "paused", "queued")
 _NAME_OK = re.compile(r"[^A-Za-z0-9._=+-]+")
 
 
@@ -123,11 +133,16 @@ def read_config(run_dir: Path) -> RunConfig:
 
 
 def write_status(run_dir: Path, state: str, message: str = "", **extra: Any) -> None:
-    atomic_write_json(Path(run_dir) / STATUS, {"state": state, "message": message, "pid": os.getpid(),
-                                               "updated": dt.datetime.now().isoformat(timespec="seconds"), **extra})
+    """status.json with who writes it (host, pid) and when (heartbeat, seconds since the epoch)."""
+    now = time.time()
+    atomic_write_json(Path(run_dir) / STATUS, {"state": state, "message": message, "pid": os.getpid(), "host": HOST,
+                                               "heartbeat": now, "updated": dt.datetime.now().isoformat(timespec="seconds"),
+                                               **extra})
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -137,15 +152,114 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def writer_gone(st: dict[str, Any], now: float | None = None) -> bool:
+    """Whether the process that wrote this status has ended: its PID is gone (this host) or its heartbeat is stale."""
+    host, pid = st.get("host"), int(st.get("pid", -1) or -1)
+    if host in (None, HOST) and not _pid_alive(pid):
+        return True
+    beat = st.get("heartbeat")
+    if not isinstance(beat, (int, float)):
+        return host not in (None, HOST)  # an old-format status from elsewhere: nothing says it lives
+    return (now or time.time()) - beat > STALE_S
+
+
 def read_status(run_dir: Path) -> dict[str, Any]:
-    """status.json; a run recorded as training by a process that no longer exists reads as 'interrupted'."""
+    """status.json; an active run whose writing process has ended (writer_gone) reads as 'interrupted'."""
     try:
         st = read_json(Path(run_dir) / STATUS)
     except RunFileError:
         return {"state": "unknown", "message": "no readable status.json"}
-    if st.get("state") in ("running", "paused") and not _pid_alive(int(st.get("pid", -1))):
-        st = {**st, "state": "interrupted", "message": "the process training it ended; resume from the last checkpoint"}
+    if st.get("state") in ACTIVE_STATES and writer_gone(st):
+        where = f" on {st.get('host')}" if st.get("host") not in (None, HOST) else ""
+        st = {**st, "state": "interrupted",
+              "message": f"the process training it{where} ended; resume from the last checkpoint"}
     return st
+
+
+# ------------------------------------------------------------------ steering and the training lock
+
+def read_control(run_dir: Path) -> dict[str, Any]:
+    """control.json ({} if there is none or it is unreadable): live settings and a command, with a sequence number."""
+    try:
+        return read_json(Path(run_dir) / CONTROL)
+    except RunFileError:
+        return {}
+
+
+def write_control(run_dir: Path, *, command: str | None = None, **live: float) -> int:
+    """Ask the process training this run to change live settings and/or pause, resume or stop; returns the seq.
+
+    Read-modify-write under an flock, so two writers never lose each other's change; the training
+    process applies entries with a seq above the one it acknowledged (status.json: control_seq).
+    """
+    import fcntl
+
+    if command not in (None, "pause", "resume", "stop"):
+        raise ConfigError(f"unknown command {command!r}; use pause, resume or stop")
+    run_dir = Path(run_dir)
+    with open(run_dir / ".control.lock", "a+") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        ctl = read_control(run_dir)
+        seq = int(ctl.get("seq", 0)) + 1
+        ctl.update({k: float(v) for k, v in live.items()})
+        ctl.update({"seq": seq, "command": command, "written": time.time(), "by": f"{HOST}:{os.getpid()}"})
+        atomic_write_json(run_dir / CONTROL, ctl)
+    return seq
+
+
+class RunBusy(RunFileError):
+    """Another live process trains this run; the message says which."""
+
+
+class RunLock:
+    """train.lock: at most one process trains a run. A lock whose process has ended (writer_gone) is taken over."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK
+        self.held = False
+
+    def acquire(self) -> "RunLock":
+        me = {"host": HOST, "pid": os.getpid(), "heartbeat": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder.get("host") == HOST and holder.get("pid") == os.getpid():
+                    raise RunBusy(f"run {self.path.parent.name!r} is already training in this process")
+                # The holder's liveness: its PID on this host, else the heartbeat of the run's status.
+                st = {**holder, "heartbeat": read_status_raw(self.path.parent).get("heartbeat", holder.get("heartbeat"))}
+                if holder and not writer_gone(st):
+                    raise RunBusy(f"run {self.path.parent.name!r} is being trained by process {holder.get('pid')} "
+                                  f"on {holder.get('host')}; stop it there first")
+                self.path.unlink(missing_ok=True)  # stale: its process ended without releasing it
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise RunBusy(f"could not take {self.path}; another process keeps creating it")
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            d = json.loads(self.path.read_text())
+            return d if isinstance(d, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        if self.held:
+            holder = self._holder()
+            if holder.get("pid") == os.getpid() and holder.get("host") == HOST:
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def read_status_raw(run_dir: Path) -> dict[str, Any]:
+    try:
+        return read_json(Path(run_dir) / STATUS)
+    except RunFileError:
+        return {}
 
 
 class MetricsWriter:
@@ -289,7 +403,7 @@ def list_runs(runs_dir: Path | None = None) -> list[RunSummary]:
 
 def _is_training(run_dir: Path) -> bool:
     st = read_status(run_dir)
-    return st.get("state") in ("running", "paused")
+    return st.get("state") in ACTIVE_STATES
 
 
 def delete_run(runs_dir: Path, name: str) -> None:

@@ -105,6 +105,12 @@ class Trainer(TrainingLoop):
         self._infer_model: VAE | None = None
         self._infer_version = -1
         self._data: data_mod.ImageData | None = data  # injected by tests and benchmarks; else loaded by name
+        # Cross-process side: status.json heartbeats, control.json steering, the train.lock.
+        self._status_write = threading.Lock()  # one status.json writer at a time (loop or heartbeat thread)
+        self._control_seq = 0  # the last control.json entry applied (acknowledged in status.json)
+        self._control_seen: tuple[int, int] | None = None
+        self._run_lock = runs.RunLock(self.run_dir) if self.run_dir else None
+        self._on_exit: list[Callable[["Trainer"], None]] = []
 
     # ------------------------------------------------------------ constructing from disk
 
@@ -149,10 +155,21 @@ class Trainer(TrainingLoop):
 
     # ------------------------------------------------------------ control (any thread)
 
+    def create_run_dir(self) -> Path | None:
+        """Create the run directory with its config.json now (not in the thread), so callers know its name at once."""
+        if self.persist and self.run_dir is None:
+            self.run_dir = runs.create_run_dir(self.runs_dir, self.config, self.name)
+            self.name = self.run_dir.name
+            parent = {"run": self.init_from.name} if self.init_from is not None else None
+            runs.write_config(self.run_dir, self.config, created=time.time(), parent=parent,
+                              device=describe_device(self.device))
+        return self.run_dir
+
     def start(self, *, epochs: int | None = None) -> None:
         """Start or continue training in the background; idempotent while running.
 
         For an opened run, `epochs` is how many more to train (default: up to its planned total).
+        Raises runs.RunBusy when another live process trains this run.
         """
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
@@ -160,6 +177,12 @@ class Trainer(TrainingLoop):
                     self._state, self._message = "running", "resumed"
                     self._wake.notify_all()
                 return
+        if self.persist:
+            self.create_run_dir()
+            self._run_lock = runs.RunLock(self.run_dir)
+            self._run_lock.acquire()
+            self._control_seq = int(runs.read_control(self.run_dir).get("seq", 0))  # older requests are not for us
+        with self._lock:
             if epochs is not None:
                 self._epochs_target = math.ceil(self._epoch) + int(epochs)
             elif self._resume_ckpt is not None and self._epoch >= self._epochs_target:
@@ -168,6 +191,66 @@ class Trainer(TrainingLoop):
             self._state, self._message = "running", "starting"
             self._thread = threading.Thread(target=self._run, name=f"vae-trainer-{self.name or 'new'}", daemon=True)
             self._thread.start()
+        if self.persist:
+            self._write_status()
+            threading.Thread(target=self._sync_loop, args=(self._thread,), name=f"vae-sync-{self.name}",
+                             daemon=True).start()
+
+    def add_exit_listener(self, fn: Callable[["Trainer"], None]) -> None:
+        """fn(trainer) is called from the training thread as it ends (finished, stopped or failed)."""
+        self._on_exit.append(fn)
+
+    # ------------------------------------------------------------ other processes: heartbeat and control.json
+
+    def _sync_loop(self, thread: threading.Thread) -> None:
+        """While `thread` trains: apply control.json within half a second, and beat status.json every HEARTBEAT_S."""
+        last_beat = time.monotonic()
+        while thread.is_alive():
+            try:
+                self._poll_control()
+                if time.monotonic() - last_beat >= runs.HEARTBEAT_S:
+                    self._write_status()
+                    last_beat = time.monotonic()
+            except OSError:  # a full disk or a removed directory must not end the process's training
+                pass
+            thread.join(0.5)
+
+    def _poll_control(self) -> None:
+        path = self.run_dir / runs.CONTROL
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return
+        key = (st.st_mtime_ns, st.st_size)
+        if key == self._control_seen:
+            return
+        self._control_seen = key
+        ctl = runs.read_control(self.run_dir)
+        seq = int(ctl.get("seq", 0) or 0)
+        if seq <= self._control_seq:
+            return
+        live = {k: ctl[k] for k in LIVE_FIELDS if isinstance(ctl.get(k), (int, float))}
+        note = None
+        try:
+            if live:
+                self.update(**live)
+                note = ", ".join(f"{k}={v:g}" for k, v in live.items() if k in ctl)
+        except ConfigError as e:
+            note = f"ignored a request: {e}"
+        command = ctl.get("command")
+        if command == "pause":
+            self.pause()
+        elif command == "resume":
+            self.resume()
+        elif command == "stop":
+            self._stop.set()
+            with self._lock:
+                self._wake.notify_all()
+        self._control_seq = seq
+        with self._lock:
+            if note and self._state == "running":
+                self._message = f"applied {note} from control.json"
+        self._write_status()
 
     def pause(self) -> None:
         with self._lock:

@@ -6,6 +6,7 @@ under `self._lock`: metric rows, a status, images and a CPU copy of the weights.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -58,16 +59,36 @@ class TrainingLoop:
                 self._state = state
             if message is not None:
                 self._message = message
-            st, msg = self._state, self._message
-        if self.persist and self.run_dir is not None:
-            runs.write_status(self.run_dir, st, msg, step=self._step, epochs_done=int(self._epoch),
-                              epochs_target=self._epochs_target)
+        self._write_status()
+
+    def _write_status(self) -> None:
+        """status.json from the in-memory state; the training thread and the heartbeat thread both call it."""
+        if not (self.persist and self.run_dir is not None):
+            return
+        with self._status_write:
+            s = self.status()
+            fields = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("state", "message", "run_dir")}
+            runs.write_status(self.run_dir, s.state, s.message, **fields, epochs_done=int(self._epoch),
+                              steps_per_epoch=self._steps_per_epoch, control_seq=self._control_seq)
 
     def _run(self) -> None:
+        try:
+            self._run_guarded()
+        finally:
+            if self._run_lock is not None:
+                self._run_lock.release()
+            with self._lock:
+                self._wake.notify_all()
+            for fn in self._on_exit:
+                fn(self)
+
+    def _run_guarded(self) -> None:
         try:
             torch.set_num_threads(self.num_threads)
             self._train()
         except (ConfigError, data_mod.DatasetUnavailable, runs.RunFileError) as e:  # expected, already worded
+            if getattr(self, "model", None) is None and self._resume_ckpt is None and self.init_from is None:
+                self._discard_unstarted_dir()  # e.g. a batch larger than the data: nothing was trained, keep nothing
             self._set("failed", str(e))
         except torch.OutOfMemoryError:
             self._set("failed", f"out of memory on {self.device.type} at batch size {self.config.train.batch_size}; "
@@ -76,8 +97,17 @@ class TrainingLoop:
             traceback.print_exc()
             self._set("failed", f"{type(e).__name__}: {e}")
 
+    def _discard_unstarted_dir(self) -> None:
+        if self.persist and self.run_dir is not None and not (self.run_dir / runs.CHECKPOINT).exists():
+            for f in self.run_dir.iterdir():
+                if f.is_file():
+                    f.unlink()
+            self.run_dir.rmdir()
+            self.persist = False  # nothing more is written for this run
+
     def _prepare(self) -> None:
         """Load data, build model and optimiser, create or reopen the run directory."""
+        self.create_run_dir()
         if getattr(self, "model", None) is not None:
             # This trainer ran before (stopped, failed or finished, then started again): its model,
             # optimiser and generator in memory are exactly what it last checkpointed.
@@ -121,18 +151,12 @@ class TrainingLoop:
                     self._step, self._epoch = int(ckpt["step"]), float(ckpt.get("epoch", 0))
                     self._epochs_target = math.ceil(self._epoch) + cfg.train.epochs
 
-        if self.persist:
-            if self.run_dir is None:
-                self.run_dir = runs.create_run_dir(self.runs_dir, cfg, self.name)
-                self.name = self.run_dir.name
-                runs.write_config(self.run_dir, cfg, created=time.time(), parent=self.parent,
-                                  device=describe_device(self.device), dataset_source=data.source)
-            else:  # resuming: drop metric rows written after the checkpoint we continue from
-                runs.truncate_metrics(self.run_dir, self._step)
-                previous = runs.read_json(self.run_dir / runs.CONFIG)
-                runs.write_config(self.run_dir, cfg, created=previous.get("created", time.time()),
-                                  parent=previous.get("parent"), device=describe_device(self.device),
-                                  dataset_source=data.source)
+        if self.persist:  # start() created the directory; record what only loading the data told us
+            runs.truncate_metrics(self.run_dir, self._step)  # resuming: drop rows written after the checkpoint
+            previous = runs.read_json(self.run_dir / runs.CONFIG)
+            runs.write_config(self.run_dir, cfg, created=previous.get("created", time.time()),
+                              parent=self.parent or previous.get("parent"), device=describe_device(self.device),
+                              dataset_source=data.source)
             self.writer = runs.MetricsWriter(self.run_dir)
         fixed = torch.Generator().manual_seed(0)
         self.fixed_idx = torch.arange(N_FIXED)
