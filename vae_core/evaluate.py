@@ -10,7 +10,7 @@ from . import runs
 from .config import RunConfig
 from .models import VAE, build_model
 from .objectives import elbo_terms, iwae_bound
-from .trainer import get_dataset
+from .inference import get_dataset, held_out
 
 
 def load_model(run_dir: Path) -> tuple[VAE, RunConfig, dict[str, Any]]:
@@ -30,8 +30,6 @@ def load_model(run_dir: Path) -> tuple[VAE, RunConfig, dict[str, Any]]:
 
 def held_out_batch(config: RunConfig, n: int, data_dir: str | None = None) -> torch.Tensor:
     """The first n test images of the run's dataset, binarized with the trainer's fixed test seed."""
-    from .jobs import held_out
-
     return held_out(get_dataset(config.train.dataset, data_dir), config, n)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig, RunConfig
-from .data import ImageData
+from .inference import Weights, held_out
 from .evidence import iwae_curve
 from .models import build_model
 
@@ -41,18 +41,6 @@ def bound_ks(k: int) -> list[int]:
     if k < 1:
         raise ValueError(f"k must be a whole number >= 1; got {k!r}")
     return sorted({10 ** i for i in range(int(math.log10(k)) + 1) if 10 ** i <= k} | {int(k)})
-
-
-def held_out(data: ImageData, config: RunConfig, n: int) -> torch.Tensor:
-    """The first n test images, binarized as evaluate.held_out_batch does, from already loaded data.
-
-    Same rule (seed 10_000 + run seed), but from the trainer's own dataset object, so a run
-    built on injected data (tests, benchmarks) is evaluated on that data.
-    """
-    x = data.test_x[:n]
-    if config.binarized:
-        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(10_000 + config.train.seed))
-    return x
 
 
 def chunk_size(model_config: ModelConfig, k: int) -> int:
@@ -132,17 +120,20 @@ class IwaeJob:
         self._thread = threading.Thread(target=self._run, name="vae-iwae-job", daemon=True)
 
     @classmethod
-    def from_trainer(cls, trainer: Any, *, k: int, n: int, seed: int = 0,
+    def from_weights(cls, weights: Weights, *, k: int, n: int, seed: int = 0,
                      chunk_examples: int | None = None) -> "IwaeJob":
-        """A job over the run's first n held-out test images with its latest published weights."""
-        version = trainer.weights_version()
-        state = trainer.published_state()
+        """A job over a run's first n held-out test images with its latest published weights."""
+        version, step = weights.version(), weights.step()
+        state = weights.state_copy()
         if state is None:
             raise RuntimeError("the run has no published weights yet")
-        x = held_out(trainer.dataset(), trainer.config, n)
-        step = int(trainer.artifacts().get("step", trainer.status().step))
-        return cls(trainer.config.model, state, x, k=k, seed=seed, chunk_examples=chunk_examples,
+        x = held_out(weights.dataset(), weights.config, n)
+        return cls(weights.config.model, state, x, k=k, seed=seed, chunk_examples=chunk_examples,
                    weights_version=version, step=step)
+
+    @classmethod
+    def from_trainer(cls, trainer: Any, **kwargs: Any) -> "IwaeJob":
+        return cls.from_weights(trainer.weights, **kwargs)
 
     # ------------------------------------------------------------ control (any thread)
 

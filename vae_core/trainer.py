@@ -23,11 +23,10 @@ from . import data as data_mod
 from . import runs
 from .config import LIVE_FIELDS, ConfigError, RunConfig
 from .devices import QuietWindows, ThreadTuner, default_threads, describe_device, resolve_device
-from .images import to_uint8
-from .models import VAE, build_model
-from .training_loop import N_FIXED, N_SAMPLES, STATES, TrainingLoop, get_dataset
+from .inference import N_FIXED, N_SAMPLES, Weights, get_dataset
+from .training_loop import STATES, TrainingLoop
 
-__all__ = ["N_FIXED", "N_SAMPLES", "Status", "Trainer", "get_dataset"]
+__all__ = ["N_FIXED", "N_SAMPLES", "Status", "Trainer", "get_dataset"]  # get_dataset: older imports
 
 @dataclass(frozen=True)
 class Status:
@@ -92,8 +91,7 @@ class Trainer(TrainingLoop):
         self._live = {k: getattr(config.train, k) for k in LIVE_FIELDS}
         self._metrics: list[dict[str, Any]] = []
         self._artifacts: dict[str, Any] = {}
-        self._published: dict[str, torch.Tensor] | None = None  # CPU weights for decode/encode
-        self._published_version = 0
+        self.weights = Weights(config, data_dir=data_dir, data=data)  # CPU weights for readers
         self._step, self._epoch, self._steps_per_epoch = 0, 0.0, 1
         self._epochs_target = config.train.epochs
         self._samples_per_s = 0.0
@@ -101,10 +99,6 @@ class Trainer(TrainingLoop):
         self._resume_ckpt: dict[str, Any] | None = None
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
 
-        self._infer_lock = threading.Lock()  # the CPU inference copy is used by one reader at a time
-        self._infer_model: VAE | None = None
-        self._infer_version = -1
-        self._data: data_mod.ImageData | None = data  # injected by tests and benchmarks; else loaded by name
         # Cross-process side: status.json heartbeats, control.json steering, the train.lock.
         self._status_write = threading.Lock()  # one status.json writer at a time (loop or heartbeat thread)
         self._control_seq = 0  # the last control.json entry applied (acknowledged in status.json)
@@ -150,7 +144,7 @@ class Trainer(TrainingLoop):
         t._message = st.get("message", "") or f"opened from {run_dir.name}"
         if st.get("state") == "interrupted":
             t._message = "interrupted: the process training it ended; Resume continues from the last checkpoint"
-        t._publish_weights(ckpt["model"])
+        t.weights.publish(ckpt["model"], t._step)
         return t
 
     # ------------------------------------------------------------ control (any thread)
@@ -361,65 +355,32 @@ class Trainer(TrainingLoop):
     def artifacts(self) -> dict[str, Any]:
         """Latest images as uint8 arrays: 'originals' and 'reconstructions' (N, 28, 28), 'samples' (64, 28, 28)."""
         with self._lock:
-            missing = not self._artifacts and self._published is not None
-        if missing:  # an opened run that has not trained in this process: render from the published weights
-            originals = self.test_set(N_FIXED)[0]
-            z = torch.randn((N_SAMPLES, self.config.model.latent_dim), generator=torch.Generator().manual_seed(0))
-            mu, _ = self.encode(originals)
-            art = {"originals": to_uint8(originals), "reconstructions": to_uint8(self.decode(mu)),
-                   "samples": to_uint8(self.decode(z.numpy())), "step": self._step}
+            missing = not self._artifacts
+        if missing and self.weights.version() > 0:  # opened, not trained here: render from the published weights
+            art = self.weights.render_artifacts()
             with self._lock:
                 self._artifacts = self._artifacts or art
         with self._lock:
             return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in self._artifacts.items()}
 
     def weights_version(self) -> int:
-        with self._lock:
-            return self._published_version
+        return self.weights.version()
 
     def published_state(self) -> dict[str, torch.Tensor] | None:
         """A CPU copy of the latest good weights (for evaluation jobs); never the live model."""
-        with self._lock:
-            return None if self._published is None else {k: v.clone() for k, v in self._published.items()}
+        return self.weights.state_copy()
 
-    def inference_model(self) -> VAE:
-        """The CPU model holding the published weights; use under `with trainer.inference():`."""
-        with self._lock:
-            state, version = self._published, self._published_version
-        if state is None:
-            raise RuntimeError("no weights published yet")
-        if self._infer_model is None:
-            self._infer_model = build_model(self.config.model).eval()
-        if version != self._infer_version:
-            self._infer_model.load_state_dict(state)
-            self._infer_version = version
-        return self._infer_model
-
-    def inference(self) -> threading.Lock:
-        return self._infer_lock
-
-    @torch.no_grad()
     def decode(self, z: np.ndarray) -> np.ndarray:
         """Decode codes (N, D) to mean images (N, 28, 28) float32 in [0, 1] with the published weights."""
-        z = np.asarray(z, dtype=np.float32).reshape(-1, self.config.model.latent_dim)
-        with self._infer_lock:
-            model = self.inference_model()
-            return model.decode(torch.from_numpy(z)).numpy()[:, 0]
+        return self.weights.decode(z)
 
-    @torch.no_grad()
     def encode(self, x: np.ndarray, batch: int = 2000) -> tuple[np.ndarray, np.ndarray]:
         """Encode images (N, 28, 28) in [0, 1] to (mu, logvar), each (N, D), with the published weights."""
-        x = torch.from_numpy(np.asarray(x, dtype=np.float32).reshape(-1, 1, 28, 28))
-        with self._infer_lock:
-            model = self.inference_model()
-            outs = [model.encode(x[i:i + batch]) for i in range(0, len(x), batch)]
-        return torch.cat([o[0] for o in outs]).numpy(), torch.cat([o[1] for o in outs]).numpy()
+        return self.weights.encode(x, batch)
 
     def dataset(self) -> data_mod.ImageData:
         """The run's dataset on the CPU (loaded on first use)."""
-        if self._data is None:
-            self._data = get_dataset(self.config.train.dataset, self.data_dir)
-        return self._data
+        return self.weights.dataset()
 
     def check(self) -> data_mod.ImageData:
         """Load the data and check the settings against it; raises ConfigError/DatasetUnavailable."""
@@ -431,7 +392,4 @@ class Trainer(TrainingLoop):
 
     def test_set(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
         """Test images (N, 28, 28) float32, labels (N,), label names: what panels pick from."""
-        d = self.dataset()
-        x = d.test_x[:n] if n else d.test_x
-        y = d.test_y[:n] if n else d.test_y
-        return x[:, 0].numpy().copy(), y.numpy().copy(), d.label_names
+        return self.weights.test_set(n)

@@ -21,27 +21,14 @@ from . import runs
 from .config import ConfigError
 from .devices import describe_device
 from .images import to_uint8
+from .inference import N_FIXED, N_SAMPLES, held_out
 from .models import build_model
 from .objectives import elbo_loss, elbo_terms
 
-N_FIXED = 16  # test images shown with their reconstructions
-N_SAMPLES = 64  # prior samples with a fixed z
 EVIDENCE_BATCH = 64  # held-out images for the importance-weighted evaluation
 EVIDENCE_KS = (1, 10, 100, 1000)
 EVIDENCE_GRID_EXAMPLES = 8  # examples whose true log p(x) is integrated on a grid (2 latents)
 STATES = ("idle", "running", "paused", "finished", "stopped", "failed")
-
-_DATA_CACHE: dict[tuple[str, str | None], data_mod.ImageData] = {}
-_DATA_LOCK = threading.Lock()
-
-
-def get_dataset(name: str, data_dir: str | None = None) -> data_mod.ImageData:
-    """Datasets are loaded once per process (sprites take seconds to render) and shared read-only."""
-    key = (name, str(data_dir) if data_dir else None)
-    with _DATA_LOCK:
-        if key not in _DATA_CACHE:
-            _DATA_CACHE[key] = data_mod.load_dataset(name, data_dir)
-        return _DATA_CACHE[key]
 
 
 class TrainingLoop:
@@ -123,9 +110,8 @@ class TrainingLoop:
         self.train_x = data.train_x.to(self.device)
         self.test_x = data.test_x.to(self.device)
         self.test_y = data.test_y
-        # The test set is binarized once with a fixed seed so test numbers are comparable across epochs.
-        test_gen = torch.Generator(device=self.device).manual_seed(10_000 + cfg.train.seed)
-        self.test_xb = torch.bernoulli(self.test_x, generator=test_gen) if cfg.binarized else self.test_x
+        # The test set is binarized once, by the one held-out rule (a CPU generator, so the same images on any device).
+        self.test_xb = held_out(data, cfg, len(data.test_x)).to(self.device)
         self.batcher = data_mod.IndexBatcher(n_train, cfg.train.batch_size, self.gen, self.device)
         with self._lock:
             self._steps_per_epoch = self.batcher.steps_per_epoch
@@ -364,10 +350,7 @@ class TrainingLoop:
     # ------------------------------------------------------------ publishing
 
     def _publish_weights(self, state: dict[str, torch.Tensor]) -> None:
-        cpu = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-        with self._lock:
-            self._published = cpu
-            self._published_version += 1
+        self.weights.publish(state, self._step)
 
     def _publish_model(self) -> None:
         self._publish_weights(self._last_good)
