@@ -28,9 +28,7 @@ SPRITES_TRAIN, SPRITES_TEST = 20_000, 2_000
 NETWORK_PROBE_TIMEOUT_S = 3.0
 
 
-class DatasetUnavailable(RuntimeError):
-    """The dataset is not on this machine and could not be downloaded; the message says how to provide it."""
-
+from .records import DatasetUnavailable  # noqa: E402  (defined torch-free, so readers can catch it without torch)
 
 @dataclass
 class ImageData:

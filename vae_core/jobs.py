@@ -20,6 +20,7 @@ import torch
 
 from .config import ModelConfig, RunConfig
 from .inference import Weights, held_out
+from .records import JobSnapshot
 from .evidence import iwae_curve
 from .models import build_model
 
@@ -70,27 +71,6 @@ class _Pool:
     @property
     def se(self) -> float:
         return math.sqrt(self.m2 / (self.n - 1) / self.n) if self.n > 1 else float("nan")
-
-
-@dataclass(frozen=True)
-class JobSnapshot:
-    """Where a job stands: plain values only. result has iwae_curve's keys once state is 'done'."""
-
-    state: str
-    progress: float  # 0..1, examples done / examples
-    done: int
-    n: int
-    k: int
-    ks: tuple[int, ...]
-    elapsed_s: float
-    weights_version: int
-    step: int
-    result: dict[str, Any] | None
-    error: str | None
-
-    @property
-    def running(self) -> bool:
-        return self.state == "running"
 
 
 class IwaeJob:

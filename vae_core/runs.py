@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .config import ConfigError, RunConfig
 
 CHECKPOINT_VERSION = 1
@@ -86,6 +84,7 @@ def create_run_dir(runs_dir: Path, config: RunConfig, name: str | None = None) -
 
 def library_versions() -> dict[str, str]:
     import numpy
+    import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
 
@@ -255,11 +254,15 @@ class RunLock:
             self.held = False
 
 
-def read_status_raw(run_dir: Path) -> dict[str, Any]:
+def read_json_or_empty(path: Path) -> dict[str, Any]:
     try:
-        return read_json(Path(run_dir) / STATUS)
+        return read_json(path)
     except RunFileError:
         return {}
+
+
+def read_status_raw(run_dir: Path) -> dict[str, Any]:
+    return read_json_or_empty(Path(run_dir) / STATUS)
 
 
 class MetricsWriter:
@@ -308,6 +311,8 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     """Write checkpoint.pt atomically. state holds only tensors, numbers, strings, lists and dicts."""
     import io
 
+    import torch
+
     buf = io.BytesIO()
     torch.save({"version": CHECKPOINT_VERSION, **state}, buf)
     atomic_write_bytes(Path(run_dir) / CHECKPOINT, buf.getvalue())
@@ -315,6 +320,8 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with weights_only=True: a file carrying pickled code is refused and its code never runs."""
+    import torch
+
     path = Path(path)
     if not path.exists():
         raise RunFileError(f"{path} is missing")
@@ -353,8 +360,10 @@ class RunSummary:
     status: str
     message: str
     created: float
-    parent: str | None
+    parent: dict[str, Any] | None  # {"run", "step"} of a fork's parent
     error: str | None = None
+    owner: str | None = None  # the dashboard session that started it (None: the CLI or an older run)
+    host: str | None = None
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
@@ -373,7 +382,7 @@ def summarize_run(run_dir: Path) -> RunSummary:
                       cfg.train.beta, int(status.get("epochs_done", len(tests))),
                       int(status.get("epochs_target", cfg.train.epochs)), best,
                       tests[-1] if tests else None, status.get("state", "unknown"), status.get("message", ""),
-                      float(cfg_raw.get("created", created)), cfg_raw.get("parent"))
+                      float(cfg_raw.get("created", created)), cfg_raw.get("parent"), owner=cfg_raw.get("owner"), host=status.get("host"))
 
 
 def read_metrics_tail(run_dir: Path) -> list[dict[str, Any]]:

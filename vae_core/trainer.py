@@ -24,38 +24,10 @@ from . import runs
 from .config import LIVE_FIELDS, ConfigError, RunConfig
 from .devices import QuietWindows, ThreadTuner, default_threads, describe_device, resolve_device
 from .inference import N_FIXED, N_SAMPLES, Weights, get_dataset
+from .records import Status
 from .training_loop import STATES, TrainingLoop
 
 __all__ = ["N_FIXED", "N_SAMPLES", "Status", "Trainer", "get_dataset"]  # get_dataset: older imports
-
-@dataclass(frozen=True)
-class Status:
-    """A snapshot of where the run stands; plain values only."""
-
-    state: str
-    message: str
-    step: int
-    epoch: float  # fractional epochs done
-    epochs_target: int
-    total_steps: int
-    samples_per_s: float
-    eta_s: float | None
-    device: str
-    run_dir: str | None
-    beta: float
-    beta_effective: float
-    lr: float
-    warmup_epochs: float
-    free_bits: float
-
-    @property
-    def active(self) -> bool:
-        return self.state in ("running", "paused")
-
-    @property
-    def progress(self) -> float:
-        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
-
 
 class Trainer(TrainingLoop):
     """Owns one run: its data, model, optimiser, thread, run directory and published snapshots."""

@@ -140,9 +140,11 @@ class TrainingLoop:
         if self.persist:  # start() created the directory; record what only loading the data told us
             runs.truncate_metrics(self.run_dir, self._step)  # resuming: drop rows written after the checkpoint
             previous = runs.read_json(self.run_dir / runs.CONFIG)
-            runs.write_config(self.run_dir, cfg, created=previous.get("created", time.time()),
-                              parent=self.parent or previous.get("parent"), device=describe_device(self.device),
-                              dataset_source=data.source)
+            kept = {k: v for k, v in previous.items() if k not in ("model", "train", "versions")}  # owner, sweep, ...
+            runs.write_config(self.run_dir, cfg, **{**kept, "created": previous.get("created", time.time()),
+                                                     "parent": self.parent or previous.get("parent"),
+                                                     "device": describe_device(self.device),
+                                                     "dataset_source": data.source})
             self.writer = runs.MetricsWriter(self.run_dir)
         fixed = torch.Generator().manual_seed(0)
         self.fixed_idx = torch.arange(N_FIXED)

@@ -1,0 +1,793 @@
+"""The Lab: the one door to runs, for the CLI and the dashboard alike.
+
+One Lab per process, over one runs directory. It starts runs in this process's background
+threads (at most `max_runs` at once; the rest wait in a queue and start in turn), and it
+follows runs that any other process trains (the CLI, another server, a torchrun job, a
+cluster worker) through their directories: metrics tailed from a byte offset, weights reloaded
+when the checkpoint changes, steering written to control.json. Every answer is a plain value,
+a dataclass or a numpy array; never a tensor, never a model.
+
+Importing this module does not import torch: the dashboard's first page draws while torch
+loads in the background (warm_up), and the test suite checks that the dashboard never imports it.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from . import runs
+from .config import (ARCHS, DATASETS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS, UI_LIMITS, ConfigError,
+                     RunConfig)
+from .records import DatasetUnavailable, JobSnapshot, Status
+from .runs import RunBusy, RunFileError, RunSummary
+
+if TYPE_CHECKING:
+    from .inference import PosteriorResult, Weights
+    from .trainer import Trainer
+
+__all__ = ["ARCHS", "DATASETS", "DEVICES", "LIKELIHOODS", "LIMITS", "LIVE_FIELDS", "UI_LIMITS", "ConfigError",
+           "DatasetUnavailable", "FollowedRun", "JobSnapshot", "Lab", "LocalRun", "RunBusy", "RunConfig",
+           "RunFileError", "RunHandle", "RunSummary", "Status", "UserError", "default_max_runs"]
+
+# What a caller shows as one line: bad settings, unusable files, a busy run, missing data.
+UserError = (ConfigError, RunFileError, DatasetUnavailable, OSError)
+FOLLOW_REFRESH_S = 0.3  # a followed run re-reads its files at most this often, however many readers ask
+KEEP_ENDED = 32  # ended runs kept in memory (their weights, for fast reads); older ones are followed from disk
+
+
+def default_max_runs() -> int:
+    """Runs that train at once: VAE_MAX_RUNS, else one per 2 CPU cores, or 4 per GPU."""
+    env = os.environ.get("VAE_MAX_RUNS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return 4 * torch.cuda.device_count()
+    except ImportError:
+        pass
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
+# ------------------------------------------------------------------ what readers hold: run handles
+
+class RunHandle:
+    """One run as a reader sees it: status, metrics, images and the computations panels need.
+
+    LocalRun (trained in this process) and FollowedRun (trained elsewhere) answer the same calls,
+    so the Training, Explore and Evidence tabs draw either without knowing which it is.
+    """
+
+    name: str
+    run_dir: Path
+    weights: "Weights"
+
+    @property
+    def config(self) -> RunConfig:
+        return self.weights.config
+
+    def status(self) -> Status:
+        raise NotImplementedError
+
+    def metrics(self, since: int = 0) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def metrics_count(self) -> int:
+        raise NotImplementedError
+
+    def artifacts(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def make_room(self, seconds: float) -> None:
+        """A hint that the caller is about to load the CPU (a page refresh); only runs trained here react."""
+
+    # The same for both kinds: computed from the latest weights on a CPU copy.
+    def weights_version(self) -> int:
+        return self.weights.version()
+
+    def weights_step(self) -> int:
+        return self.weights.step()
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """Codes (N, D) -> mean images (N, 28, 28) in [0, 1]."""
+        return self.weights.decode(z)
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images (N, 28, 28) -> (mu, logvar), each (N, D)."""
+        return self.weights.encode(x)
+
+    def test_set(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+        """Test images (N, 28, 28), labels (N,), label names."""
+        return self.weights.test_set(n)
+
+    def test_size(self) -> int:
+        return self.weights.test_size()
+
+    def held_out(self, n: int) -> np.ndarray:
+        """The first n held-out images as they are evaluated (binarized when the run is)."""
+        return self.weights.held_out(n)
+
+    def posterior(self, index: int, n: int) -> "PosteriorResult":
+        """Held-out image `index`: its true posterior on an n x n grid (2 latents) and its own IWAE bounds."""
+        return self.weights.posterior(index, n)
+
+
+class LocalRun(RunHandle):
+    """A run this process trains (or trained): reads go to its Trainer's in-memory snapshots."""
+
+    def __init__(self, trainer: "Trainer", lab: "Lab") -> None:
+        self.trainer, self._lab = trainer, lab
+        self.name, self.run_dir = trainer.name, Path(trainer.run_dir)
+        self.weights = trainer.weights
+
+    @property
+    def config(self) -> RunConfig:
+        return self.trainer.config  # carries live changes (β, lr, ...)
+
+    def status(self) -> Status:
+        s = self.trainer.status()
+        place = self._lab.queue_position(self.name)
+        owner = self._lab.owner(self.name)
+        if place is not None:
+            s = dataclasses.replace(s, state="queued", message=f"waiting for a free slot: place {place} in the "
+                                    f"queue ({self._lab.max_runs} run{'s' if self._lab.max_runs != 1 else ''} "
+                                    "train at once on this server)")
+        return dataclasses.replace(s, queue_position=place, owner=owner)
+
+    def metrics(self, since: int = 0) -> list[dict[str, Any]]:
+        return self.trainer.metrics(since)
+
+    def metrics_count(self) -> int:
+        return self.trainer.metrics_count()
+
+    def artifacts(self) -> dict[str, Any]:
+        return self.trainer.artifacts()
+
+    def make_room(self, seconds: float) -> None:
+        self.trainer.make_room(seconds)
+
+    def is_alive(self) -> bool:
+        return self.trainer.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.trainer.join(timeout)
+
+    def add_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        """fn(row) for each new metrics row, from the training thread (the CLI's progress bar)."""
+        self.trainer.add_listener(fn)
+
+
+class FollowedRun(RunHandle):
+    """A run read from its directory while any process (or none) writes it; refreshed at most every 0.3 s."""
+
+    def __init__(self, run_dir: Path, *, data_dir: str | None = None) -> None:
+        from .inference import Weights
+
+        self.run_dir = Path(run_dir)
+        self.name = self.run_dir.name
+        config = runs.read_config(self.run_dir)  # RunFileError for a directory that holds no run
+        self.weights = Weights(config, data_dir=data_dir)
+        self._lock = threading.Lock()
+        self._rows: list[dict[str, Any]] = []
+        self._offset, self._inode = 0, None
+        self._ckpt_key: tuple[int, int] | None = None
+        self._status: dict[str, Any] = {}
+        self._artifacts: dict[str, Any] = {}
+        self._artifacts_version = -1
+        self._refreshed = 0.0
+        self._refresh(force=True)
+
+    # ------------------------------------------------------------ reading the files
+
+    def _refresh(self, force: bool = False) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._refreshed < FOLLOW_REFRESH_S:
+                return
+            self._refreshed = now
+            self._status = runs.read_status(self.run_dir)
+            self._tail_metrics()
+            self._reload_weights()
+
+    def _tail_metrics(self) -> None:
+        """Read the lines appended since the last look; start over when the file was replaced or shrank."""
+        path = self.run_dir / runs.METRICS
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self._rows, self._offset, self._inode = [], 0, None
+            return
+        if st.st_ino != self._inode or st.st_size < self._offset:  # a resume rewrote it (truncate_metrics)
+            self._rows, self._offset, self._inode = [], 0, st.st_ino
+        if st.st_size == self._offset:
+            return
+        with open(path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read(st.st_size - self._offset)
+        end = chunk.rfind(b"\n") + 1  # a line still being written is read next time
+        for line in chunk[:end].splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                self._rows.append(row)
+        self._offset += end
+
+    def _reload_weights(self) -> None:
+        path = self.run_dir / runs.CHECKPOINT
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return
+        key = (st.st_mtime_ns, st.st_size)
+        if key == self._ckpt_key:
+            return
+        try:
+            ckpt = runs.load_checkpoint(path)
+            self.weights.publish(ckpt["model"], int(ckpt["step"]))
+            self.weights.config = dataclasses.replace(self.weights.config, model=RunConfig.from_dict(ckpt["config"]).model)
+        except (RunFileError, ConfigError):
+            return  # a checkpoint being replaced right now; the next look gets the new one
+        self._ckpt_key = key
+
+    # ------------------------------------------------------------ the RunHandle calls
+
+    @property
+    def config(self) -> RunConfig:
+        self._refresh()
+        cfg = self.weights.config
+        live = {k: self._status[k] for k in LIVE_FIELDS if isinstance(self._status.get(k), (int, float))}
+        try:
+            return cfg.replace(**live) if live else cfg
+        except ConfigError:
+            return cfg
+
+    def status(self) -> Status:
+        self._refresh()
+        with self._lock:
+            st, rows = dict(self._status), self._rows
+        cfg = self.weights.config
+        last = rows[-1] if rows else {}
+        step = int(st.get("step", last.get("step", 0)) or 0)
+        spe = int(st.get("steps_per_epoch") or 0)
+        target = int(st.get("epochs_target") or cfg.train.epochs)
+        total = int(st.get("total_steps") or (target * spe if spe else 0))
+        epoch = float(st.get("epoch", step / spe if spe else last.get("epoch", 0.0)) or 0.0)
+        state = st.get("state", "unknown")
+        if state == "unknown":
+            state, st["message"] = "stopped", st.get("message") or "no status recorded"
+
+        def num(key: str, default: float) -> float:
+            v = st.get(key)
+            return float(v) if isinstance(v, (int, float)) else default
+
+        t = cfg.train
+        return Status(state, st.get("message", ""), step, epoch, target, total, num("samples_per_s", 0.0),
+                      st.get("eta_s") if state == "running" else None, st.get("device", "another process"),
+                      str(self.run_dir), num("beta", t.beta), num("beta_effective", t.beta), num("lr", t.lr),
+                      num("warmup_epochs", t.warmup_epochs), num("free_bits", t.free_bits),
+                      owner=runs.read_json_or_empty(self.run_dir / runs.CONFIG).get("owner"), followed=True)
+
+    def metrics(self, since: int = 0) -> list[dict[str, Any]]:
+        self._refresh()
+        with self._lock:
+            return [dict(r) for r in self._rows[since:]]
+
+    def metrics_count(self) -> int:
+        self._refresh()
+        with self._lock:
+            return len(self._rows)
+
+    def artifacts(self) -> dict[str, Any]:
+        self._refresh()
+        version = self.weights.version()
+        if version == 0:
+            return {}
+        if version != self._artifacts_version:
+            self._artifacts, self._artifacts_version = self.weights.render_artifacts(), version
+        return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in self._artifacts.items()}
+
+
+# ------------------------------------------------------------------ the Lab
+
+class Lab:
+    """Runs under one directory: started here (threads, a capped queue) or followed from another process.
+
+    `owner` identifies who steers a run (a dashboard session's token); a run with no owner (the
+    CLI's) may be steered by anyone. Only the owner pauses, steps, stops or changes a run while it
+    trains; anyone may open, compare, fork or export any run.
+    """
+
+    def __init__(self, runs_dir: str | Path | None = None, *, max_runs: int | None = None,
+                 data_dir: str | None = None, num_threads: int | None = None,
+                 shares_cpu_with_server: bool = False, log_every: int = 20) -> None:
+        self.runs_dir = Path(runs_dir) if runs_dir else runs.default_runs_dir()
+        self.max_runs = max_runs or default_max_runs()
+        self.data_dir, self.num_threads, self.log_every = data_dir, num_threads, log_every
+        self.shares_cpu_with_server = shares_cpu_with_server
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._trainers: collections.OrderedDict[str, Trainer] = collections.OrderedDict()
+        self._owners: dict[str, str | None] = {}
+        self._queue: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()  # (name, start kwargs)
+        self._followers: collections.OrderedDict[str, FollowedRun] = collections.OrderedDict()
+        self._sessions: collections.OrderedDict[str, str | None] = collections.OrderedDict()
+        self._jobs: Any = None  # jobs.JobBoard, made on first use (it imports torch)
+        self._scheduler: threading.Thread | None = None
+        self._listening: set[int] = set()  # trainers whose end wakes the scheduler
+        self._closed = False
+
+    # ------------------------------------------------------------ warm-up and devices
+
+    def warm_up(self, dataset: str = "sprites") -> None:
+        """Pay a process's one-off costs (torch import, rendering sprites) now, e.g. in a background thread."""
+        from .inference import get_dataset
+
+        get_dataset(dataset, self.data_dir)
+        import torch._dynamo  # noqa: F401  (the first Adam imports it: ~1 s of a first run's start-up)
+
+    @staticmethod
+    def devices() -> dict[str, bool]:
+        """Which devices this machine has: cpu, cuda, mps."""
+        from .devices import available_devices
+
+        return available_devices()
+
+    @staticmethod
+    def check_device(name: str) -> None:
+        """Raise ConfigError when `name` (auto, cpu, cuda, mps) cannot be used here."""
+        from .devices import resolve_device
+
+        resolve_device(name)
+
+    @staticmethod
+    def auto_device() -> str:
+        from .devices import resolve_device
+
+        return resolve_device("auto").type
+
+    @staticmethod
+    def dataset_availability() -> dict[str, tuple[bool, str]]:
+        """Each built-in dataset: (usable here, where it comes from or why not)."""
+        from . import data
+
+        return data.availability()
+
+    # ------------------------------------------------------------ sessions (a browser tab's current run)
+
+    def current(self, session: str) -> RunHandle | None:
+        with self._lock:
+            name = self._sessions.get(session)
+        if name is None:
+            return None
+        try:
+            return self.open(name)
+        except RunFileError:  # deleted or renamed meanwhile
+            self.show(session, None)
+            return None
+
+    def current_name(self, session: str) -> str | None:
+        with self._lock:
+            return self._sessions.get(session)
+
+    def show(self, session: str, run: str | None) -> None:
+        """Make `run` (a name, or None for none) the run this session's page shows."""
+        with self._lock:
+            self._sessions[session] = run
+            self._sessions.move_to_end(session)
+            while len(self._sessions) > 10_000:  # a token per browser tab ever opened: keep the newest
+                self._sessions.popitem(last=False)
+
+    # ------------------------------------------------------------ reading any run
+
+    def path(self, run: str | Path) -> Path:
+        """The directory of a run given by name (under runs_dir) or by path."""
+        p = Path(run)
+        if p.is_absolute() or (len(p.parts) > 1 and p.is_dir()):
+            return p
+        return runs.resolve_run(self.runs_dir, str(run))
+
+    def open(self, run: str | Path) -> RunHandle:
+        """A handle for any run: the live trainer when this process trains it, else a follower of its files."""
+        path = self.path(run)
+        key = str(path.resolve())
+        with self._lock:
+            t = self._trainers.get(key)
+            if t is not None:
+                return LocalRun(t, self)
+            f = self._followers.get(key)
+            if f is None:
+                if not (path / runs.CONFIG).exists():
+                    raise RunFileError(f"no run named {path.name!r} in {path.parent}")
+                f = FollowedRun(path, data_dir=self.data_dir)
+                self._followers[key] = f
+                while len(self._followers) > 64:
+                    self._followers.popitem(last=False)
+            self._followers.move_to_end(key)
+            return f
+
+    def list_runs(self) -> list[RunSummary]:
+        """Every run under runs_dir, newest first (queued runs of this process say so)."""
+        out = runs.list_runs(self.runs_dir)
+        with self._lock:
+            queued = {name: i + 1 for i, (name, _) in enumerate(self._queue)}
+        return [dataclasses.replace(r, status="queued") if Path(r.path).name in queued else r for r in out]
+
+    def owner(self, run: str | Path) -> str | None:
+        key = str(self.path(run).resolve())
+        with self._lock:
+            if key in self._owners:
+                return self._owners[key]
+        return runs.read_json_or_empty(self.path(run) / runs.CONFIG).get("owner")
+
+    def can_steer(self, run: str | Path, owner: str | None) -> bool:
+        """Whether `owner` may pause, step, stop or change this run while it trains."""
+        who = self.owner(run)
+        return who is None or who == owner
+
+    def queue_position(self, run: str | Path) -> int | None:
+        name = Path(run).name
+        with self._lock:
+            for i, (queued, _) in enumerate(self._queue):
+                if Path(queued).name == name:
+                    return i + 1
+        return None
+
+    def training_count(self) -> int:
+        with self._lock:
+            return sum(t.is_alive() for t in self._trainers.values())
+
+    # ------------------------------------------------------------ starting runs
+
+    def start(self, config: RunConfig, *, owner: str | None = None, name: str | None = None,
+              step_only: bool = False, check: bool = False) -> RunHandle:
+        """A new run with `config`: its directory and config.json exist when this returns; it trains or queues.
+
+        With step_only it does one optimisation step and waits paused. With check the data are
+        loaded and the settings checked against them first (the CLI: one clear line, nothing written).
+        """
+        t = self._trainer(config, name=name)
+        if check:
+            t.check()
+        t.create_run_dir()
+        return self._admit(t, owner, {"step_only": step_only})
+
+    def resume(self, run: str | Path, *, owner: str | None = None, epochs: int | None = None,
+               live: dict[str, float] | None = None, device: str | None = None, check: bool = False) -> RunHandle:
+        """Continue a run from its last checkpoint (unpause it if it is paused here).
+
+        A stopped, interrupted or failed run trains on to its planned epochs (or `epochs` more); a
+        finished one trains `epochs` more (default: its configured count). `live` (β, lr, warm-up,
+        free bits) applies first. A run another live process trains is refused (RunBusy).
+        """
+        path = self.path(run)
+        key = str(path.resolve())
+        with self._lock:
+            t = self._trainers.get(key)
+            if t is not None and t.is_alive():
+                self._check_owner(path, owner)
+                if live:
+                    t.update(**_live_only(live))
+                t.resume()
+                return LocalRun(t, self)
+            if key in (k for k, _ in self._queue):
+                return LocalRun(t, self)
+        st = runs.read_status(path)
+        if st.get("state") in runs.ACTIVE_STATES:
+            raise RunBusy(f"run {path.name!r} is being trained by process {st.get('pid')} on {st.get('host')}; "
+                          "stop it there first (or follow it and press Stop)")
+        if t is None:
+            t = self._open_trainer(path, device=device)
+        if live:
+            t.update(**_live_only(live))
+        if check:
+            t.check()
+        if epochs is None and t.status().state == "finished":
+            epochs = t.config.train.epochs
+        return self._admit(t, owner, {"epochs": epochs})
+
+    def fork(self, run: str | Path, *, owner: str | None = None, epochs: int | None = None,
+             name: str | None = None, device: str | None = None, seed: int | None = None,
+             check: bool = False, **live: float) -> RunHandle:
+        """A new run that starts from `run`'s checkpoint with new β / lr / warm-up / free bits.
+
+        The child records {"run", "step"} of its parent and continues its step count.
+        """
+        from .trainer import Trainer
+
+        bad = set(live) - set(LIVE_FIELDS)
+        if bad:
+            raise ConfigError(f"a fork keeps its parent's {', '.join(sorted(bad))}; start a new run to change them")
+        parent = self.path(run)
+        runs.load_checkpoint(parent / runs.CHECKPOINT)  # fail here, not later in the thread
+        changes: dict[str, Any] = dict(live)
+        if epochs:
+            changes["epochs"] = epochs
+        if device:
+            changes["device"] = device
+        if seed is not None:
+            changes["seed"] = seed
+        config = runs.read_config(parent).replace(**changes)
+        t = Trainer(config, runs_dir=self.runs_dir, name=name, init_from=parent, **self._trainer_kwargs())
+        if check:
+            t.check()
+        t.create_run_dir()
+        return self._admit(t, owner, {})
+
+    # ------------------------------------------------------------ steering
+
+    def pause(self, run: str | Path, *, owner: str | None = None) -> None:
+        self._command(run, owner, "pause")
+
+    def stop(self, run: str | Path, *, owner: str | None = None, wait: float = 1.0) -> None:
+        """End the run; it checkpoints on its way out and can be resumed. A queued run leaves the queue."""
+        path = self.path(run)
+        key = str(path.resolve())
+        with self._lock:
+            for i, (queued, _) in enumerate(self._queue):
+                if queued == key:
+                    self._check_owner(path, owner)
+                    del self._queue[i]
+                    t = self._trainers[key]
+                    t._set("stopped", "left the queue before it started")
+                    return
+        self._command(run, owner, "stop", wait=wait)
+
+    def step(self, run: str | Path, *, owner: str | None = None) -> None:
+        """Exactly one optimisation step, pausing the run (a stopped run here restarts paused)."""
+        path = self.path(run)
+        self._check_owner(path, owner)
+        t = self._local(path)
+        if t is None:
+            raise RunFileError(f"run {path.name!r} trains in another process; Step works only for runs trained here "
+                               "(use Pause, Resume and Stop)")
+        if self.queue_position(path) is not None:
+            return
+        if not t.is_alive() and self.training_count() >= self.max_runs:
+            raise RunBusy(f"{self.max_runs} run(s) already train on this server; wait for a free slot")
+        t.step()
+
+    def update(self, run: str | Path, *, owner: str | None = None, **live: float) -> None:
+        """Change live settings (β, lr, warm-up, free bits) of a training run, here or in another process."""
+        path = self.path(run)
+        self._check_owner(path, owner)
+        live = _live_only(live)
+        t = self._local(path)
+        if t is not None:
+            t.update(**live)
+            return
+        self.config_with(path, live)  # validate here: one clear message, not a silently ignored request
+        runs.write_control(path, **live)
+
+    def config_with(self, run: str | Path, live: dict[str, float]) -> RunConfig:
+        return runs.read_config(self.path(run)).replace(**live)
+
+    def _command(self, run: str | Path, owner: str | None, command: str, wait: float = 0.0) -> None:
+        path = self.path(run)
+        self._check_owner(path, owner)
+        t = self._local(path)
+        if t is not None:
+            {"pause": t.pause, "resume": t.resume, "stop": lambda: t.stop(timeout=wait)}[command]()
+            return
+        st = runs.read_status(path)
+        if st.get("state") not in runs.ACTIVE_STATES:
+            raise RunFileError(f"run {path.name!r} is not training ({st.get('state')}); nothing to {command}")
+        runs.write_control(path, command=command)
+
+    # ------------------------------------------------------------ run files
+
+    def rename(self, run: str | Path, new_name: str) -> str:
+        path = self.path(run)
+        self._forget_idle(path)
+        return runs.rename_run(self.runs_dir, path.name, new_name).name
+
+    def delete(self, run: str | Path) -> None:
+        path = self.path(run)
+        self._forget_idle(path)
+        runs.delete_run(self.runs_dir, path.name)
+
+    def export(self, run: str | Path) -> bytes:
+        """The run as zip bytes (config, metrics, checkpoint, status)."""
+        from .transfer import export_zip
+
+        return export_zip(self.path(run))
+
+    def import_zip(self, source: Path | bytes, name: str | None = None) -> str:
+        """Unpack a run zip into a new run; returns its name. Unsafe or corrupt archives are refused."""
+        from .transfer import import_zip
+
+        return import_zip(source, self.runs_dir, name).name
+
+    @staticmethod
+    def metrics_csv(rows: list[dict[str, Any]]) -> str:
+        return runs.metrics_csv(rows)
+
+    # ------------------------------------------------------------ background evaluations
+
+    def submit_bounds(self, run: str | Path, *, k: int, n: int, seed: int = 0) -> JobSnapshot:
+        """Start importance-weighted bounds up to k on the first n held-out images, on a copy of the weights."""
+        from .jobs import IwaeJob, JobBoard
+
+        handle = self.open(run)
+        job = IwaeJob.from_weights(handle.weights, k=k, n=n, seed=seed)
+        with self._lock:
+            if self._jobs is None:
+                self._jobs = JobBoard()
+            board = self._jobs
+        return board.submit(str(handle.run_dir.resolve()), job).snapshot()
+
+    def bounds_job(self, run: str | Path) -> JobSnapshot | None:
+        with self._lock:
+            board = self._jobs
+        job = board.get(str(self.path(run).resolve())) if board is not None else None
+        return job.snapshot() if job is not None else None
+
+    def cancel_bounds(self, run: str | Path) -> None:
+        with self._lock:
+            board = self._jobs
+        if board is not None:
+            board.cancel(str(self.path(run).resolve()))
+
+    # ------------------------------------------------------------ shutting down
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop every run this process trains (each checkpoints) and forget the queue."""
+        with self._lock:
+            self._closed = True
+            queued, self._queue = list(self._queue), collections.deque()
+            trainers = list(self._trainers.values())
+            self._wake.notify_all()
+        for key, _ in queued:
+            t = self._trainers.get(key)
+            if t is not None:
+                t._set("stopped", "the server stopped before it started")
+        for t in trainers:
+            t.stop(timeout)
+        if self._jobs is not None:
+            self._jobs.cancel_all()
+
+    # ------------------------------------------------------------ internals
+
+    def _trainer_kwargs(self) -> dict[str, Any]:
+        return {"data_dir": self.data_dir, "num_threads": self.num_threads, "log_every": self.log_every,
+                "sharing_with_server": self.shares_cpu_with_server}
+
+    def _trainer(self, config: RunConfig, *, name: str | None) -> "Trainer":
+        from .trainer import Trainer
+
+        if not isinstance(config, RunConfig):
+            raise ConfigError("a run needs a RunConfig")
+        return Trainer(config, runs_dir=self.runs_dir, name=name, **self._trainer_kwargs())
+
+    def _open_trainer(self, path: Path, *, device: str | None = None) -> "Trainer":
+        from .trainer import Trainer
+
+        if not (path / runs.CHECKPOINT).exists():  # queued or interrupted before its first checkpoint: start over
+            t = Trainer(runs.read_config(path).replace(**({"device": device} if device else {})),
+                        runs_dir=path.parent, **self._trainer_kwargs())
+            t.run_dir, t.name = path, path.name
+            return t
+        return Trainer.open(path, device=device, runs_dir=path.parent, **self._trainer_kwargs())
+
+    def _local(self, path: Path) -> "Trainer | None":
+        with self._lock:
+            return self._trainers.get(str(path.resolve()))
+
+    def _check_owner(self, path: Path, owner: str | None) -> None:
+        if not self.can_steer(path, owner):
+            raise RunBusy(f"run {path.name!r} belongs to another session: open it read-only, compare or fork it")
+
+    def _forget_idle(self, path: Path) -> None:
+        key = str(path.resolve())
+        with self._lock:
+            t = self._trainers.get(key)
+            if t is not None:
+                if t.is_alive() or any(k == key for k, _ in self._queue):
+                    raise RunFileError(f"run {path.name!r} is training here; stop it first")
+                del self._trainers[key]
+            self._followers.pop(key, None)
+            self._owners.pop(key, None)
+            for s, name in list(self._sessions.items()):
+                if name is not None and str(self.path(name).resolve()) == key:
+                    self._sessions[s] = None
+
+    def _admit(self, t: "Trainer", owner: str | None, start_kwargs: dict[str, Any]) -> RunHandle:
+        """Train `t` now if a slot is free, else queue it; the Lab remembers it either way."""
+        key = str(Path(t.run_dir).resolve())
+        if owner is not None:
+            _record_owner(t.run_dir, owner)
+        with self._lock:
+            if self._closed:
+                raise RunFileError("the lab is shut down")
+            self._trainers[key] = t
+            self._trainers.move_to_end(key)
+            self._owners[key] = owner
+            self._followers.pop(key, None)
+            if id(t) not in self._listening:
+                t.add_exit_listener(self._on_exit)
+                self._listening.add(id(t))
+            if self.training_count() < self.max_runs and not self._queue:
+                self._launch(t, start_kwargs)
+            else:
+                self._queue.append((key, start_kwargs))
+                runs.write_status(t.run_dir, "queued", "waiting for a free slot", epochs_target=t.status().epochs_target)
+            self._ensure_scheduler()
+            self._prune()
+        return LocalRun(t, self)
+
+    @staticmethod
+    def _launch(t: "Trainer", start_kwargs: dict[str, Any]) -> None:
+        if start_kwargs.get("step_only"):
+            t.step()
+        else:
+            t.start(epochs=start_kwargs.get("epochs"))
+
+    def _on_exit(self, _t: "Trainer") -> None:
+        with self._lock:
+            self._wake.notify_all()
+
+    def _ensure_scheduler(self) -> None:
+        if self._scheduler is None or not self._scheduler.is_alive():
+            self._scheduler = threading.Thread(target=self._schedule, name="vae-lab-scheduler", daemon=True)
+            self._scheduler.start()
+
+    def _schedule(self) -> None:
+        """Start queued runs as slots free up; keep the queued runs' status.json heartbeats fresh."""
+        last_beat = 0.0
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                while self._queue and self.training_count() < self.max_runs:
+                    key, kwargs = self._queue.popleft()
+                    t = self._trainers.get(key)
+                    if t is None:
+                        continue
+                    try:
+                        self._launch(t, kwargs)
+                    except UserError as e:
+                        t._set("failed", str(e))
+                beat = time.monotonic() - last_beat >= runs.HEARTBEAT_S
+                queued = [(i + 1, self._trainers.get(k)) for i, (k, _) in enumerate(self._queue)] if beat else []
+                if not self._queue and self.training_count() == 0:
+                    self._scheduler = None
+                    return
+                self._wake.wait(0.5)
+            for place, t in queued:
+                if t is not None and t.run_dir is not None:
+                    runs.write_status(t.run_dir, "queued", f"waiting for a free slot: place {place} in the queue",
+                                      epochs_target=t.status().epochs_target)
+            if queued:
+                last_beat = time.monotonic()
+
+    def _prune(self) -> None:
+        """Forget the oldest ended runs beyond KEEP_ENDED (they stay on disk and are followed if opened)."""
+        queued = {k for k, _ in self._queue}
+        ended = [k for k, t in self._trainers.items() if not t.is_alive() and k not in queued]
+        for key in ended[:max(0, len(ended) - KEEP_ENDED)]:
+            del self._trainers[key]
+
+
+def _live_only(live: dict[str, float]) -> dict[str, float]:
+    bad = set(live) - set(LIVE_FIELDS)
+    if bad:
+        raise ConfigError(f"{', '.join(sorted(bad))} cannot change while a run trains; start a new run")
+    return {k: float(v) for k, v in live.items()}
+
+
+def _record_owner(run_dir: Path, owner: str) -> None:
+    """The session that started (or resumed) a run, in its config.json: the Runs tab's "mine" filter."""
+    path = Path(run_dir) / runs.CONFIG
+    d = runs.read_json_or_empty(path)
+    if d and d.get("owner") != owner:
+        runs.atomic_write_json(path, {**d, "owner": owner})

@@ -1,0 +1,65 @@
+"""Typed records where the core and a reader (the dashboard, the CLI) meet: plain values only, no torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class DatasetUnavailable(RuntimeError):
+    """The dataset is not on this machine and could not be downloaded; the message says how to provide it."""
+
+
+@dataclass(frozen=True)
+class Status:
+    """A snapshot of where the run stands; plain values only."""
+
+    state: str
+    message: str
+    step: int
+    epoch: float  # fractional epochs done
+    epochs_target: int
+    total_steps: int
+    samples_per_s: float
+    eta_s: float | None
+    device: str
+    run_dir: str | None
+    beta: float
+    beta_effective: float
+    lr: float
+    warmup_epochs: float
+    free_bits: float
+
+    queue_position: int | None = None  # 1-based place in the Lab's queue while state is "queued"
+    owner: str | None = None  # the session that steers it (None: anyone, e.g. a CLI run)
+    followed: bool = False  # trained by another process; read from its run directory
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("running", "paused")
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """Where a job stands: plain values only. result has iwae_curve's keys once state is 'done'."""
+
+    state: str
+    progress: float  # 0..1, examples done / examples
+    done: int
+    n: int
+    k: int
+    ks: tuple[int, ...]
+    elapsed_s: float
+    weights_version: int
+    step: int
+    result: dict[str, Any] | None
+    error: str | None
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+
