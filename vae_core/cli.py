@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import DATASETS, DEVICES, LIKELIHOODS, ARCHS, ConfigError, RunConfig
+from .config import ARCHS, DATASETS, DEVICES, LIKELIHOODS, LIVE_FIELDS, ConfigError, RunConfig, unit_label
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--free-bits", type=float, default=None, help="per-dimension KL floor in nats")
     t.add_argument("--likelihood", choices=LIKELIHOODS, default=None, help=f"default {d.model.likelihood}")
     t.add_argument("--no-binarize", action="store_true",
-                   help="train on grey levels (numbers are then BCE, not log-likelihoods)")
+                   help="train on grey levels (Bernoulli numbers are then BCE, not log-likelihoods)")
     t.add_argument("--device", choices=DEVICES, default=None, help="default auto (CUDA, then MPS, then CPU)")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--train-size", type=int, default=None, help="use only the first N training images")
@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
 
-    r = sub.add_parser("runs", help="list runs, newest first")
+    r = sub.add_parser("runs", help="list runs, newest first (with who trains them and where)")
     r.add_argument("--runs-dir", default=None)
     r.add_argument("--json", action="store_true")
     return p
@@ -89,59 +89,56 @@ def _changes(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import runs
-    from .trainer import Trainer
+    from .lab import Lab
 
     runs_dir = Path(args.runs_dir) if args.runs_dir else runs.default_runs_dir()
-    common = dict(runs_dir=runs_dir, data_dir=args.data_dir, num_threads=args.threads)
+    # One run, in the foreground: no queue (max_runs=1) and all cores unless --threads says otherwise.
+    lab = Lab(runs_dir, max_runs=1, data_dir=args.data_dir, num_threads=args.threads)
     changes = _changes(args)
     if args.resume and args.fork:
         raise CliError("use either --resume or --fork, not both")
+    # The same resume and fork rules as the dashboard's: both go through the Lab.
     if args.resume:
         run_dir = _run_dir_arg(args.resume, runs_dir)
         fixed = set(changes) - {"beta", "lr", "warmup_epochs", "free_bits", "epochs", "device"}
         if fixed:
             raise CliError(f"--resume keeps the run's {', '.join(sorted(fixed))}; use --fork or a new run to change them")
-        trainer = Trainer.open(run_dir, device=changes.get("device"), **common)
-        live = {k: v for k, v in changes.items() if k in ("beta", "lr", "warmup_epochs", "free_bits")}
-        if live:
-            trainer.update(**live)
-        start_kwargs = {"epochs": changes.get("epochs")}
+        live = {k: v for k, v in changes.items() if k in LIVE_FIELDS}
+        run = lab.resume(run_dir, epochs=changes.get("epochs"), live=live, device=changes.get("device"), check=True)
     elif args.fork:
         parent = _run_dir_arg(args.fork, runs_dir)
-        base = runs.read_config(parent)
         fixed = set(changes) - {"beta", "lr", "warmup_epochs", "free_bits", "epochs", "device", "seed"}
         if fixed:
             raise CliError(f"a fork keeps its parent's {', '.join(sorted(fixed))}; start a new run to change them")
-        trainer = Trainer(base.replace(**changes), name=args.name, init_from=parent, **common)
-        start_kwargs = {}
+        live = {k: v for k, v in changes.items() if k in LIVE_FIELDS}
+        run = lab.fork(parent, name=args.name, epochs=changes.get("epochs"), device=changes.get("device"),
+                       seed=changes.get("seed"), check=True, **live)
     else:
-        trainer = Trainer(RunConfig().replace(**changes), name=args.name, **common)
-        start_kwargs = {}
-    trainer.check()  # data and batch size problems end here with one line, before anything is written
-    bar = None if args.quiet else _progress_bar(trainer)
-    trainer.start(**start_kwargs)
+        run = lab.start(RunConfig().replace(**changes), name=args.name, check=True)
+    bar = None if args.quiet else _progress_bar(run)
     try:
-        while trainer.is_alive():
-            trainer.join(0.2)
+        while run.is_alive():
+            run.join(0.2)
             if bar:
-                bar.refresh_from(trainer)
+                bar.refresh_from(run)
     except KeyboardInterrupt:
-        trainer.stop(timeout=5)
-        trainer.join(10)
-        print(f"\nstopped; resume with: python -m vae_core train --resume {trainer.run_dir}", file=sys.stderr)
+        lab.stop(run.run_dir, wait=5)
+        run.join(10)
+        print(f"\nstopped; resume with: python -m vae_core train --resume {run.run_dir}", file=sys.stderr)
         return 130
     finally:
         if bar:
             bar.close()
-    st = trainer.status()
+    st = run.status()
     if st.state == "failed":
         raise CliError(f"training failed: {st.message}")
-    last = [m for m in trainer.metrics() if m["split"] == "test"]
+    last = [m for m in run.metrics() if m["split"] == "test"]
     if last:
         m = last[-1]
-        unit = "nats per example" if trainer.config.binarized else "nats per example (BCE on grey levels)"
-        print(f"test ELBO {m['elbo']:.2f}  recon {m['recon']:.2f}  KL {m['kl']:.2f}  ({unit})")
-    print(f"run saved in {st.run_dir}")
+        print(f"test ELBO {m['elbo']:.2f}  recon {m['recon']:.2f}  KL {m['kl']:.2f}  ({unit_label(run.config)})")
+    if st.state == "stopped":
+        print(f"{st.message}; resume with: python -m vae_core train --resume {run.run_dir}", file=sys.stderr)
+    print(f"run saved in {run.run_dir}")
     return 0
 
 
@@ -161,12 +158,12 @@ def _run_dir_arg(value: str, runs_dir: Path) -> Path:
 class _progress_bar:
     """A tqdm bar over steps with loss and samples/s, fed by polling the trainer's status."""
 
-    def __init__(self, trainer: Any) -> None:
+    def __init__(self, run: Any) -> None:
         from tqdm import tqdm
 
         self.tqdm = tqdm(total=0, unit="step", dynamic_ncols=True, file=sys.stderr)
         self.last: dict[str, Any] = {}
-        trainer.add_listener(self._on_row)
+        run.add_listener(self._on_row)
 
     def _on_row(self, row: dict[str, Any]) -> None:
         self.last[row["split"]] = row
@@ -208,9 +205,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from . import runs
+    from .lab import Lab
 
-    rows = runs.list_runs(Path(args.runs_dir) if args.runs_dir else None)
+    rows = Lab(args.runs_dir).list_runs()
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
         return 0
@@ -221,7 +218,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for r in rows:
         best = f"{r.best_test_elbo:.2f}" if r.best_test_elbo is not None else "-"
         print(f"{r.name:<40} {r.dataset:<13} {r.arch:<4} {r.latent_dim:>3} {r.beta:>6g} "
-              f"{r.epochs_done:>3}/{r.epochs_planned:<3} {best:>15}  {r.status}")
+              f"{r.epochs_done:>3}/{r.epochs_planned:<3} {best:>15}  {r.status}"
+              + (f" on {r.host}" if r.host and r.status in ("running", "paused") else ""))
     return 0
 
 

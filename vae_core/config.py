@@ -164,3 +164,13 @@ def _build(kind: type, d: Any) -> Any:
         return kind(**d)
     except TypeError as e:  # e.g. a missing argument in a hand-edited file
         raise ConfigError(str(e)) from None
+
+
+def unit_label(config: RunConfig) -> str:
+    """What a run's reported numbers are, named by their likelihood (every printed number says it)."""
+    if config.binarized:
+        return "nats per example; Bernoulli log-likelihood of binarized images"
+    if config.model.likelihood == "bernoulli":
+        return "nats per example; BCE on grey levels, not a log-likelihood"
+    kind = "learned" if config.model.likelihood == "gaussian-learned" else "fixed"
+    return f"nats per example; Gaussian ({kind} σ) log-density of grey levels, constants included"

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from . import runs
-from .config import RunConfig
+from .config import RunConfig, unit_label
 from .models import VAE, build_model
 from .objectives import elbo_terms, iwae_bound
 from .inference import get_dataset, held_out
@@ -45,7 +45,7 @@ def evaluate_run(run_dir: Path, *, k: int = 100, num_examples: int = 500, grid: 
     iw = torch.cat([iwae_bound(model, x[i:i + 100], k, generator=gen) for i in range(0, len(x), 100)])
     out: dict[str, Any] = {
         "run": Path(run_dir).name, "step": int(ckpt["step"]), "num_examples": len(x),
-        "units": "nats per example" if config.binarized else "nats per example (BCE on grey levels, not a log-likelihood)",
+        "units": unit_label(config),
         "elbo": float(t.elbo.mean()), "recon": float(t.recon.mean()), "kl": float(t.kl.mean()),
         "iwae": float(iw.mean()), "k": k,
     }

@@ -7,6 +7,7 @@ touch the model the optimiser updates; everything returned is numpy or plain val
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ N_SAMPLES = 64  # prior samples with a fixed z
 POSTERIOR_IMAGE_K = 1000  # importance samples for one image's own IWAE bound ...
 POSTERIOR_REPEATS = 10  # ... estimated this many times independently (their mean and standard error)
 
+_TOKENS = itertools.count(1)
 _DATA_CACHE: dict[tuple[str, str | None], data_mod.ImageData] = {}
 _DATA_LOCK = threading.Lock()
 
@@ -68,6 +70,7 @@ class Weights:
                  data: data_mod.ImageData | None = None) -> None:
         self.config = config
         self.data_dir = data_dir
+        self.token = next(_TOKENS)  # unique in this process, never reused: a cache key for readers
         self._data = data
         self._lock = threading.Lock()  # guards the published state and version
         self._state: dict[str, torch.Tensor] | None = None
