@@ -370,21 +370,33 @@ def test_make_room_trains_on_one_thread_for_the_window(tiny_config, tiny_sprites
     assert not headless._quiet.requested()
 
 
-def test_openmp_polling_is_shortened_before_torch_loads():
-    """GOMP_SPINCOUNT counts only if set before torch loads libgomp: the CLI's and the dashboard's imports
-    must reach vae_core first. A value the user sets is kept."""
+def test_importing_the_core_changes_no_environment_variable():
+    """A library user's environment is theirs: import vae_core (and its Lab, CLI and trainer) sets nothing."""
     code = """
-import importlib.abc, os, sys
+import json, os
+before = dict(os.environ)
+import vae_core, vae_core.lab, vae_core.cli, vae_core.trainer
+print(json.dumps(sorted(set(os.environ.items()) ^ set(before.items()))))
+"""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_dashboard_shortens_openmp_polling_before_torch_loads():
+    """GOMP_SPINCOUNT counts only if set before torch loads libgomp: dashboard/app.py sets it first. A user's value wins."""
+    code = """
+import importlib.abc, os, runpy, sys
 seen = []
 class Watch(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "torch" and not seen:
             seen.append(os.environ.get("GOMP_SPINCOUNT"))
 sys.meta_path.insert(0, Watch())
-import streamlit  # what dashboard/app.py imports, in its order
-from dashboard.panels import controls, training
-from dashboard.state import Registry
-import vae_core.cli
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file("dashboard/app.py", default_timeout=120).run()
+from dashboard.state import get_lab
+get_lab().warm_up()  # torch loads here at the latest
 print(seen)
 """
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
@@ -392,7 +404,7 @@ print(seen)
 
     def torch_loaded_with(env: dict[str, str]) -> str:
         return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                              check=True).stdout.strip()
+                              check=True, timeout=600).stdout.strip().splitlines()[-1]
 
     assert torch_loaded_with(env) == "['10000']"
     assert torch_loaded_with({**env, "GOMP_SPINCOUNT": "500"}) == "['500']"
