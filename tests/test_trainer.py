@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from vae_core.devices import CpuShare, NoSharing
+
 from vae_core.config import ConfigError
 from vae_core.trainer import Trainer
 
@@ -316,11 +318,11 @@ def test_dashboard_trainer_tunes_threads(tiny_config, tiny_sprites, runs_dir, mo
     monkeypatch.delenv("VAE_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     t = Trainer(tiny_config.replace(epochs=8), runs_dir=runs_dir, data=tiny_sprites, sharing_with_server=True)
-    assert t.tuner is not None and t.tuner.choices == (1, 2)
+    assert isinstance(t.cpu, CpuShare) and t.cpu.tuner.choices == (1, 2)
     t.start()
     t.join(60)
-    assert t.status().state == "finished" and set(t.tuner.speed) == {1, 2}
-    assert Trainer(tiny_config, runs_dir=runs_dir, data=tiny_sprites).tuner is None  # headless: all cores
+    assert t.status().state == "finished" and set(t.cpu.tuner.speed) == {1, 2}
+    assert isinstance(Trainer(tiny_config, runs_dir=runs_dir, data=tiny_sprites).cpu, NoSharing)  # headless: all cores
 
 
 def test_periodic_evidence_rows_bound_the_elbo(tiny_config, tiny_sprites, runs_dir):
@@ -362,12 +364,12 @@ def test_make_room_trains_on_one_thread_for_the_window(tiny_config, tiny_sprites
     t.join(60)
     assert t.status().state == "finished", t.status().message
     assert counts[-1] == 1 and 2 not in counts[2:]  # after the initial setting, only one thread
-    assert t.tuner.blocks == 0 and not t.tuner.speed  # steps in a window never count as measurements
+    assert t.cpu.tuner.blocks == 0 and not t.cpu.tuner.speed  # steps in a window never count as measurements
     # The status names the chosen count, not the one in use while the page redraws (when it reads it).
     assert t.status().device == "cpu (2 threads; 1 while the page redraws)"
     headless = Trainer(tiny_config, runs_dir=runs_dir, data=tiny_sprites)
     headless.make_room(60.0)  # no tuner (CLI, fixed --threads): nothing changes
-    assert not headless._quiet.requested()
+    assert isinstance(headless.cpu, NoSharing)
 
 
 def test_importing_the_core_changes_no_environment_variable():

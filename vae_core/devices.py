@@ -1,11 +1,13 @@
 """Choosing the training device and torch's thread count."""
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import threading
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -169,3 +171,65 @@ class QuietWindows:
     def requested(self) -> bool:
         """Whether any window was ever requested."""
         return bool(self._calls)
+
+
+class CpuShare:
+    """How a training loop shares a small CPU with a web server: the one policy object the loop calls.
+
+    `with share.step(): train_step(...)` picks the thread count for the step (the tuner's choice, or
+    its smallest count inside a quiet window the page asked for with make_room) and times the steps
+    the tuner chose, in blocks. The headless CLI and fixed --threads runs use NO_SHARING instead.
+    """
+
+    def __init__(self, choices: tuple[int, ...]) -> None:
+        self.tuner = ThreadTuner(choices)
+        self.quiet = QuietWindows()
+        self._now: int | None = None  # the thread count set last
+        self._times: list[float] = []  # seconds per step of the tuner's current block
+        self._block = self.tuner.block_size()  # fixed when a block starts
+
+    @classmethod
+    def for_device(cls, device: torch.device, *, num_threads: int | None) -> "CpuShare | NoSharing":
+        """A policy for a CPU run beside a server with more than one core and no fixed thread count."""
+        cores = os.cpu_count() or 1
+        if device.type != "cpu" or cores < 2 or num_threads or "VAE_NUM_THREADS" in os.environ:
+            return NoSharing()
+        return cls((max(1, cores // 2), cores))
+
+    def make_room(self, seconds: float) -> None:
+        self.quiet.request(time.monotonic(), seconds)
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        making_room = self.quiet.quiet(time.monotonic())
+        want = self.tuner.choices[0] if making_room else self.tuner.current
+        if want != self._now:
+            torch.set_num_threads(want)
+            self._now = want
+        t0 = time.perf_counter()
+        yield
+        if not making_room:  # the tuner times only steps it chose the thread count for
+            self._times.append(time.perf_counter() - t0)
+            if len(self._times) >= self._block:
+                self.tuner.record(self._times)
+                self._times, self._block = [], self.tuner.block_size()
+
+    def describe(self, device: torch.device) -> str:
+        """The device with the count the tuner chose, not the one in use this instant (1 while the page redraws)."""
+        n, quiet = self.tuner.current, self.tuner.choices[0]
+        return describe_device(device, n, f"{quiet} while the page redraws" if n != quiet else "")
+
+
+class NoSharing:
+    """The policy of a run that has the machine to itself (the CLI, a fixed --threads): nothing to do."""
+
+    _null = contextlib.nullcontext()
+
+    def step(self) -> contextlib.AbstractContextManager[None]:
+        return self._null
+
+    def make_room(self, seconds: float) -> None:
+        pass
+
+    def describe(self, device: torch.device) -> str:
+        return describe_device(device)

@@ -22,7 +22,7 @@ import torch
 from . import data as data_mod
 from . import runs
 from .config import LIVE_FIELDS, ConfigError, RunConfig
-from .devices import QuietWindows, ThreadTuner, default_threads, describe_device, resolve_device
+from .devices import CpuShare, NoSharing, default_threads, describe_device, resolve_device
 from .inference import N_FIXED, N_SAMPLES, Weights, get_dataset
 from .records import Status
 from .training_loop import STATES, TrainingLoop
@@ -44,10 +44,8 @@ class Trainer(TrainingLoop):
         self.name = name
         self.data_dir = data_dir
         self.num_threads = num_threads or default_threads(sharing_with_server=False)
-        # Beside a web server the best thread count changes with the page's load: measure it.
-        cores = os.cpu_count() or 1
-        self.tuner = (ThreadTuner((max(1, cores // 2), cores)) if sharing_with_server and not num_threads
-                      and self.device.type == "cpu" and cores > 1 and "VAE_NUM_THREADS" not in os.environ else None)
+        # Beside a web server the best thread count changes with the page's load: a policy measures it.
+        self.cpu = CpuShare.for_device(self.device, num_threads=num_threads) if sharing_with_server else NoSharing()
         self.log_every = max(1, int(log_every))
         self.persist = persist
         self.init_from = Path(init_from) if init_from else None  # fork: start from this run's checkpoint
@@ -67,7 +65,6 @@ class Trainer(TrainingLoop):
         self._step, self._epoch, self._steps_per_epoch = 0, 0.0, 1
         self._epochs_target = config.train.epochs
         self._samples_per_s = 0.0
-        self._quiet = QuietWindows()  # when the tuned loop trains on one thread (see make_room)
         self._resume_ckpt: dict[str, Any] | None = None
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
 
@@ -284,8 +281,7 @@ class Trainer(TrainingLoop):
         than fighting for it. Calls at a steady rhythm also open the window just before the next
         is due (QuietWindows). Only runs with a thread tuner (training beside the server) react.
         """
-        if self.tuner is not None:
-            self._quiet.request(time.monotonic(), seconds)
+        self.cpu.make_room(seconds)
 
     def add_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
         """fn(row) is called from the training thread for each metrics row (the CLI's progress bar)."""
@@ -310,10 +306,7 @@ class Trainer(TrainingLoop):
         A tuned run trains on one thread while each refresh is drawn, which is when the page
         reads this, so torch.get_num_threads() would nearly always say 1.
         """
-        if self.tuner is None:
-            return describe_device(self.device)
-        n, quiet = self.tuner.current, self.tuner.choices[0]
-        return describe_device(self.device, n, f"{quiet} while the page redraws" if n != quiet else "")
+        return self.cpu.describe(self.device)
 
     def metrics(self, since: int = 0) -> list[dict[str, Any]]:
         """Metric rows from index `since` on (pass len(previous) to get only new ones); copies."""

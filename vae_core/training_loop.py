@@ -160,10 +160,7 @@ class TrainingLoop:
         self._set(message=f"training on {describe_device(self.device)}")
         acc = torch.zeros(4, device=self.device)  # loss, recon, kl, n — summed between log points
         last_publish = time.monotonic()
-        tuned: list[float] = []  # seconds per step of the tuner's current block
-        block_len = self.tuner.block_size() if self.tuner is not None else 0  # fixed when a block starts
-        threads_now = self.tuner.current if self.tuner is not None else self.num_threads
-        torch.set_num_threads(threads_now)
+        torch.set_num_threads(self.num_threads)
         while True:
             epoch_idx = self._step // spe
             if epoch_idx >= self._epochs_target:
@@ -176,21 +173,8 @@ class TrainingLoop:
                 x = self.train_x[idx]
                 if cfg.binarized:
                     x = torch.bernoulli(x, generator=self.gen)  # dynamic binarization: a fresh draw per batch
-                if self.tuner is None:
+                with self.cpu.step():  # the CPU-sharing policy: thread count and timing
                     acc += self.train_step(x)
-                else:
-                    making_room = self._quiet.quiet(time.monotonic())
-                    want = self.tuner.choices[0] if making_room else self.tuner.current
-                    if want != threads_now:
-                        torch.set_num_threads(want)
-                        threads_now = want
-                    t0 = time.perf_counter()
-                    acc += self.train_step(x)
-                    if not making_room:  # the tuner times only steps it chose the thread count for
-                        tuned.append(time.perf_counter() - t0)
-                        if len(tuned) >= block_len:
-                            self.tuner.record(tuned)
-                            tuned, block_len = [], self.tuner.block_size()
                 n_seen += len(idx)
                 with self._lock:
                     self._step += 1
