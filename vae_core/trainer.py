@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import threading
 import time
-from dataclasses import dataclass
+
 from pathlib import Path
 from typing import Any, Callable
 

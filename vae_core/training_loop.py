@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 import time
 import traceback
 from typing import Any
