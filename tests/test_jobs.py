@@ -122,22 +122,22 @@ def test_from_trainer_never_touches_the_training_model(tiny_sprites, monkeypatch
                 persist=False, data=tiny_sprites, num_threads=1)
     t.start()
     t.join(60)
-    live = {k: v.clone() for k, v in t.model.state_dict().items()}
+    live = {k: v.clone() for k, v in t.math.model.state_dict().items()}
 
     def forbidden(*a, **kw):
         raise AssertionError("the job used the training model")
 
     for name in ("forward", "encode", "decode_logits"):
-        monkeypatch.setattr(t.model, name, forbidden)
+        monkeypatch.setattr(t.math.model, name, forbidden)
     job = jobs.IwaeJob.from_trainer(t, k=100, n=16)
-    assert job.model is not t.model
+    assert job.model is not t.math.model
     job_ptrs = {p.data_ptr() for p in job.model.parameters()}
-    assert not job_ptrs & {p.data_ptr() for p in t.model.parameters()}
+    assert not job_ptrs & {p.data_ptr() for p in t.math.model.parameters()}
     assert job.weights_version == t.weights_version() and job.step == t.status().step
     job.start().join(30)
     snap = job.snapshot()
     assert snap.state == "done", snap.error
-    assert all(torch.equal(v, t.model.state_dict()[k]) for k, v in live.items())
+    assert all(torch.equal(v, t.math.model.state_dict()[k]) for k, v in live.items())
     # The held-out batch is the run's own fixed binarized test images, so a fixed seed repeats exactly.
     x = jobs.held_out(t.dataset(), t.config, 16)
     assert set(x.unique().tolist()) <= {0.0, 1.0}

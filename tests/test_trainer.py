@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from vae_core.devices import CpuShare, NoSharing
+from vae_core.run_math import RunMath
 
 from vae_core.config import ConfigError
 from vae_core.trainer import Trainer
@@ -118,8 +119,13 @@ def test_warmup_ramps_beta(tiny_config, tiny_sprites, runs_dir):
     t = make(tiny_config, tiny_sprites, runs_dir, warmup_epochs=2.0, epochs=2)
     t.start()
     t.join(60)
-    betas = [m["beta"] for m in t.metrics() if m["split"] == "train"]
-    assert betas[0] < 0.2 and betas == sorted(betas) and betas[-1] == pytest.approx(1.0)
+    rows = [m for m in t.metrics() if m["split"] == "train"]
+    betas = [m["beta"] for m in rows]
+    assert betas[0] < 0.2 and betas == sorted(betas)
+    # Each row's β is the mean over the steps it averages (β(s) = s / spe / warm-up), not the value at its end.
+    spe = 512 // 64
+    first, last = rows[-2]["step"], rows[-1]["step"]
+    assert betas[-1] == pytest.approx(np.mean([s / spe / 2.0 for s in range(first, last)]))
 
 
 def test_nan_loss_fails_and_keeps_last_good_weights(tiny_config, tiny_sprites, runs_dir):
@@ -131,7 +137,7 @@ def test_nan_loss_fails_and_keeps_last_good_weights(tiny_config, tiny_sprites, r
     time.sleep(0.3)  # pause() returns at once; let the thread finish the step it was in and park
     good = t.published_state()
     with torch.no_grad():  # while paused the thread is blocked, so poisoning the live model is safe here
-        t.model.decoder.fc2.bias.fill_(float("nan"))
+        t.math.model.decoder.fc2.bias.fill_(float("nan"))
     t.resume()
     assert wait_for(lambda: t.status().state == "failed", 10)
     assert "NaN" in t.status().message and "learning rate" in t.status().message
@@ -143,10 +149,10 @@ def test_nan_loss_fails_and_keeps_last_good_weights(tiny_config, tiny_sprites, r
 def test_exception_in_thread_becomes_failed_status(tiny_config, tiny_sprites, runs_dir, monkeypatch):
     t = make(tiny_config, tiny_sprites, runs_dir)
 
-    def boom(x):
+    def boom(self, x, **kwargs):
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(t, "train_step", boom)
+    monkeypatch.setattr(RunMath, "train_step", boom)
     t.start()
     assert wait_for(lambda: t.status().state == "failed", 10)
     assert "injected fault" in t.status().message
@@ -174,14 +180,23 @@ def test_same_seed_same_metrics(tiny_config, tiny_sprites, runs_dir):
     assert [(m["step"], round(m["elbo"], 4)) for m in t.metrics()] != rows[0]
 
 
-def test_weights_change_after_step_not_after_evaluate(tiny_config, tiny_sprites, runs_dir):
-    t = make(tiny_config, tiny_sprites, runs_dir)
-    t._prepare()
-    before = {k: v.clone() for k, v in t.model.state_dict().items()}
-    t.evaluate()
-    assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
-    t.train_step(torch.bernoulli(t.train_x[:64], generator=t.gen))
-    assert any(not torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+def test_weights_change_after_step_not_after_evaluate(tiny_config, tiny_sprites):
+    m = RunMath(tiny_config, tiny_sprites, torch.device("cpu"), lr=1e-3)  # built whole: nothing to prepare
+    before = {k: v.clone() for k, v in m.model.state_dict().items()}
+    m.evaluate()
+    assert all(torch.equal(before[k], v) for k, v in m.model.state_dict().items())
+    m.train_step(m.batch(torch.arange(64)), beta=1.0, free_bits=0.0, lr=1e-3)
+    assert any(not torch.equal(before[k], v) for k, v in m.model.state_dict().items())
+
+
+def test_a_fresh_run_math_matches_its_checkpoint(tiny_config, tiny_sprites):
+    """Rebuilding from checkpoint_state gives the same model and generator: a resumed run continues exactly."""
+    m = RunMath(tiny_config, tiny_sprites, torch.device("cpu"), lr=1e-3)
+    for _ in range(3):
+        m.train_step(m.batch(torch.arange(64)), beta=1.0, free_bits=0.0, lr=1e-3)
+    again = RunMath(tiny_config, tiny_sprites, torch.device("cpu"), lr=1e-3, checkpoint=m.checkpoint_state())
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in m.model.state_dict().items())
+    assert torch.equal(m.batch(torch.arange(8)), again.batch(torch.arange(8)))  # same binarization draws next
 
 
 def test_snapshots_are_copies(tiny_config, tiny_sprites, runs_dir):
@@ -208,7 +223,7 @@ def test_decode_encode_use_published_cpu_copy(tiny_config, tiny_sprites, runs_di
     assert mu.shape == (8, 2) and logvar.shape == (8, 2)
     out = t.decode(mu)
     assert out.shape == (8, 28, 28) and out.min() >= 0 and out.max() <= 1
-    assert t.weights._current_model() is not t.model  # a CPU copy, never the model the optimiser updates
+    assert t.weights._current_model() is not t.math.model  # a CPU copy, never the model the optimiser updates
     assert names == ("square", "ellipse", "triangle") and set(labels) <= {0, 1, 2}
 
 
@@ -340,12 +355,12 @@ def test_periodic_evidence_rows_bound_the_elbo(tiny_config, tiny_sprites, runs_d
 def test_out_of_memory_fails_with_a_smaller_batch_hint(tiny_config, tiny_sprites, runs_dir, monkeypatch):
     t = make(tiny_config, tiny_sprites, runs_dir, epochs=50)
 
-    def oom(x):
+    def oom(x, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     t.start()
     assert wait_for(lambda: t.status().step > 2)
-    monkeypatch.setattr(t, "train_step", oom)
+    monkeypatch.setattr(t.math, "train_step", oom)
     assert wait_for(lambda: t.status().state == "failed", 10)
     assert "smaller batch size" in t.status().message
     assert t.decode(np.zeros((1, 2))).shape == (1, 28, 28)  # the last published weights still serve the panels
@@ -357,7 +372,7 @@ def test_make_room_trains_on_one_thread_for_the_window(tiny_config, tiny_sprites
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     counts = []
     real = torch.set_num_threads
-    monkeypatch.setattr("vae_core.training_loop.torch.set_num_threads", lambda n: (counts.append(n), real(n)))
+    monkeypatch.setattr("torch.set_num_threads", lambda n: (counts.append(n), real(n)))
     t = Trainer(tiny_config.replace(epochs=2), runs_dir=runs_dir, data=tiny_sprites, sharing_with_server=True)
     t.make_room(60.0)  # the whole run falls inside the window
     t.start()

@@ -1,9 +1,10 @@
 """The trainer: one VAE run in one daemon thread, with a thread-safe read/control API.
 
-Readers (the dashboard, the CLI) never touch the model the optimiser updates: they get
-copies of metrics and images, and decode/encode through a CPU copy of the weights that
-the thread publishes about once a second. This module holds the API any thread may call
-(construction, control, reading); what runs in the training thread is in training_loop.py.
+A Trainer holds the math of its run (run_math.RunMath, built in the thread when training starts)
+and publishes what readers see under one lock: a status, metric rows, images and a CPU copy of
+the weights (inference.Weights). Readers never touch the model the optimiser updates. Beside the
+training thread a sync thread (run_sync.RunSync) beats status.json and applies control.json, so
+other processes can follow and steer the run through its directory.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import dataclasses
 import math
 import threading
 import time
-
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,13 +23,18 @@ from . import data as data_mod
 from . import runs
 from .config import LIVE_FIELDS, ConfigError, RunConfig
 from .devices import CpuShare, NoSharing, default_threads, describe_device, resolve_device
+from .images import to_uint8
 from .inference import N_FIXED, N_SAMPLES, Weights, get_dataset
 from .records import Status
-from .training_loop import STATES, TrainingLoop
+from .run_math import EVIDENCE_KS, RunMath
+from .run_sync import RunSync
 
-__all__ = ["N_FIXED", "N_SAMPLES", "Status", "Trainer", "get_dataset"]  # get_dataset: older imports
+__all__ = ["N_FIXED", "N_SAMPLES", "STATES", "Status", "Trainer", "get_dataset"]
 
-class Trainer(TrainingLoop):
+STATES = ("idle", "running", "paused", "finished", "stopped", "failed")
+
+
+class Trainer:
     """Owns one run: its data, model, optimiser, thread, run directory and published snapshots."""
 
     def __init__(self, config: RunConfig, *, runs_dir: str | Path | None = None, name: str | None = None,
@@ -67,11 +73,12 @@ class Trainer(TrainingLoop):
         self._resume_ckpt: dict[str, Any] | None = None
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
 
+        self.math: RunMath | None = None  # built in the thread when training first starts
+        self._last_good: dict[str, torch.Tensor] | None = None  # CPU weights of the last finite log point
+        self._writer: runs.MetricsWriter | None = None
         # Cross-process side: status.json heartbeats, control.json steering, the train.lock.
-        self._status_write = threading.Lock()  # one status.json writer at a time (loop or heartbeat thread)
-        self._control_seq = 0  # the last control.json entry applied (acknowledged in status.json)
-        self._control_seen: tuple[int, int] | None = None
-        self._run_lock = runs.RunLock(self.run_dir) if self.run_dir else None
+        self.sync = RunSync(self)
+        self._run_lock: runs.RunLock | None = None
         self._on_exit: list[Callable[["Trainer"], None]] = []
 
     # ------------------------------------------------------------ constructing from disk
@@ -106,6 +113,11 @@ class Trainer(TrainingLoop):
         # Resumed-for-more and forked runs plan past config.epochs; status.json records where they were headed.
         if isinstance(st.get("epochs_target"), int) and st["epochs_target"] > 0:
             t._epochs_target = st["epochs_target"]
+        # Steps per epoch, for "step 1,560 / 1,560" (not "/ 10") before the data are loaded again.
+        spe = st.get("steps_per_epoch")
+        if not (isinstance(spe, int) and spe > 0):
+            spe = round(t._step / t._epoch) if t._epoch > 0 else 1
+        t._steps_per_epoch = max(1, int(spe))
         t._state = "stopped" if st.get("state") in ("running", "paused", "interrupted", "unknown") else st.get("state", "stopped")
         if t._state not in STATES:
             t._state = "stopped"
@@ -143,7 +155,7 @@ class Trainer(TrainingLoop):
             self.create_run_dir()
             self._run_lock = runs.RunLock(self.run_dir)
             self._run_lock.acquire()
-            self._control_seq = int(runs.read_control(self.run_dir).get("seq", 0))  # older requests are not for us
+            self.sync.skip_old_requests()
         with self._lock:
             if epochs is not None:
                 self._epochs_target = math.ceil(self._epoch) + int(epochs)
@@ -154,65 +166,12 @@ class Trainer(TrainingLoop):
             self._thread = threading.Thread(target=self._run, name=f"vae-trainer-{self.name or 'new'}", daemon=True)
             self._thread.start()
         if self.persist:
-            self._write_status()
-            threading.Thread(target=self._sync_loop, args=(self._thread,), name=f"vae-sync-{self.name}",
-                             daemon=True).start()
+            self.sync.write_status()
+            self.sync.follow(self._thread)
 
     def add_exit_listener(self, fn: Callable[["Trainer"], None]) -> None:
         """fn(trainer) is called from the training thread as it ends (finished, stopped or failed)."""
         self._on_exit.append(fn)
-
-    # ------------------------------------------------------------ other processes: heartbeat and control.json
-
-    def _sync_loop(self, thread: threading.Thread) -> None:
-        """While `thread` trains: apply control.json within half a second, and beat status.json every HEARTBEAT_S."""
-        last_beat = time.monotonic()
-        while thread.is_alive():
-            try:
-                self._poll_control()
-                if time.monotonic() - last_beat >= runs.HEARTBEAT_S:
-                    self._write_status()
-                    last_beat = time.monotonic()
-            except OSError:  # a full disk or a removed directory must not end the process's training
-                pass
-            thread.join(0.5)
-
-    def _poll_control(self) -> None:
-        path = self.run_dir / runs.CONTROL
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return
-        key = (st.st_mtime_ns, st.st_size)
-        if key == self._control_seen:
-            return
-        self._control_seen = key
-        ctl = runs.read_control(self.run_dir)
-        seq = int(ctl.get("seq", 0) or 0)
-        if seq <= self._control_seq:
-            return
-        live = {k: ctl[k] for k in LIVE_FIELDS if isinstance(ctl.get(k), (int, float))}
-        note = None
-        try:
-            if live:
-                self.update(**live)
-                note = ", ".join(f"{k}={v:g}" for k, v in live.items() if k in ctl)
-        except ConfigError as e:
-            note = f"ignored a request: {e}"
-        command = ctl.get("command")
-        if command == "pause":
-            self.pause()
-        elif command == "resume":
-            self.resume()
-        elif command == "stop":
-            self._stop.set()
-            with self._lock:
-                self._wake.notify_all()
-        self._control_seq = seq
-        with self._lock:
-            if note and self._state == "running":
-                self._message = f"applied {note} from control.json"
-        self._write_status()
 
     def pause(self) -> None:
         with self._lock:
@@ -252,6 +211,18 @@ class Trainer(TrainingLoop):
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+
+    def request_stop(self) -> None:
+        """Ask the thread to end (it checkpoints on its way out) without waiting for it."""
+        self._stop.set()
+        with self._lock:
+            self._wake.notify_all()
+
+    def note(self, message: str) -> None:
+        """Replace the status message of a running run (e.g. what a steering request changed)."""
+        with self._lock:
+            if self._state == "running":
+                self._message = message
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -357,3 +328,201 @@ class Trainer(TrainingLoop):
     def test_set(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
         """Test images (N, 28, 28) float32, labels (N,), label names: what panels pick from."""
         return self.weights.test_set(n)
+
+    # ------------------------------------------------------------ the thread
+
+    def _beta_effective_locked(self) -> float:
+        w = self._live["warmup_epochs"]
+        return self._live["beta"] * (min(1.0, self._epoch / w) if w > 0 else 1.0)
+
+    def _set(self, state: str | None = None, message: str | None = None) -> None:
+        with self._lock:
+            if state is not None:
+                self._state = state
+            if message is not None:
+                self._message = message
+        self.sync.write_status()
+
+    def _run(self) -> None:
+        try:
+            self._run_guarded()
+        finally:
+            if self._run_lock is not None:
+                self._run_lock.release()
+            for fn in self._on_exit:
+                fn(self)
+
+    def _run_guarded(self) -> None:
+        try:
+            torch.set_num_threads(self.num_threads)
+            self._train()
+        except (ConfigError, data_mod.DatasetUnavailable, runs.RunFileError) as e:  # expected, already worded
+            if self.math is None and self._resume_ckpt is None and self.init_from is None:
+                self._discard_unstarted_dir()  # e.g. a batch larger than the data: nothing was trained, keep nothing
+            self._set("failed", str(e))
+        except torch.OutOfMemoryError:
+            self._set("failed", f"out of memory on {self.device.type} at batch size {self.config.train.batch_size}; "
+                                "start again with a smaller batch size")
+        except Exception as e:  # anything else in the thread becomes a failed status, never a hang
+            traceback.print_exc()
+            self._set("failed", f"{type(e).__name__}: {e}")
+
+    def _discard_unstarted_dir(self) -> None:
+        if self.persist and self.run_dir is not None and not (self.run_dir / runs.CHECKPOINT).exists():
+            for f in self.run_dir.iterdir():
+                if f.is_file():
+                    f.unlink()
+            self.run_dir.rmdir()
+            self.persist = False  # nothing more is written for this run
+
+    def _prepare(self) -> RunMath:
+        """Build the run's math (first start) and open the run directory for writing."""
+        if self.math is None:
+            # A restarted trainer (stopped, failed or finished, then started again) keeps its math: its
+            # model, optimiser and generator in memory are exactly what it last checkpointed.
+            cfg = self.config
+            self._set(message=f"loading {cfg.train.dataset}")
+            data = self.check()
+            ckpt = self._resume_ckpt
+            if ckpt is None and self.init_from is not None:
+                ckpt = runs.load_checkpoint(self.init_from / runs.CHECKPOINT)
+                self.parent = {"run": self.init_from.name, "step": int(ckpt["step"])}
+            math_ = RunMath(cfg, data, self.device, lr=self._live["lr"], checkpoint=ckpt)
+            with self._lock:
+                self._steps_per_epoch = math_.steps_per_epoch
+                if self.parent is not None and ckpt is not None:  # a fork starts its own step count at the parent's
+                    self._step, self._epoch = int(ckpt["step"]), float(ckpt.get("epoch", 0))
+                    self._epochs_target = math.ceil(self._epoch) + cfg.train.epochs
+            if self.persist:  # start() created the directory; record what only loading the data told us
+                previous = runs.read_json(self.run_dir / runs.CONFIG)
+                kept = {k: v for k, v in previous.items() if k not in ("model", "train", "versions")}  # owner, ...
+                runs.write_config(self.run_dir, cfg, **{**kept, "created": previous.get("created", time.time()),
+                                                         "parent": self.parent or previous.get("parent"),
+                                                         "device": describe_device(self.device),
+                                                         "dataset_source": data.source})
+            self.math = math_
+            self._last_good = math_.weights_cpu()
+        if self.persist:
+            runs.truncate_metrics(self.run_dir, self._step)  # resuming: drop rows written after the checkpoint
+            self._writer = runs.MetricsWriter(self.run_dir)
+        self._publish()
+        return self.math
+
+    def _train(self) -> None:
+        m = self._prepare()
+        spe = m.steps_per_epoch
+        self._set(message=f"training on {describe_device(self.device)}")
+        acc = torch.zeros(5, device=self.device)  # loss, recon, kl, beta, n: summed between log points
+        last_publish = time.monotonic()
+        while self._step // spe < self._epochs_target:
+            order = m.batcher.epoch()[self._step % spe:]  # a resumed run finishes its epoch
+            t_epoch, n_seen = time.perf_counter(), 0
+            for idx in order:
+                if not self._wait_turn():
+                    return self._finish("stopped", f"stopped at step {self._step}")
+                with self._lock:
+                    beta, free_bits, lr = self._beta_effective_locked(), self._live["free_bits"], self._live["lr"]
+                with self.cpu.step():  # the CPU-sharing policy: thread count and timing
+                    acc += m.train_step(m.batch(idx), beta=beta, free_bits=free_bits, lr=lr)
+                n_seen += len(idx)
+                with self._lock:
+                    self._step += 1
+                    self._epoch = self._step / spe
+                if self._step % self.log_every == 0 or self._step % spe == 0:
+                    if not self._log_train(acc):
+                        return
+                    acc.zero_()
+                    dt = time.perf_counter() - t_epoch
+                    with self._lock:
+                        self._samples_per_s = n_seen / dt if dt > 0 else 0.0
+                    if time.monotonic() - last_publish > 1.0:
+                        self._publish()
+                        last_publish = time.monotonic()
+            train_time = time.perf_counter() - t_epoch
+            if not self._end_epoch(n_seen / train_time if train_time > 0 else 0.0):
+                return
+        self._finish("finished", f"finished {self._epochs_target} epochs ({self._step} steps)")
+
+    def _wait_turn(self) -> bool:
+        """Block while paused (letting single steps through); False when asked to stop."""
+        with self._lock:
+            while True:
+                if self._stop.is_set():
+                    return False
+                if self._state == "running":
+                    return True
+                if self._pending_steps > 0:
+                    self._pending_steps -= 1
+                    return True
+                self._wake.wait(0.25)
+
+    def _log_train(self, acc: torch.Tensor) -> bool:
+        loss, recon, kl, beta_sum, n = acc.tolist()  # the one sync point per log interval
+        if n == 0:
+            return True
+        loss, recon, kl = loss / n, recon / n, kl / n
+        if not all(math.isfinite(v) for v in (loss, recon, kl)):
+            self.math.restore(self._last_good, self._live["lr"])
+            self._finish("failed", f"the loss became {'NaN' if math.isnan(loss) else 'infinite'} at step {self._step} "
+                                   f"(beta={self._live['beta']:g}, lr={self._live['lr']:g}); the last good weights "
+                                   f"were kept. Lower the learning rate, then resume.")
+            return False
+        self._last_good = self.math.weights_cpu()
+        # beta: the mean effective β of the interval the numbers average over (warm-up moves it within one).
+        self._emit({"step": self._step, "epoch": round(self._epoch, 4), "split": "train", "elbo": recon - kl,
+                    "recon": recon, "kl": kl, "loss": loss, "beta": beta_sum / n, "beta_set": self._live["beta"],
+                    "lr": self._live["lr"], "free_bits": self._live["free_bits"], "wall_time": time.time()})
+        return True
+
+    def _emit(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self._metrics.append(row)
+        if self._writer is not None:
+            self._writer.write(row)
+        for fn in self._listeners:
+            fn(row)
+
+    def _end_epoch(self, samples_per_s: float) -> bool:
+        """Test-set numbers, the evidence when due, a checkpoint; False when the run failed."""
+        ev = self.math.evaluate()
+        self._publish()
+        row = {"step": self._step, "epoch": int(round(self._epoch)), "split": "test", **ev,
+               "beta": self.status().beta_effective, "samples_per_s": samples_per_s, "wall_time": time.time()}
+        self._emit(row)
+        if not math.isfinite(ev["elbo"]):
+            self._finish("failed", f"the test ELBO became non-finite after epoch {int(self._epoch)}; lower the learning rate")
+            return False
+        every = self.config.train.evidence_every
+        epoch = int(round(self._epoch))
+        if every and (epoch % every == 0 or epoch == self._epochs_target or epoch == 1):
+            self._set(message=f"epoch {epoch}: estimating log p(x) with importance sampling")
+            # k = 1000 costs ~0.5 s for the MLP but ~8 s for the conv net on 2 CPU cores; the panel's
+            # on-demand evaluation goes higher when asked.
+            ks = EVIDENCE_KS if self.config.model.arch == "mlp" or self.device.type != "cpu" else EVIDENCE_KS[:3]
+            self._emit({"step": self._step, "epoch": epoch, "split": "evidence",
+                        **self.math.evidence(ks, seed=20_000 + self._step), "wall_time": time.time()})
+        self._checkpoint()
+        self._set(message=f"epoch {epoch} of {self._epochs_target}: test ELBO {ev['elbo']:.2f} nats")
+        return True
+
+    def _checkpoint(self) -> None:
+        if not self.persist or self.run_dir is None or self.math is None:
+            return
+        runs.save_checkpoint(self.run_dir, {**self.math.checkpoint_state(), "config": self.config.to_dict(),
+                                            "step": self._step, "epoch": self._epoch, "live": dict(self._live)})
+
+    def _finish(self, state: str, message: str) -> None:
+        self._checkpoint()  # on failure the model already holds the last good weights again
+        self._publish()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._set(state, message)
+
+    def _publish(self) -> None:
+        """Readers' copy: the last good weights and the images they give."""
+        self.weights.publish(self._last_good, self._step)
+        images = self.math.render_images()
+        art = {k: to_uint8(v) for k, v in images.items()}
+        with self._lock:
+            self._artifacts = {**art, "step": self._step}
