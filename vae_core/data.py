@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
 import socket
 import urllib.parse
 from dataclasses import dataclass
@@ -136,25 +135,29 @@ def find_local(name: str, data_dir: str | Path | None = None) -> Path | None:
     return None
 
 
-def _materialise(name: str, folder: Path) -> Path:
-    """Make a torchvision root for the IDX files in folder; decompress .gz into the cache if needed."""
-    cls_name = _torchvision_class(name).__name__
-    if folder.name == "raw" and folder.parent.name == cls_name and all((folder / f).exists() for f in IDX_FILES):
-        return folder.parent.parent
-    raw = default_cache_dir() / cls_name / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for f in IDX_FILES:
-        if (raw / f).exists():
-            continue
-        src = folder / f
-        tmp = raw / f"{f}.part"
-        if src.exists():
-            shutil.copyfile(src, tmp)
-        else:
-            with gzip.open(folder / f"{f}.gz", "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-        tmp.replace(raw / f)
-    return default_cache_dir()
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format), gzipped or not, as a numpy array; read in place, never copied."""
+    path = Path(path)
+    if not path.exists():
+        path = path.with_name(path.name + ".gz")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DatasetUnavailable(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DatasetUnavailable(f"{path} is truncated: {data.size} values for shape {shape}")
+    return data.reshape(shape)
+
+
+def _read_local(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train images, train labels, test images, test labels from the four IDX files in folder."""
+    arrays = [torch.from_numpy(read_idx(folder / f).copy()) for f in IDX_FILES]
+    train_x, train_y, test_x, test_y = arrays
+    return (train_x.float() / 255).unsqueeze(1), train_y.long(), (test_x.float() / 255).unsqueeze(1), test_y.long()
 
 
 def _network_reachable(url: str, timeout: float = NETWORK_PROBE_TIMEOUT_S) -> bool:
@@ -177,39 +180,38 @@ def _how_to_provide(name: str) -> str:
 
 
 def load_torchvision(name: str, data_dir: str | Path | None = None) -> ImageData:
-    cls = _torchvision_class(name)
-    folder = find_local(name, data_dir)
-    if folder is not None:
-        root = _materialise(name, folder)
-        source = str(folder)
-    else:
-        mirrors = [m for m in cls.mirrors if _network_reachable(m)]
-        if not mirrors:
-            raise DatasetUnavailable(
-                f"{name} is not on this machine and cannot be downloaded (no network). To provide it: "
-                f"{_how_to_provide(name)}. The built-in 'sprites' dataset needs no download.")
-        root = default_cache_dir()
-        try:
-            # A class attribute read by download(); narrowing it skips mirrors we could not reach.
-            saved, cls.mirrors = cls.mirrors, mirrors
-            try:
-                cls(str(root), train=True, download=True)
-            finally:
-                cls.mirrors = saved
-        except Exception as e:  # torchvision raises RuntimeError/URLError with multi-line text
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DatasetUnavailable(f"downloading {name} failed ({first}). To provide it: {_how_to_provide(name)}.") from None
-        source = f"downloaded to {root}"
-    try:
-        train, test = cls(str(root), train=True), cls(str(root), train=False)
-    except Exception as e:
-        raise DatasetUnavailable(f"{name} files in {folder or root} could not be read ({e}). To provide it: "
-                                 f"{_how_to_provide(name)}.") from None
     label_names = tuple(str(i) for i in range(10)) if name == "mnist" else FASHION_CLASSES
-    # .data / .targets are the classes' own decoded tensors; indexing them per sample would
-    # build a PIL image each time, which is what makes DataLoader pipelines slow.
-    return ImageData(name, (train.data.float() / 255).unsqueeze(1), train.targets.long(),
-                     (test.data.float() / 255).unsqueeze(1), test.targets.long(), label_names, source)
+    folder = find_local(name, data_dir)
+    if folder is not None:  # read where it lies (e.g. Debian's read-only folder): no copy into ./data
+        try:
+            train_x, train_y, test_x, test_y = _read_local(folder)
+        except (OSError, ValueError, EOFError) as e:
+            raise DatasetUnavailable(f"{name} files in {folder} could not be read ({e}). To provide it: "
+                                     f"{_how_to_provide(name)}.") from None
+        return ImageData(name, train_x, train_y, test_x, test_y, label_names, str(folder))
+    cls = _torchvision_class(name)
+    mirrors = [m for m in cls.mirrors if _network_reachable(m)]
+    if not mirrors:
+        raise DatasetUnavailable(
+            f"{name} is not on this machine and cannot be downloaded (no network). To provide it: "
+            f"{_how_to_provide(name)}. The built-in 'sprites' dataset needs no download.")
+    root = default_cache_dir()  # a download is kept here (./data or VAE_DATA_CACHE) for the next run
+    try:
+        # A class attribute read by download(); narrowing it skips mirrors we could not reach.
+        saved, cls.mirrors = cls.mirrors, mirrors
+        try:
+            cls(str(root), train=True, download=True)
+        finally:
+            cls.mirrors = saved
+    except Exception as e:  # torchvision raises RuntimeError/URLError with multi-line text
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatasetUnavailable(f"downloading {name} failed ({first}). To provide it: {_how_to_provide(name)}.") from None
+    try:
+        train_x, train_y, test_x, test_y = _read_local(root / cls.__name__ / "raw")
+    except (OSError, ValueError, EOFError) as e:
+        raise DatasetUnavailable(f"{name} files in {root} could not be read ({e}). To provide it: "
+                                 f"{_how_to_provide(name)}.") from None
+    return ImageData(name, train_x, train_y, test_x, test_y, label_names, f"downloaded to {root}")
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> ImageData:
