@@ -8,9 +8,6 @@ downloaded only when none is present.
 from __future__ import annotations
 
 import gzip
-import os
-import socket
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +18,12 @@ SPRITE_SHAPES = ("square", "ellipse", "triangle")
 SPRITE_FACTORS = ("shape", "scale", "rotation", "x", "y")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-DEBIAN_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 SPRITES_TRAIN, SPRITES_TEST = 20_000, 2_000
-NETWORK_PROBE_TIMEOUT_S = 3.0
 
 
 from .records import DatasetUnavailable  # noqa: E402  (defined torch-free, so readers can catch it without torch)
+from .sources import (DEBIAN_DIRS, IDX_FILES, NETWORK_PROBE_TIMEOUT_S, _how_to_provide,  # noqa: E402, F401
+                      _network_reachable, _torchvision_class, availability, default_cache_dir, find_local)
 
 @dataclass
 class ImageData:
@@ -102,39 +98,6 @@ def make_sprites(n_train: int = SPRITES_TRAIN, n_test: int = SPRITES_TEST, seed:
 
 # ---------------------------------------------------------------- MNIST / Fashion-MNIST
 
-def _torchvision_class(name: str):
-    from torchvision import datasets  # imported lazily: torchvision costs ~1 s at start-up
-
-    return {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[name]
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("VAE_DATA_CACHE", "data"))
-
-
-def _has_idx(folder: Path) -> bool:
-    return all((folder / f).exists() or (folder / f"{f}.gz").exists() for f in IDX_FILES)
-
-
-def find_local(name: str, data_dir: str | Path | None = None) -> Path | None:
-    """The first folder holding this dataset's four IDX files, in the documented search order.
-
-    Each candidate root is tried as torchvision's layout (ROOT/MNIST/raw) and as a flat folder.
-    """
-    if name == "sprites":
-        return None
-    cls_name = _torchvision_class(name).__name__
-    roots = [data_dir or os.environ.get("VAE_DATA_DIR"), default_cache_dir(), DEBIAN_DIRS.get(name)]
-    for root in roots:
-        if not root:
-            continue
-        root = Path(root)
-        for folder in (root / cls_name / "raw", root):
-            if folder.is_dir() and _has_idx(folder):
-                return folder
-    return None
-
-
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (LeCun's MNIST format), gzipped or not, as a numpy array; read in place, never copied."""
     path = Path(path)
@@ -158,25 +121,6 @@ def _read_local(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     arrays = [torch.from_numpy(read_idx(folder / f).copy()) for f in IDX_FILES]
     train_x, train_y, test_x, test_y = arrays
     return (train_x.float() / 255).unsqueeze(1), train_y.long(), (test_x.float() / 255).unsqueeze(1), test_y.long()
-
-
-def _network_reachable(url: str, timeout: float = NETWORK_PROBE_TIMEOUT_S) -> bool:
-    """Can we open a TCP connection to the host of url? Bounded by timeout, so no hang offline."""
-    parts = urllib.parse.urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parts.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _how_to_provide(name: str) -> str:
-    ways = ["put its four IDX files (gzipped or not) in a folder and pass --data-dir DIR or set VAE_DATA_DIR",
-            f"or place them under ./data/{_torchvision_class(name).__name__}/raw"]
-    if name == "fashion-mnist":
-        ways.append("or install Debian's package: apt-get install dataset-fashion-mnist")
-    return "; ".join(ways)
 
 
 def load_torchvision(name: str, data_dir: str | Path | None = None) -> ImageData:
@@ -221,20 +165,6 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> ImageData:
     if name in ("mnist", "fashion-mnist"):
         return load_torchvision(name, data_dir)
     raise DatasetUnavailable(f"unknown dataset {name!r}; choose sprites, mnist or fashion-mnist")
-
-
-def availability(data_dir: str | Path | None = None) -> dict[str, tuple[bool, str]]:
-    """For each dataset: can it be used now, and why (where it is found, or how to get it)."""
-    out: dict[str, tuple[bool, str]] = {"sprites": (True, "built in, no download")}
-    for name in ("mnist", "fashion-mnist"):
-        folder = find_local(name, data_dir)
-        if folder is not None:
-            out[name] = (True, f"found in {folder}")
-        elif any(_network_reachable(m, timeout=1.0) for m in _torchvision_class(name).mirrors[:1]):
-            out[name] = (True, "not on this machine; will download")
-        else:
-            out[name] = (False, f"not on this machine and no network. {_how_to_provide(name)}")
-    return out
 
 
 class IndexBatcher:

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 from .models import VAE
-from .objectives import kl_per_dim, log_normal, log_px_given_z, log_standard_normal
+from .records import ACTIVE_THRESHOLD  # lives there so that the dashboard reads it without torch
+from .objectives import importance_log_weights, kl_per_dim, log_normal, log_px_given_z, log_standard_normal
 
 DEFAULT_KS = (1, 10, 100, 1000)
 # Pixels decoded per chunk: 4 MB of float32 logits, plus the same again for their log-likelihood.
 # On CPU anything from 0.1M to 2M runs within 3%; bigger chunks were never faster, at times 10-30%
 # slower (benchmarks/bench_iwae.py).
 CHUNK_ELEMS = 1_000_000
-ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016, sec. 5.2
 
 # The posterior grid. A cell is "mass" while its log density is within TAIL_NATS of the peak: a
 # Gaussian posterior is then covered to ~6.3 std, and what is left out weighs < e^-20 of the peak.
@@ -48,32 +48,6 @@ def _check_ks(ks: Sequence[int]) -> list[int]:
 
 
 @torch.no_grad()
-def _importance_samples(model: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, k: int, *,
-                        generator: torch.Generator | None, max_chunk_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log weights log p(x, z_i) - log q(z_i|x) and log p(x|z_i), each (k, B), from a given encoder pass.
-
-    Draws eps in the same (n, B, D) chunks as objectives.iwae_bound, so with the same generator
-    state and max_chunk_elems the samples, and the bound, are identical (a test holds them to it).
-    """
-    B, D = mu.shape
-    per_chunk = max(1, max_chunk_elems // (B * x[0].numel()))
-    std = torch.exp(0.5 * logvar)  # (B, D)
-    log_w, log_lik = [], []
-    done = 0
-    while done < k:
-        n = min(per_chunk, k - done)
-        eps = torch.randn((n, B, D), generator=generator, device=mu.device, dtype=mu.dtype)
-        z = mu + eps * std  # (n, B, D)
-        logits = model.decode_logits(z.reshape(n * B, D))
-        xr = x.unsqueeze(0).expand(n, *x.shape).reshape(n * B, *x.shape[1:])
-        lpx = log_px_given_z(model, xr, logits).view(n, B)
-        log_lik.append(lpx)
-        log_w.append(lpx + log_standard_normal(z) - log_normal(z, mu, logvar))  # (n, B)
-        done += n
-    return torch.cat(log_w, 0), torch.cat(log_lik, 0)
-
-
-@torch.no_grad()
 def iwae_curve(model: VAE, x: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, *,
                generator: torch.Generator | None = None, max_chunk_elems: int = CHUNK_ELEMS) -> dict[str, Any]:
     """The ELBO and log p_k(x) for each k on a fixed batch x: means and standard errors across examples.
@@ -91,7 +65,8 @@ def iwae_curve(model: VAE, x: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, *,
     K = ks_sorted[-1]
     mu, logvar = model.encode(x)  # (B, D), shared by every k
     B = mu.shape[0]
-    log_w, log_lik = _importance_samples(model, x, mu, logvar, K, generator=generator, max_chunk_elems=max_chunk_elems)
+    log_w, log_lik = importance_log_weights(model, x, mu, logvar, K, generator=generator,
+                                           max_chunk_elems=max_chunk_elems)
     log_w = log_w.double()  # (K, B); float64 so the reductions add no error of their own
     kl = kl_per_dim(mu.double(), logvar.double()).sum(1)  # (B,)
     elbo = log_lik.double().mean(0) - kl  # (B,)

@@ -20,14 +20,11 @@ import torch
 
 from .config import ModelConfig, RunConfig
 from .inference import Weights, held_out
-from .records import JobSnapshot
+from .records import DEFAULT_EXAMPLES, DEFAULT_K, EXAMPLE_CHOICES, K_CHOICES, JobSnapshot  # noqa: F401 (re-exported)
 from .evidence import iwae_curve
 from .models import build_model
 
 JOB_STATES = ("running", "done", "cancelled", "failed")
-K_CHOICES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)  # the panel's k slider
-EXAMPLE_CHOICES = (8, 16, 32, 64, 128, 256, 500, 1000)
-DEFAULT_K, DEFAULT_EXAMPLES = 1000, 64
 # Chunks of ~0.2 s on 2 CPU cores, so progress moves often and a cancel lands well within a second
 # even with training beside it. Cost of one decoded sample in microseconds, a + b * hidden units,
 # fitted to iwae_curve timings here (MLP: 6.4 at 32 hidden, 9.6 at 400, 13.8 at 1024; conv net:

@@ -26,19 +26,22 @@ import numpy as np
 from . import runs
 from .config import (ARCHS, DATASETS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS, UI_LIMITS, ConfigError,
                      RunConfig)
-from .records import DatasetUnavailable, JobSnapshot, Status
-from .runs import RunBusy, RunFileError, RunSummary
+from .records import (ACTIVE_THRESHOLD, DEFAULT_EXAMPLES, DEFAULT_K, EXAMPLE_CHOICES, K_CHOICES, DatasetUnavailable,
+                      JobSnapshot, Status)
+from .runs import CHECKPOINT, RunBusy, RunFileError, RunSummary, sanitize_name
 
 if TYPE_CHECKING:
     from .inference import PosteriorResult, Weights
     from .trainer import Trainer
 
-__all__ = ["ARCHS", "DATASETS", "DEVICES", "LIKELIHOODS", "LIMITS", "LIVE_FIELDS", "UI_LIMITS", "ConfigError",
+__all__ = ["ACTIVE_THRESHOLD", "ARCHS", "CHECKPOINT", "DATASETS", "DEFAULT_EXAMPLES", "DEFAULT_K", "DEVICES",
+           "EXAMPLE_CHOICES", "K_CHOICES", "LIKELIHOODS", "LIMITS", "LIVE_FIELDS", "UI_LIMITS", "ConfigError",
            "DatasetUnavailable", "FollowedRun", "JobSnapshot", "Lab", "LocalRun", "RunBusy", "RunConfig",
-           "RunFileError", "RunHandle", "RunSummary", "Status", "UserError", "default_max_runs"]
+           "RunFileError", "RunHandle", "RunSummary", "Status", "UserError", "default_max_runs", "sanitize_name"]
 
 # What a caller shows as one line: bad settings, unusable files, a busy run, missing data.
 UserError = (ConfigError, RunFileError, DatasetUnavailable, OSError)
+_PROBES: dict[str, Any] = {}  # what this machine offers (devices, datasets), found once per process
 FOLLOW_REFRESH_S = 0.3  # a followed run re-reads its files at most this often, however many readers ask
 KEEP_ENDED = 32  # ended runs kept in memory (their weights, for fast reads); older ones are followed from disk
 
@@ -89,6 +92,11 @@ class RunHandle:
 
     def make_room(self, seconds: float) -> None:
         """A hint that the caller is about to load the CPU (a page refresh); only runs trained here react."""
+
+    @property
+    def token(self) -> int:
+        """Unique to this run's weights view in this process (a new one after a rename or a restart here)."""
+        return self.weights.token
 
     # The same for both kinds: computed from the latest weights on a CPU copy.
     def weights_version(self) -> int:
@@ -278,6 +286,14 @@ class FollowedRun(RunHandle):
                       num("warmup_epochs", t.warmup_epochs), num("free_bits", t.free_bits),
                       owner=runs.read_json_or_empty(self.run_dir / runs.CONFIG).get("owner"), followed=True)
 
+    def weights_version(self) -> int:
+        self._refresh()  # a new checkpoint is a new version, whichever call notices it first
+        return self.weights.version()
+
+    def weights_step(self) -> int:
+        self._refresh()
+        return self.weights.step()
+
     def metrics(self, since: int = 0) -> list[dict[str, Any]]:
         self._refresh()
         with self._lock:
@@ -327,21 +343,31 @@ class Lab:
         self._listening: set[int] = set()  # trainers whose end wakes the scheduler
         self._closed = False
 
-    # ------------------------------------------------------------ warm-up and devices
+    # ------------------------------------------------------------ warm-up and what this machine offers
 
     def warm_up(self, dataset: str = "sprites") -> None:
-        """Pay a process's one-off costs (torch import, rendering sprites) now, e.g. in a background thread."""
+        """Pay a process's one-off costs now, e.g. in a background thread: torch, the device and dataset
+        probes, the sprites, torch._dynamo (the first Adam imports it: ~1 s of a first run's start-up)."""
         from .inference import get_dataset
 
+        Lab.devices()
+        Lab.dataset_availability()
         get_dataset(dataset, self.data_dir)
-        import torch._dynamo  # noqa: F401  (the first Adam imports it: ~1 s of a first run's start-up)
+        import torch._dynamo  # noqa: F401
 
     @staticmethod
     def devices() -> dict[str, bool]:
-        """Which devices this machine has: cpu, cuda, mps."""
+        """Which devices this machine has: cpu, cuda, mps (imports torch)."""
         from .devices import available_devices
 
-        return available_devices()
+        have = available_devices()
+        _PROBES["devices"] = have
+        return have
+
+    @staticmethod
+    def devices_if_known() -> dict[str, bool] | None:
+        """devices() once something has asked it (the warm-up does, in the background); None before, without waiting."""
+        return _PROBES.get("devices")
 
     @staticmethod
     def check_device(name: str) -> None:
@@ -352,16 +378,26 @@ class Lab:
 
     @staticmethod
     def auto_device() -> str:
-        from .devices import resolve_device
-
-        return resolve_device("auto").type
+        have = Lab.devices()
+        return "cuda" if have.get("cuda") else "mps" if have.get("mps") else "cpu"
 
     @staticmethod
-    def dataset_availability() -> dict[str, tuple[bool, str]]:
-        """Each built-in dataset: (usable here, where it comes from or why not)."""
-        from . import data
+    def dataset_availability(*, wait: bool = True) -> dict[str, tuple[bool, str]]:
+        """Each built-in dataset: (usable here, where it comes from or why not); kept for ten minutes.
 
-        return data.availability()
+        The network probe takes ~1 s offline; with wait=False a page that must draw now gets the
+        answer from local files only until the probe (started by the warm-up) has finished.
+        """
+        from . import sources
+
+        cached = _PROBES.get("datasets")
+        if cached is not None and time.monotonic() - cached[0] < 600:
+            return cached[1]
+        if not wait:
+            return sources.availability(probe_network=False)
+        result = sources.availability()
+        _PROBES["datasets"] = (time.monotonic(), result)
+        return result
 
     # ------------------------------------------------------------ sessions (a browser tab's current run)
 
@@ -431,9 +467,13 @@ class Lab:
         return runs.read_json_or_empty(self.path(run) / runs.CONFIG).get("owner")
 
     def can_steer(self, run: str | Path, owner: str | None) -> bool:
-        """Whether `owner` may pause, step, stop or change this run while it trains."""
+        """Whether `owner` may pause, resume, step, stop or change this run.
+
+        A run with no owner (the CLI's) is anyone's; a caller with no owner (the CLI, a script on the
+        server) may steer any run; a session steers only its own.
+        """
         who = self.owner(run)
-        return who is None or who == owner
+        return who is None or owner is None or who == owner
 
     def queue_position(self, run: str | Path) -> int | None:
         name = Path(run).name
@@ -472,10 +512,10 @@ class Lab:
         """
         path = self.path(run)
         key = str(path.resolve())
+        self._check_owner(path, owner)
         with self._lock:
             t = self._trainers.get(key)
             if t is not None and t.is_alive():
-                self._check_owner(path, owner)
                 if live:
                     t.update(**_live_only(live))
                 t.resume()

@@ -83,29 +83,42 @@ def elbo_loss(terms: ElboTerms, *, beta: float, free_bits: float = 0.0) -> torch
 
 
 @torch.no_grad()
+def importance_log_weights(model: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, k: int, *,
+                           generator: torch.Generator | None = None,
+                           max_chunk_elems: int = 2_000_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log weights log p(x, z_i) - log q(z_i|x) and log p(x|z_i), each (k, B), for z_i ~ q(z|x) = N(mu, exp(logvar)).
+
+    The one sampler behind every importance-weighted number (iwae_bound, evidence.iwae_curve).
+    Samples are drawn in chunks so memory stays bounded for large k: each chunk decodes at most
+    max_chunk_elems pixels.
+    """
+    B, D = mu.shape
+    per_chunk = max(1, max_chunk_elems // (B * x[0].numel()))
+    std = torch.exp(0.5 * logvar)  # (B, D)
+    log_w, log_lik = [], []
+    done = 0
+    while done < k:
+        n = min(per_chunk, k - done)
+        eps = torch.randn((n, B, D), generator=generator, device=mu.device, dtype=mu.dtype)
+        z = mu + eps * std  # (n, B, D)
+        logits = model.decode_logits(z.reshape(n * B, D))
+        xr = x.unsqueeze(0).expand(n, *x.shape).reshape(n * B, *x.shape[1:])
+        lpx = log_px_given_z(model, xr, logits).view(n, B)
+        log_lik.append(lpx)
+        log_w.append(lpx + log_standard_normal(z) - log_normal(z, mu, logvar))  # (n, B)
+        done += n
+    return torch.cat(log_w, 0), torch.cat(log_lik, 0)
+
+
 def iwae_bound(model: VAE, x: torch.Tensor, k: int, *, generator: torch.Generator | None = None,
                max_chunk_elems: int = 2_000_000) -> torch.Tensor:
     """log p_k(x) = logsumexp_i [log p(x|z_i) + log p(z_i) - log q(z_i|x)] - log k, (B,).
 
     Burda et al. 2016, eq. 8. k = 1 is the ELBO in expectation; the bound rises with k
-    toward log p(x). Samples are drawn in chunks so memory stays bounded for large k:
-    each chunk decodes at most max_chunk_elems pixels.
+    toward log p(x).
     """
     if k < 1:
         raise ValueError(f"k must be at least 1; got {k}")
     mu, logvar = model.encode(x)  # (B, D)
-    B, D = mu.shape
-    per_chunk = max(1, max_chunk_elems // (B * x[0].numel()))
-    log_w = []
-    done = 0
-    while done < k:
-        n = min(per_chunk, k - done)
-        eps = torch.randn((n, B, D), generator=generator, device=mu.device, dtype=mu.dtype)
-        z = mu + eps * torch.exp(0.5 * logvar)  # (n, B, D)
-        logits = model.decode_logits(z.reshape(n * B, D))
-        xr = x.unsqueeze(0).expand(n, *x.shape).reshape(n * B, *x.shape[1:])
-        lpx = log_px_given_z(model, xr, logits).view(n, B)
-        log_w.append(lpx + log_standard_normal(z) - log_normal(z, mu, logvar))  # (n, B)
-        done += n
-    log_w = torch.cat(log_w, 0)  # (k, B)
+    log_w, _ = importance_log_weights(model, x, mu, logvar, k, generator=generator, max_chunk_elems=max_chunk_elems)
     return torch.logsumexp(log_w, 0) - math.log(k)

@@ -4,6 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# The Evidence tab's on-demand bounds (vae_core.jobs): the k slider, the held-out image counts, defaults.
+K_CHOICES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+EXAMPLE_CHOICES = (8, 16, 32, 64, 128, 256, 500, 1000)
+DEFAULT_K, DEFAULT_EXAMPLES = 1000, 64
+ACTIVE_THRESHOLD = 0.01  # dimension d is active when Var_x(E_q[z_d|x]) exceeds this (Burda et al. 2016, 5.2)
+
 
 class DatasetUnavailable(RuntimeError):
     """The dataset is not on this machine and could not be downloaded; the message says how to provide it."""
