@@ -1,22 +1,25 @@
 """The dashboard's front door: `streamlit run dashboard/app.py`.
 
-A router only: page config, the process-wide run registry, the sidebar controls, then the
-panels, each a `render(...)` in dashboard/panels/. Training never runs in the script:
-the registry's trainers train in their own threads and the panels read their snapshots.
+A router only: page config, the server's one Lab, the sidebar controls, then the panels,
+each a `render(...)` in dashboard/panels/. Training never runs in the script: the Lab's
+runs train in their own threads and the panels read their snapshots.
 
-Panel contracts: training.render(registry), explore.render(trainer), evidence.render(trainer)
-(both only once the run has published weights), runs.render(registry) (it opens, resumes
-and shows runs through the registry). A panel module that does not exist yet has no tab.
+Panel contracts: training.render(lab), explore.render(run), evidence.render(run) (both only
+once the run has published weights), runs.render(lab) (it opens, resumes, forks and shows runs
+through the Lab). `run` is this session's current run, a vae_core.lab.RunHandle.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import logging
-import sys
-from pathlib import Path
-from types import ModuleType
-from typing import Callable
+import os
+
+# An idle OpenMP thread polls for 300,000 rounds by default; beside a web server that burns the trainer's
+# own share of the CPU (README, performance). It must be set before torch loads, so before any vae_core import.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `streamlit run` puts dashboard/ on the path, not the repository root
@@ -24,8 +27,9 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts dashboard/ on the path, no
 
 import streamlit as st  # noqa: E402
 
-from dashboard.panels import controls, training  # noqa: E402
-from dashboard.state import Registry, get_registry  # noqa: E402
+from dashboard.panels import controls, evidence, explore, runs, training  # noqa: E402
+from dashboard.state import current_run, get_lab  # noqa: E402
+from vae_core.lab import Lab, RunHandle  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +43,6 @@ CSS = """<style>
 </style>"""
 
 
-def optional_panel(name: str) -> ModuleType | None:
-    """A panel module that may not be written yet: its tab is left out until it exists."""
-    if importlib.util.find_spec(f"dashboard.panels.{name}") is None:
-        return None
-    return importlib.import_module(f"dashboard.panels.{name}")
-
-
 def guarded(title: str, draw: Callable[[], None]) -> None:
     """One panel's failure shows as a message in its tab instead of blanking the rest of the page."""
     try:
@@ -55,46 +52,42 @@ def guarded(title: str, draw: Callable[[], None]) -> None:
         st.error(f"The {title} panel failed: {type(e).__name__}: {e}")
 
 
-def needs_model(registry: Registry, draw: Callable[[object], None]) -> Callable[[], None]:
+def needs_model(lab: Lab, draw: Callable[[RunHandle], None]) -> Callable[[], None]:
     """Explore and evidence panels need published weights: say what to do until there are some."""
     def inner() -> None:
-        t = registry.current()
-        if t is None:
-            st.info("Train a model (sidebar) or open a saved run to use this panel.")
-        elif t.weights_version() == 0:
+        run = current_run(lab)
+        if run is None:
+            st.info("Train a model (sidebar) or open a saved run (Runs tab) to use this panel.")
+        elif run.weights_version() == 0:
             st.info("Waiting for the model's first weights…")
         else:
-            draw(t)
+            draw(run)
     return inner
 
 
 def main() -> None:
     st.set_page_config(page_title="VAE dashboard", page_icon="🧪", layout="wide")
     st.html(CSS)
-    registry = get_registry()
+    lab = get_lab()
     with st.sidebar:
         st.title("VAE dashboard")
-        controls.render(registry)
+        controls.render(lab)
 
     st.markdown("Train a variational autoencoder and watch, live, what its objective is doing.")
 
-    explore = optional_panel("explore")
-    evidence = optional_panel("evidence")
-    runs_panel = optional_panel("runs")
-    pages: list[tuple[str, Callable[[], None]]] = [("Training", lambda: training.render(registry))]
-    if explore is not None:
-        pages.append(("Explore latent space", needs_model(registry, explore.render)))
-    if evidence is not None:
-        pages.append(("Evidence: ELBO ≤ log p(x)", needs_model(registry, evidence.render)))
-    if runs_panel is not None:
-        pages.append(("Runs", lambda: runs_panel.render(registry)))
+    pages: list[tuple[str, Callable[[], None]]] = [
+        ("Training", lambda: training.render(lab)),
+        ("Explore latent space", needs_model(lab, explore.render)),
+        ("Evidence: ELBO ≤ log p(x)", needs_model(lab, evidence.render)),
+        ("Runs", lambda: runs.render(lab)),
+    ]
     # Lazy tabs: only the open tab's code runs, so a slider move does not recompute hidden panels.
     tabs = st.tabs([title for title, _ in pages], key="main_tab", on_change="rerun")
     for tab, (title, draw) in zip(tabs, pages):
         with tab:
             if tab.open:
                 if title != "Training":  # the Training tab shows the status in its own live fragment
-                    training.render_status(registry)
+                    training.render_status(lab)
                 guarded(title, draw)
 
 

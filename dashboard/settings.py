@@ -8,8 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from vae_core.config import LIVE_FIELDS, UI_LIMITS, ConfigError, RunConfig
-from vae_core.devices import resolve_device
+from vae_core.lab import LIVE_FIELDS, UI_LIMITS, ConfigError, Lab, RunConfig
 
 PREFIX = "cfg_"
 # Non-uniform choices: fine steps where small changes matter (β near 1, lr near 1e-3).
@@ -60,9 +59,9 @@ def field_errors(values: dict[str, Any], availability: dict[str, tuple[bool, str
         ok, reason = availability.get(values.get("dataset"), (True, ""))
         if not ok:
             errors["dataset"] = f"Not available: {reason}"
-    if "device" not in errors:
+    if "device" not in errors and values.get("device", "auto") not in ("auto", "cpu"):  # those two always work
         try:
-            resolve_device(values.get("device", "auto"))
+            Lab.check_device(values["device"])  # imports torch: only for a device that may be missing
         except ConfigError as e:
             errors["device"] = str(e)
     n, bs = values.get("train_size") or 0, values.get("batch_size", 1)

@@ -6,6 +6,8 @@ missing; CI installs both, so there it always runs.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -15,6 +17,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
@@ -37,33 +41,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path):
+@contextlib.contextmanager
+def streamlit_server(tmp_path: Path, **env: str) -> Iterator[str]:
+    """`streamlit run dashboard/app.py` on a free port with its own runs directory; yields its URL."""
     port = free_port()
-    env = {**os.environ, "VAE_RUNS_DIR": str(tmp_path / "runs"), "VAE_DATA_CACHE": str(tmp_path / "data")}
+    env = {**os.environ, "VAE_RUNS_DIR": str(tmp_path / "runs"), "VAE_DATA_CACHE": str(tmp_path / "data"), **env}
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.headless", "true",
                              "--server.port", str(port), "--server.address", "127.0.0.1"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    while True:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"streamlit did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.3)
-    yield url
-    os.killpg(proc.pid, 15)
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-    log.close()
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    with streamlit_server(tmp_path) as url:
+        yield url
 
 
 @pytest.fixture
@@ -99,7 +111,7 @@ def test_train_live_and_every_panel_draws(page, tmp_path):
     # The whole live panel is one component (dashboard/live_panel): status, metrics, chart, reconstructions.
     # It is there before any run, with empty axes, and Train updates it instead of loading a new one.
     panel = page.frame_locator('iframe[title*="live_panel"]')
-    expect(panel.locator("#notice")).to_contain_text("No run yet")
+    expect(panel.locator("#notice")).to_contain_text("No run yet", timeout=60_000)
     frame = page.locator('iframe[title*="live_panel"]').element_handle().content_frame()
     frame.evaluate("() => { window.__loaded_before_train = true; }")
     page.get_by_role("button", name="Train", exact=True).click()
@@ -156,14 +168,12 @@ def test_train_live_and_every_panel_draws(page, tmp_path):
     if os.environ.get("VAE_SCREENSHOT"):  # e.g. the README's picture: VAE_SCREENSHOT=docs/dashboard.png
         shutil.copyfile(tmp_path / "training.png", os.environ["VAE_SCREENSHOT"])
 
-    explore_tab = page.get_by_role("tab", name="Explore latent space")
-    if (ROOT / "dashboard" / "panels" / "explore.py").exists():
-        explore_tab.click()
-        for heading in ("Sampling", "Interpolation", "manifold", "scatter"):
-            expect(page.get_by_text(re.compile(heading, re.I)).first).to_be_visible(timeout=30_000)
-        expect(page.locator('[data-testid="stImage"] img').first).to_be_visible()
-        expect(page.locator('[data-testid="stPlotlyChart"]').first).to_be_visible()
-        page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
+    page.get_by_role("tab", name="Explore latent space").click()
+    for heading in ("Sampling", "Interpolation", "manifold", "scatter"):
+        expect(page.get_by_text(re.compile(heading, re.I)).first).to_be_visible(timeout=30_000)
+    expect(page.locator('[data-testid="stImage"] img').first).to_be_visible()
+    expect(page.locator('[data-testid="stPlotlyChart"]').first).to_be_visible()
+    page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
 
     page.get_by_role("button", name="Stop", exact=True).click()
     expect(page.get_by_text(re.compile(r"Stopped"))).to_be_visible(timeout=15_000)  # this tab's status line
@@ -184,7 +194,7 @@ def test_dark_preference_gives_a_dark_page_and_live_panel(server):
         assert page.evaluate("() => getComputedStyle(document.querySelector('[data-testid=stApp]')).backgroundColor"
                              ) == "rgb(14, 17, 23)"
         panel = page.frame_locator('iframe[title*="live_panel"]')
-        expect(panel.locator("#notice")).to_contain_text("No run yet")
+        expect(panel.locator("#notice")).to_contain_text("No run yet", timeout=60_000)
         expect(panel.locator("#plot .main-svg").first).to_be_attached()
         frame = page.locator('iframe[title*="live_panel"]').element_handle().content_frame()
         frame.wait_for_function("() => document.getElementById('plot')._fullLayout.font.color === '#fafafa'")
@@ -224,7 +234,74 @@ def test_settings_survive_widget_code_that_loads_late(server):
         # parameter left is a setting that changed by itself. (The idle selector can match before the
         # slider's rerun begins, so a fixed wait after it was too short on a loaded machine.)
         page.wait_for_function("() => !location.search.includes('latent_dim')", timeout=30_000)
-        assert "?" not in page.url, f"settings changed by themselves: {page.url}"
+        params = [k for k in parse_qs(urlparse(page.url).query) if k != "sid"]  # sid: the tab's identity
+        assert not params, f"settings changed by themselves: {page.url}"
         assert page.locator(".st-key-cfg_binarize input").is_checked()
         expect(page.locator(".st-key-cfg_hidden_dim input")).to_have_value("400")
+        browser.close()
+
+
+IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+# Small runs from URL parameters (settings.query_from_values): 512 sprites, batch 64, 8 steps an epoch.
+SMALL = "train_size=512&batch_size=64&hidden_dim=64&evidence_every=0&epochs=400"
+
+
+def _steps(panel) -> int:
+    return int(re.search(r"step ([\d,]+)", panel.locator("#progress-text").inner_text()).group(1).replace(",", ""))
+
+
+@pytest.mark.slow
+def test_sessions_train_side_by_side_and_a_third_waits_in_the_queue(tmp_path):
+    """Two tabs on one server (2 slots) each train their own run; neither stops the other; a third queues."""
+    runs_dir = tmp_path / "runs"
+    with streamlit_server(tmp_path, VAE_MAX_RUNS="2") as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        pages = {}
+        for beta in ("0.5", "2.0", "4.0"):  # one browser context each: separate tabs, separate sessions
+            page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+            page.set_default_timeout(60_000)
+            page.goto(f"{url}/?{SMALL}&beta={beta}")
+            page.wait_for_selector(IDLE, timeout=120_000)
+            expect(page.locator(".st-key-cfg_beta")).to_contain_text(beta.rstrip("0").rstrip("."))
+            pages[beta] = page
+        panel = {b: pg.frame_locator('iframe[title*="live_panel"]') for b, pg in pages.items()}
+
+        names = {}
+        for beta in ("0.5", "2.0"):
+            pages[beta].get_by_role("button", name="Train", exact=True).click()
+            expect(panel[beta].locator("#progress-text")).to_contain_text("samples/s", timeout=120_000)
+            names[beta] = panel[beta].locator("#message b").first.inner_text()
+        assert names["0.5"] != names["2.0"]
+        for beta, name in names.items():  # each run has its own β, and each page shows its own run
+            assert json.loads((runs_dir / name / "config.json").read_text())["train"]["beta"] == float(beta)
+            expect(panel[beta].locator("#message")).to_contain_text(name)
+        # Both keep training: each page's step count moves on while the other trains too.
+        for _ in range(2):
+            for beta in names:
+                before = _steps(panel[beta])
+                frame = pages[beta].locator('iframe[title*="live_panel"]').element_handle().content_frame()
+                frame.wait_for_function(
+                    "n => { const m = document.getElementById('progress-text').innerText.match(/step ([\\d,]+)/);"
+                    " return m && parseInt(m[1].replace(/,/g, '')) > n; }", arg=before, timeout=120_000)
+        for beta, name in names.items():
+            status = json.loads((runs_dir / name / "status.json").read_text())
+            assert status["state"] == "running", (name, status)
+            expect(panel[beta].locator("#message")).not_to_contain_text("Stopped")
+
+        # A third tab: both slots are taken, so its run waits in the queue, and its page says so.
+        pages["4.0"].get_by_role("button", name="Train", exact=True).click()
+        expect(panel["4.0"].locator("#message")).to_contain_text("Queued", timeout=120_000)
+        expect(panel["4.0"].locator("#message")).to_contain_text("place 1 in the queue")
+        for beta, name in names.items():
+            assert json.loads((runs_dir / name / "status.json").read_text())["state"] == "running"
+            expect(panel[beta].locator("#message")).to_contain_text(name)  # still showing their own runs
+
+        # The first tab stops its run: the queued one starts by itself and its page follows.
+        pages["0.5"].get_by_role("button", name="Stop", exact=True).click()
+        expect(panel["0.5"].locator("#message")).to_contain_text("Stopped", timeout=120_000)
+        expect(panel["4.0"].locator("#progress-text")).to_contain_text("samples/s", timeout=120_000)
+        expect(panel["4.0"].locator("#message")).not_to_contain_text("Queued")
+        assert json.loads((runs_dir / names["2.0"] / "status.json").read_text())["state"] == "running"
+        for page in pages.values():
+            assert page.locator('[data-testid="stException"]').count() == 0
         browser.close()

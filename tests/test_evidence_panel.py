@@ -1,8 +1,10 @@
 """The Evidence tab through AppTest, on small trained runs: every section renders, the numbers are the core's.
 
-The panel runs in-process against trainers built here (AppTest passes them to the script
-function). run_every never fires in AppTest and background jobs are not awaited, so the
-on-demand estimate is polled with at.run() against a deadline.
+The panel runs in-process against runs trained here by a Lab (AppTest passes the run's handle
+to the script function); the panel itself reaches the server's Lab (dashboard.state.get_lab,
+over the same runs directory) for background jobs and remedies. run_every never fires in
+AppTest and background jobs are not awaited, so the on-demand estimate is polled with at.run()
+against a deadline.
 """
 from __future__ import annotations
 
@@ -15,18 +17,17 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from helpers import train_to_end
-from dashboard.panels import evidence_bounds, evidence_kl, evidence_posterior, evidence_series
-from vae_core.config import RunConfig
-from vae_core.trainer import Trainer
+from dashboard.panels import evidence_kl, evidence_posterior, evidence_series
+from dashboard.state import get_lab
+from vae_core.lab import Lab, RunConfig, RunHandle
 
 K = evidence_series.K
 
 
-def _script(trainer):
+def _script(run):
     from dashboard.panels import evidence
 
-    evidence.render(trainer)
+    evidence.render(run)
 
 
 def _config(latent_dim: int, **kw) -> RunConfig:
@@ -34,25 +35,34 @@ def _config(latent_dim: int, **kw) -> RunConfig:
                                   "evidence_every": 1, "latent_dim": latent_dim, **kw})
 
 
-def _trained(data, latent_dim: int) -> Trainer:
-    return train_to_end(Trainer(_config(latent_dim), persist=False, data=data, num_threads=1))
+def finish(run: RunHandle, timeout: float = 120.0) -> RunHandle:
+    """Wait for a run of this process to end, and check that it finished."""
+    run.join(timeout)
+    assert run.status().state == "finished", run.status().message
+    return run
 
 
 @pytest.fixture(scope="module")
-def trainers(tiny_sprites):
-    return {d: _trained(tiny_sprites, d) for d in (2, 5)}
+def trained(tmp_path_factory):
+    """Finished 2-epoch runs 'z2' and 'z5' (2 and 5 latents) with evidence rows after each epoch."""
+    lab = Lab(tmp_path_factory.mktemp("evidence") / "runs", num_threads=1, max_runs=2)
+    started = {d: lab.start(_config(d), name=f"z{d}") for d in (2, 5)}
+    yield {d: finish(run) for d, run in started.items()}
+    lab.shutdown()
 
 
 @pytest.fixture(autouse=True)
-def clean_caches():
+def server_lab(trained, monkeypatch):
+    """The server's Lab (what the panel's get_lab() returns) over the trained runs' directory; cleared after."""
+    monkeypatch.setenv("VAE_RUNS_DIR", str(trained[2].run_dir.parent))
     yield
-    evidence_bounds.job_board().cancel_all()
+    get_lab().shutdown()
     st.cache_resource.clear()
     st.cache_data.clear()
 
 
-def app(trainer: Trainer) -> AppTest:
-    at = AppTest.from_function(_script, args=(trainer,), default_timeout=30)
+def app(run: RunHandle) -> AppTest:
+    at = AppTest.from_function(_script, args=(run,), default_timeout=30)
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     assert not at.error, [e.value for e in at.error]
@@ -84,15 +94,15 @@ def page_text(at: AppTest) -> str:
 
 # ------------------------------------------------------------------ rendering
 
-def test_two_latents_every_section_and_the_identity_check(trainers):
-    t = trainers[2]
+def test_two_latents_every_section_and_the_identity_check(trained):
+    t = trained[2]
     at = app(t)
     assert [h.value for h in at.subheader] == ["ELBO vs log p(x) during training", "The true posterior p(z|x)",
                                                "The derivation, with this model's numbers", "What the KL term is doing"]
     text = page_text(at)
     assert "Identity check" in text and "✓ agree to within 1e-06 nats" in text
     # The numbers shown are the core's, for the run's first held-out image at the default 200 x 200 grid.
-    g, _, _, _ = evidence_posterior.posterior(t, evidence_posterior.run_token(t), t.weights_version(), 0, 200)
+    g = evidence_posterior.posterior(t, t.token, t.weights_version(), 0, 200).grid
     assert len(g.z1) == 200 and g.identity_error <= 1e-6 and g.kl_to_posterior >= 0
     assert f"{g.log_px:.6f}" in text
     latex = " ".join(x.value for x in at.get("latex"))
@@ -114,13 +124,13 @@ def test_two_latents_every_section_and_the_identity_check(trainers):
     assert sum("σ" in str(d.get("name", "")) for d in heat["data"]) == 2  # the 1σ and 2σ ellipses of q
 
 
-def test_five_latents_explain_the_grid_and_use_the_bounds(trainers):
-    at = app(trainers[5])
+def test_five_latents_explain_the_grid_and_use_the_bounds(trained):
+    at = app(trained[5])
     text = page_text(at)
     assert "integrated on a grid only in 2" in text and "importance-weighted bounds above hold" in text
     assert not any(c.proto.id.endswith("posterior") for c in at.get("plotly_chart"))
     latex = " ".join(x.value for x in at.get("latex"))
-    last = [r for r in trainers[5].metrics() if r["split"] == "evidence"][-1]
+    last = [r for r in trained[5].metrics() if r["split"] == "evidence"][-1]
     assert f"{last['iwae'][-1]:.3f} \\;\\approx\\; ({last['elbo']:.3f})" in latex
     heat = chart(at, "kl_dims")
     assert len(heat["data"][0]["y"]) == 5 and heat["data"][0]["colorbar"]["title"]["text"] == "nats"
@@ -128,8 +138,8 @@ def test_five_latents_explain_the_grid_and_use_the_bounds(trainers):
     assert "nats per example" in rd["layout"]["xaxis"]["title"]["text"]
 
 
-def test_image_navigation_and_grid_size(trainers):
-    at = app(trainers[2])
+def test_image_navigation_and_grid_size(trained):
+    at = app(trained[2])
     at.button(key=K + "image_next").click().run()
     assert at.number_input(key=K + "image").value == 1
     assert "test image 1, by quadrature" in page_text(at)
@@ -142,8 +152,8 @@ def test_image_navigation_and_grid_size(trainers):
 
 # ------------------------------------------------------------------ estimate now
 
-def test_estimate_now_runs_in_the_background_and_shows_its_result(trainers):
-    t = trainers[5]
+def test_estimate_now_runs_in_the_background_and_shows_its_result(trained):
+    t = trained[5]
     at = app(t)
     at.select_slider(key=K + "job_k").set_value(100)
     at.select_slider(key=K + "job_n").set_value(32)
@@ -154,7 +164,7 @@ def test_estimate_now_runs_in_the_background_and_shows_its_result(trainers):
         time.sleep(0.2)
         at.run()
         assert not at.exception
-    job = evidence_bounds.job_board().get(evidence_bounds.run_token(t)).snapshot()
+    job = get_lab().bounds_job(t.name)
     assert job.state == "done" and job.progress == 1.0 and job.ks == (1, 10, 100)
     assert f"{job.result['iwae'][-1]:.2f}" in page_text(at)
     names = [d.get("name", "") for d in chart(at, "vs_k")["data"]]
@@ -164,9 +174,8 @@ def test_estimate_now_runs_in_the_background_and_shows_its_result(trainers):
 
 # ------------------------------------------------------------------ collapse remedies
 
-def test_remedies_apply_to_an_active_run(tiny_sprites):
-    t = Trainer(_config(2, epochs=500, evidence_every=0), persist=False, data=tiny_sprites, num_threads=1)
-    t.start()
+def test_remedies_apply_to_an_active_run():
+    t = get_lab().start(_config(2, epochs=500, evidence_every=0), name="active")  # no owner: anyone steers it
     try:
         at = AppTest.from_function(_script, args=(t,), default_timeout=30)
         deadline = time.monotonic() + 30
@@ -180,25 +189,46 @@ def test_remedies_apply_to_an_active_run(tiny_sprites):
         at.run()
         at.button(key=K + "remedy_free_bits").click().run()
         assert t.status().free_bits == 0.5
-        assert at.session_state["cfg_free_bits"] == 0.5  # the sidebar keeps it for a later Resume
         at.button(key=K + "remedy_beta").click().run()
         assert t.status().beta == 0.5
         epoch = t.status().epoch
         at.button(key=K + "remedy_warmup").click().run()
         w = t.status().warmup_epochs
-        assert w >= math.ceil(epoch) + 5 and w == at.session_state["cfg_warmup_epochs"]
+        assert w >= math.ceil(epoch) + 5
         assert any("Applied from the next step" in s.value for s in at.success)
         assert not at.exception
     finally:
-        t.stop(timeout=10)
+        get_lab().stop(t.name, wait=10)
     at.run()
     assert all(at.button(key=K + f"remedy_{n}").disabled for n in ("warmup", "free_bits", "beta"))
     assert "Resume it" in page_text(at)
 
 
-def test_remedies_are_disabled_after_the_run(trainers):
-    at = app(trainers[2])
+def test_remedies_are_disabled_after_the_run(trained):
+    at = app(trained[2])
     assert all(at.button(key=K + f"remedy_{n}").disabled for n in ("warmup", "free_bits", "beta"))
+
+
+def test_remedies_are_only_for_the_session_that_steers_the_run():
+    t = get_lab().start(_config(2, epochs=500, evidence_every=0), name="theirs", owner="another-tab")
+    try:
+        at = AppTest.from_function(_script, args=(t,), default_timeout=30)
+        deadline = time.monotonic() + 60
+        while True:
+            at.run()
+            assert not at.exception
+            if t.weights_version() > 0 and at.get("button"):
+                break
+            assert time.monotonic() < deadline, t.status()
+            time.sleep(0.2)
+        assert t.status().state == "running"
+        assert all(at.button(key=K + f"remedy_{n}").disabled for n in ("warmup", "free_bits", "beta"))
+        assert "belongs to another session" in page_text(at)
+        beta = t.status().beta
+        evidence_kl._apply(t, "beta")  # even a forged click changes nothing: the Lab checks the owner
+        assert t.status().beta == beta
+    finally:
+        get_lab().stop(t.name, owner="another-tab", wait=10)
 
 
 # ------------------------------------------------------------------ pure pieces
@@ -213,8 +243,8 @@ def test_collapse_signs():
     assert "last training steps" in evidence_series.collapse_signs(test[:2], train, 5)[0]
 
 
-def test_warmup_remedy_ramps_from_now(trainers):
-    s = trainers[2].status()  # finished at epoch 2, beta 1
+def test_warmup_remedy_ramps_from_now(trained):
+    s = trained[2].status()  # finished at epoch 2, beta 1
     r = evidence_kl.remedies(s)
     assert r["warmup"].changes == {"warmup_epochs": 7.0} and "2.0/7" in r["warmup"].effect
     assert "ends at epoch 2, before the ramp" in r["warmup"].effect
@@ -222,8 +252,8 @@ def test_warmup_remedy_ramps_from_now(trainers):
     assert all(x.unavailable is None for x in r.values())
 
 
-def test_rate_distortion_iso_lines_pass_through_the_latest_point(trainers):
-    t = trainers[2]
+def test_rate_distortion_iso_lines_pass_through_the_latest_point(trained):
+    t = trained[2]
     rows = evidence_series.split_rows(t.metrics())
     fig = evidence_kl.rd_figure(rows.test, rows.train, t.status(), "nats per example")
     r0, d0 = rows.train[-1]["kl"], -rows.train[-1]["recon"]
@@ -235,11 +265,16 @@ def test_rate_distortion_iso_lines_pass_through_the_latest_point(trainers):
     assert slope == pytest.approx(-t.status().beta_effective)
 
 
-def test_opened_run_renders(tiny_sprites, runs_dir):
-    t = Trainer(_config(2, epochs=1), runs_dir=runs_dir, data=tiny_sprites, num_threads=1)
-    t.start()
-    t.join(60)
-    opened = Trainer.open(t.run_dir, data=tiny_sprites)
+def test_opened_run_renders(trained):
+    opened = get_lab().open("z2")  # this server did not train it: a handle following its files
+    assert opened.status().followed and opened.weights_version() > 0
     at = app(opened)
     assert "✓ agree to within" in page_text(at)
     assert chart(at, "over_training")
+    at.button(key=K + "job_start").click().run()  # the server's Lab evaluates a run it only follows
+    deadline = time.monotonic() + 60
+    while "held-out images, weights from step" not in page_text(at):
+        assert time.monotonic() < deadline, page_text(at)
+        time.sleep(0.2)
+        at.run()
+        assert not at.exception

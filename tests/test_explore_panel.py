@@ -1,44 +1,60 @@
 """The Explore tab through AppTest: every section renders for latent sizes 1, 2 and 5, and the controls act.
 
-The panel runs in-process against small trained trainers (AppTest passes the trainer to the
-script function), so these tests check behaviour a person sees: images and the scatter
-appear, controls change what is decoded, picks move the interpolation ends.
+The panel runs in-process against small runs trained by a Lab (AppTest passes the run's handle,
+a vae_core.lab.RunHandle, to the script function), so these tests check behaviour a person
+sees: images and the scatter appear, controls change what is decoded, picks move the
+interpolation ends. The same handle API serves a run followed from its files.
 """
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from helpers import train_to_end
 from dashboard.panels import explore
-from vae_core.config import RunConfig
-from vae_core.data import DatasetUnavailable
-from vae_core.trainer import Trainer
+from vae_core import runs
+from vae_core.lab import DatasetUnavailable, Lab, RunConfig, RunHandle
 
 K = explore.K
 
 
-def _script(trainer):
+def _script(run):
     from dashboard.panels import explore
 
-    explore.render(trainer)
+    explore.render(run)
 
 
-def _trained(data, latent_dim: int) -> Trainer:
-    cfg = RunConfig().replace(epochs=1, batch_size=64, hidden_dim=64, latent_dim=latent_dim, evidence_every=0)
-    return train_to_end(Trainer(cfg, persist=False, data=data, num_threads=1))
+def _config(latent_dim: int, **kw) -> RunConfig:
+    return RunConfig().replace(**{"epochs": 1, "train_size": 512, "batch_size": 64, "hidden_dim": 64,
+                                  "latent_dim": latent_dim, "evidence_every": 0, **kw})
+
+
+def finish(run: RunHandle, timeout: float = 120.0) -> RunHandle:
+    """Wait for a run of this process to end, and check that it finished."""
+    run.join(timeout)
+    assert run.status().state == "finished", run.status().message
+    return run
 
 
 @pytest.fixture(scope="module")
-def trainers(tiny_sprites):
-    return {d: _trained(tiny_sprites, d) for d in (1, 2, 5)}
+def lab(tmp_path_factory):
+    lab = Lab(tmp_path_factory.mktemp("explore") / "runs", num_threads=1, max_runs=4)
+    yield lab
+    lab.shutdown()
 
 
-def app(trainer: Trainer) -> AppTest:
-    at = AppTest.from_function(_script, args=(trainer,), default_timeout=30)
+@pytest.fixture(scope="module")
+def trained(lab):
+    started = {d: lab.start(_config(d), name=f"z{d}") for d in (1, 2, 5)}
+    return {d: finish(run) for d, run in started.items()}
+
+
+def app(run: RunHandle) -> AppTest:
+    at = AppTest.from_function(_script, args=(run,), default_timeout=30)
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     assert not at.error, [e.value for e in at.error]
@@ -50,6 +66,11 @@ def images(at: AppTest) -> list[tuple[str, str]]:
     return [(url, cap) for img in at.get("image") for url, cap in zip(img.value, img.captions)]
 
 
+def drawn_step(at: AppTest) -> int:
+    """The weights' step the prior samples say they were decoded with."""
+    return int(re.search(r"weights from step ([\d,]+)", images(at)[0][1]).group(1).replace(",", ""))
+
+
 def scatter_spec(at: AppTest) -> dict:
     charts = at.get("plotly_chart")
     assert len(charts) == 1
@@ -57,8 +78,8 @@ def scatter_spec(at: AppTest) -> dict:
 
 
 @pytest.mark.parametrize("d, axes", [(1, ("z1", "shape")), (2, ("z1", "z2")), (5, ("PC1", "PC2"))])
-def test_every_section_renders(trainers, d, axes):
-    at = app(trainers[d])
+def test_every_section_renders(trained, d, axes):
+    at = app(trained[d])
     heads = [h.value for h in at.subheader]
     assert heads == ["Sampling from the prior", "2D latent manifold" if d > 1 else "Latent manifold (one dimension)",
                      "Latent scatter", "Interpolation"]
@@ -79,17 +100,17 @@ def test_every_section_renders(trainers, d, axes):
         assert "coincide" in " ".join(c.value for c in at.caption)
 
 
-def test_scatter_points_carry_test_indices_and_labels(trainers):
-    at = app(trainers[2])
+def test_scatter_points_carry_test_indices_and_labels(trained):
+    at = app(trained[2])
     traces = [t for t in scatter_spec(at)["data"] if t.get("customdata") is not None]
-    _, y, names = trainers[2].test_set()
+    _, y, names = trained[2].test_set()
     assert [t["name"] for t in traces] == list(names)  # one trace per label, named for the legend
     assert all("test image %{customdata}" in t["hovertemplate"] for t in traces)
     assert sum(len(t["x"]) if isinstance(t["x"], list) else 1 for t in traces) > 0
 
 
-def test_sampling_controls_change_the_samples(trainers):
-    at = app(trainers[2])
+def test_sampling_controls_change_the_samples(trained):
+    at = app(trained[2])
     first = images(at)[0][0]
     at.slider(key=K + "sample_temp").set_value(0.5).run()
     cooler = images(at)[0][0]
@@ -102,8 +123,8 @@ def test_sampling_controls_change_the_samples(trainers):
     assert not at.exception
 
 
-def test_manifold_grid_and_span(trainers):
-    at = app(trainers[2])
+def test_manifold_grid_and_span(trained):
+    at = app(trained[2])
     before = images(at)[1]
     assert "from -1.64 to 1.64" in before[1]  # the 5% and 95% normal quantiles
     at.select_slider(key=K + "manifold_span").set_value(0.95).run()
@@ -112,8 +133,8 @@ def test_manifold_grid_and_span(trainers):
     assert images(at)[1][0] != before[0]
 
 
-def test_slice_through_chosen_dimensions_and_an_image_code(trainers):
-    at = app(trainers[5])
+def test_slice_through_chosen_dimensions_and_an_image_code(trained):
+    at = app(trained[5])
     at.selectbox(key=K + "manifold_dim_x").set_value(3).run()
     at.selectbox(key=K + "manifold_dim_y").set_value(0).run()
     assert "across: z4, up: z1" in images(at)[1][1]
@@ -127,9 +148,9 @@ def test_slice_through_chosen_dimensions_and_an_image_code(trainers):
     assert not at.exception
 
 
-def test_interpolation_ends_by_index_and_by_label(trainers):
-    at = app(trainers[2])
-    _, y, names = trainers[2].test_set()
+def test_interpolation_ends_by_index_and_by_label(trained):
+    at = app(trained[2])
+    _, y, names = trained[2].test_set()
     a, b = explore.default_ends(y)
     assert y[a] != y[b]
     assert at.number_input(key=K + "interp_b").value == b
@@ -168,43 +189,53 @@ def test_strip_frames_the_path_with_the_originals():
     assert out[0, 0] == 0 and out[0, -1] == 255 and out[0, 4 * 40] == 128
 
 
-def test_no_weights_yet_shows_a_message(tiny_sprites):
-    t = Trainer(RunConfig().replace(latent_dim=2, hidden_dim=64), persist=False, data=tiny_sprites)
-    at = AppTest.from_function(_script, args=(t,), default_timeout=30).run()
+def test_no_weights_yet_shows_a_message(lab):
+    d = runs.create_run_dir(lab.runs_dir, _config(2), name="no-weights")
+    runs.write_config(d, _config(2))  # config.json only: a run that has not written its first checkpoint
+    run = lab.open(d.name)
+    assert run.weights_version() == 0
+    at = AppTest.from_function(_script, args=(run,), default_timeout=30).run()
     assert not at.exception
     assert any("no weights yet" in i.value for i in at.info)
     assert not at.get("image")
 
 
-def test_missing_test_set_keeps_the_decoder_sections(tiny_sprites, monkeypatch):
-    t = _trained(tiny_sprites, 2)
+def test_missing_test_set_keeps_the_decoder_sections(trained, lab, monkeypatch):
+    run = Lab(lab.runs_dir).open("z2")  # a fresh handle (its own cache token) on the same weights
 
     def unavailable(n=None):
         raise DatasetUnavailable("mnist: not downloaded and no network")
 
-    monkeypatch.setattr(t, "test_set", unavailable)
-    at = AppTest.from_function(_script, args=(t,), default_timeout=30).run()
+    monkeypatch.setattr(run, "test_set", unavailable)
+    at = AppTest.from_function(_script, args=(run,), default_timeout=30).run()
     assert not at.exception and not at.error
     assert any("not available" in i.value for i in at.info)
     assert len(images(at)) == 2  # samples and manifold need only the decoder
     assert not at.get("plotly_chart")
 
 
-def test_works_while_the_run_trains(tiny_sprites):
-    cfg = RunConfig().replace(epochs=200, batch_size=64, hidden_dim=64, latent_dim=3, evidence_every=0)
-    t = Trainer(cfg, persist=False, data=tiny_sprites, num_threads=1)
-    t.start()
+def test_works_while_the_run_trains(lab):
+    run = lab.start(_config(3, epochs=500), name="training-z3")
     try:
-        at = AppTest.from_function(_script, args=(t,), default_timeout=30)
-        for _ in range(100):  # until the first weights are published
+        at = AppTest.from_function(_script, args=(run,), default_timeout=30)
+        deadline = time.monotonic() + 60
+        while True:  # until the first weights are published
             at.run()
+            assert not at.exception
             if at.get("image"):
                 break
-        assert t.status().state == "running"
-        version = t.weights_version()
+            assert time.monotonic() < deadline, run.status()
+            time.sleep(0.2)
+        assert run.status().state == "running"
+        version, first = run.weights_version(), drawn_step(at)
         for temp in (0.8, 1.2, 0.9):
             at.slider(key=K + "sample_temp").set_value(temp).run()
             assert not at.exception and len(images(at)) == 4
-        assert t.weights_version() > version or t.status().state != "running"  # weights moved on meanwhile
+        deadline = time.monotonic() + 60
+        while run.weights_version() == version:  # the weights move on while the page is used
+            assert time.monotonic() < deadline, run.status()
+            time.sleep(0.1)
+        at.slider(key=K + "sample_temp").set_value(1.0).run()
+        assert not at.exception and drawn_step(at) > first  # the samples come from the newer weights
     finally:
-        t.stop(timeout=10)
+        lab.stop(run.name, wait=10)

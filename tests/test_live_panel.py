@@ -1,7 +1,16 @@
 """The live panel component's files: built once, reused, and never half-built."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import plotly.io as pio
+import pytest
+
 from dashboard import live_panel
+from dashboard.panels import training
+from vae_core.lab import RunConfig
+
+CHROMIUM = "/usr/bin/chromium"
 
 
 def test_component_folder_holds_the_page_and_plotly_and_is_reused(tmp_path):
@@ -21,3 +30,41 @@ def test_unwritable_cache_falls_back_to_a_private_copy(tmp_path):
     d = live_panel._component_dir(blocked / "cache")
     assert (d / "index.html").is_file() and (d / "plotly.min.js").is_file()
     assert blocked not in d.parents
+
+
+def _rows(n: int, base: float) -> list[dict]:
+    return [{"step": 20 * i, "epoch": i / 8, "split": "train", "elbo": base + i, "recon": base + 10 + i,
+             "kl": 10.0 + 0.1 * i, "beta": 1.0} for i in range(1, n + 1)]
+
+
+@pytest.mark.browser
+def test_a_new_runs_curves_autorange_after_a_long_run_on_the_same_chart(tmp_path):
+    """The chart is updated in place across runs (Plotly.react). After a run long enough for its robust
+    y-range (20+ rows), a new run's first curves stayed on the empty axes' [-1, 4] with autorange off
+    until it too had 20 rows: Plotly took its own earlier autorange for a person's choice and kept it."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    page_dir = live_panel._component_dir(tmp_path / "cache")
+    steps = [(None, []), ("run-a", _rows(3, -200.0)), ("run-a", _rows(30, -200.0)),  # the first run, drawn
+             ("run-b", []), ("run-b", _rows(5, -300.0)), ("run-b", _rows(12, -300.0))]  # a new one after it
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto((page_dir / "index.html").as_uri())
+            for name, rows in steps:
+                fig = training.curves_figure(rows, [], RunConfig(), revision=name or "")
+                # What Streamlit posts to the component on each refresh of the live fragment.
+                page.evaluate("spec => window.postMessage({type: 'streamlit:render', args: {spec, config: {}, "
+                              "metrics: [], notice: ''}}, '*')", pio.to_json(fig, validate=False))
+                page.wait_for_function("n => { const gd = document.getElementById('plot');"
+                                       " return gd._fullData && gd._fullData.length && gd._fullData[0]._length === n"
+                                       " && gd._fullData.length === (n ? 4 : 3); }", arg=len(rows), timeout=30_000)
+                if 0 < len(rows) < 20:  # autoranged: every point of the ELBO panel in view
+                    (lo, hi), ys = page.evaluate("""() => { const gd = document.getElementById('plot');
+                        return [gd._fullLayout.yaxis.range.slice(),
+                                gd._fullData.filter(t => t.yaxis === 'y').flatMap(t => Array.from(t.y))]; }""")
+                    assert lo <= min(ys) and hi >= max(ys), (name, len(rows), [lo, hi], (min(ys), max(ys)))
+        finally:
+            browser.close()

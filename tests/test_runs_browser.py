@@ -1,7 +1,8 @@
 """The Runs tab in headless Chromium: tick two saved runs, compare them, download one as a zip.
 
-Reuses test_browser's server and page fixtures; the runs are trained in this process before the
-server starts (arguments are set up in order: runs first, then the page and its server).
+Reuses test_browser's server and page fixtures; the runs are trained in this process (a Lab over
+the directory the server will use) before the server starts (arguments are set up in order: runs
+first, then the page and its server), so the server lists them as runs trained elsewhere.
 """
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ import zipfile
 
 import pytest
 
-from helpers import train_to_end
 from test_browser import expect, page, server  # noqa: F401  (fixtures; skips this module where they skip)
-from vae_core.config import RunConfig
-from vae_core.trainer import Trainer
+from vae_core.lab import Lab, RunConfig
 
 pytestmark = pytest.mark.browser
 ROW_PX = 35  # the table's header and row height
@@ -23,10 +22,16 @@ ROW_PX = 35  # the table's header and row height
 def two_runs(tmp_path):
     """Two tiny runs in the runs directory the server fixture will use (tmp_path / 'runs')."""
     cfg = RunConfig().replace(epochs=2, train_size=256, hidden_dim=32, batch_size=64, evidence_every=0)
+    lab = Lab(tmp_path / "runs", num_threads=1)
     names = []
-    for beta in (0.5, 4.0):
-        t = Trainer(cfg.replace(beta=beta), runs_dir=tmp_path / "runs", name=f"beta-{beta:g}", num_threads=1)
-        names.append(train_to_end(t).name)
+    try:
+        for beta in (0.5, 4.0):
+            run = lab.start(cfg.replace(beta=beta), name=f"beta-{beta:g}")
+            run.join(120)
+            assert run.status().state == "finished", run.status().message
+            names.append(run.name)
+    finally:
+        lab.shutdown()
     return names
 
 
@@ -48,7 +53,8 @@ def test_compare_two_runs_and_download_one(two_runs, page, tmp_path):  # noqa: F
     expect(charts.first.locator(".scatterlayer .trace").first).to_be_visible()
     expect(charts.nth(1).get_by_text("β=0.5")).to_be_visible()  # the rate–distortion plane's labels
     expect(charts.nth(1).get_by_text("β=4")).to_be_visible()
-    expect(page.locator('[data-testid="stImage"] img')).to_have_count(4)  # samples and reconstructions, each run
+    # samples and reconstructions, each run (a fresh server first loads torch and the sprites to render them)
+    expect(page.locator('[data-testid="stImage"] img')).to_have_count(4, timeout=60_000)
     page.screenshot(path=str(tmp_path / "runs-compare.png"), full_page=True)
 
     page.get_by_text("Export", exact=True).click()
@@ -58,4 +64,11 @@ def test_compare_two_runs_and_download_one(two_runs, page, tmp_path):  # noqa: F
     download.value.save_as(data)
     names = zipfile.ZipFile(io.BytesIO(data.read_bytes())).namelist()
     assert f"{two_runs[1]}/checkpoint.pt" in names and download.value.suggested_filename == f"{two_runs[1]}.zip"
+
+    # Both runs were trained by another process, so this tab owns neither: "Only mine" hides them.
+    mine = page.locator(".st-key-runs_mine").get_by_text("Only mine")
+    mine.click()
+    expect(page.get_by_text("You have started no runs in this tab yet")).to_be_visible()
+    mine.click()
+    expect(page.get_by_text("2 runs in")).to_be_visible()
     assert page.locator('[data-testid="stException"]').count() == 0

@@ -1,16 +1,22 @@
 """The Runs tab through AppTest: listing, open, resume, fork, compare, export, import, rename, delete.
 
 Three tiny runs (one made through the CLI) are trained once per module and copied into each
-test's own runs directory (VAE_RUNS_DIR; AppTest runs the app in this process). Rows are ticked
-by writing the table's selection state, as the browser would send it. The registry is
-process-wide, so every test stops its trainers and clears the caches afterwards.
+test's own runs directory (VAE_RUNS_DIR; AppTest runs the app in this process, and the app's
+Lab is created over that directory). Rows are ticked by writing the table's selection state, as
+the browser would send it. The Lab is process-wide (st.cache_resource), so every test shuts it
+down and clears the caches afterwards. One test trains a run in a separate process (the CLI) and
+opens it while it trains: the page follows it from its files.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -20,27 +26,30 @@ import streamlit as st
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from helpers import train_to_end
 from dashboard.panels import compare
 from dashboard.panels import run_actions as actions
 from dashboard.panels import runs as panel
-from dashboard.state import get_registry
+from dashboard.state import get_lab
 from vae_core import cli, runs
-from vae_core.config import RunConfig
-from vae_core.trainer import Trainer
+from vae_core.lab import Lab, LocalRun, RunConfig, RunHandle
 
-APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "dashboard" / "app.py")
 TINY = RunConfig().replace(epochs=1, train_size=256, hidden_dim=32, batch_size=64, evidence_every=0)
 STEPS = 4  # 256 images / batch 64, one epoch
 
 
 @pytest.fixture(scope="module")
 def saved_runs(tmp_path_factory):
-    """Runs 'b0.5' and 'b2' (Trainer) and 'cli-b1' (python -m vae_core train), oldest first."""
+    """Runs 'b0.5' and 'b2' (a Lab in this process) and 'cli-b1' (python -m vae_core train), oldest first."""
     d = tmp_path_factory.mktemp("saved") / "runs"
+    lab = Lab(d, num_threads=1)
     for beta in (0.5, 2.0):
-        train_to_end(Trainer(TINY.replace(beta=beta), runs_dir=d, name=f"b{beta:g}", num_threads=1))
+        run = lab.start(TINY.replace(beta=beta), name=f"b{beta:g}")
+        run.join(120)
+        assert run.status().state == "finished", run.status().message
         time.sleep(0.02)  # distinct creation times, so the order is defined
+    lab.shutdown()
     assert cli.main(["train", "--epochs", "1", "--train-size", "256", "--hidden-dim", "32", "--batch-size", "64",
                      "--evidence-every", "0", "--threads", "1", "--runs-dir", str(d), "--name", "cli-b1",
                      "--quiet"]) == 0
@@ -53,7 +62,7 @@ def runs_dir(saved_runs, tmp_path, monkeypatch):
     shutil.copytree(saved_runs, d)
     monkeypatch.setenv("VAE_RUNS_DIR", str(d))
     yield d
-    get_registry().stop_all()
+    get_lab().shutdown()
     st.cache_resource.clear()
     st.cache_data.clear()
 
@@ -86,14 +95,22 @@ def texts(elements) -> str:
     return " ".join(e.value for e in elements)
 
 
-def wait_finished(timeout: float = 60.0) -> Trainer:
-    t = get_registry().current()
-    assert t is not None
-    deadline = time.monotonic() + timeout
-    while t.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert t.status().state == "finished", t.status().message
-    return t
+def sid(at: AppTest) -> str:
+    """The page's session id (dashboard.state.session_id): who owns what it starts."""
+    return at.session_state["_sid"]
+
+
+def current(at: AppTest) -> RunHandle | None:
+    """The run the page shows (the Lab's record for this session)."""
+    return get_lab().current(sid(at))
+
+
+def wait_finished(at: AppTest, timeout: float = 120.0) -> RunHandle:
+    run = current(at)
+    assert isinstance(run, LocalRun), run
+    run.join(timeout)
+    assert run.status().state == "finished", run.status().message
+    return run
 
 
 # ------------------------------------------------------------------ listing
@@ -107,21 +124,21 @@ def test_table_lists_every_run_newest_first(runs_dir):
     assert row["Status"].endswith("finished") and row["When"][:2] == "20"
     best = max(m["elbo"] for m in runs.read_metrics(runs_dir / "b2") if m["split"] == "test")
     assert row["Best test ELBO"] == pytest.approx(best)
+    assert (row["Owner"], row["Host"]) == ("anyone (CLI)", runs.HOST)  # no session started it: anyone steers it
     assert "Tick a second run" not in texts(at.caption)  # nothing ticked: no actions yet
     assert all(b.key != "runs_open" for b in at.button)
     assert "3 runs in" in texts(at.caption)
 
 
-def test_listing_200_runs_takes_under_a_second(runs_dir):
+def test_listing_200_runs(runs_dir):
+    """All 200 are listed (how fast: benchmarks/bench_runs.py)."""
     src = runs_dir / "b2"
     for i in range(200):
         d = runs_dir / f"many-{i:03d}"
         d.mkdir()
         for f in (runs.CONFIG, runs.METRICS, runs.STATUS):  # what the table reads; no checkpoint needed
             shutil.copy(src / f, d / f)
-    t0 = time.perf_counter()
-    rows = panel.table_rows(runs.list_runs(runs_dir))
-    assert time.perf_counter() - t0 < 1.0
+    rows = panel.table_rows(Lab(runs_dir).list_runs())
     assert len(rows) == 203
     assert len(table(runs_tab())) == 203
 
@@ -139,7 +156,7 @@ def test_interrupted_run_is_listed_and_resumes(runs_dir):
     at.button(key="runs_resume").click()
     rerun(at)
     assert "Training **b2** again from step 4" in texts(at.success)
-    t = wait_finished()
+    t = wait_finished(at)
     assert t.run_dir == d and t.status().step == 2 * STEPS  # same run, same step count, on to epoch 2
     assert [m["epoch"] for m in runs.read_metrics(d) if m["split"] == "test"] == [1, 2]
     assert table(rerun(at)).set_index("Name").loc["b2", "Epochs"] == "2 / 2"
@@ -152,9 +169,9 @@ def test_open_makes_the_run_current_for_every_tab(runs_dir):
     at.button(key="runs_open").click()
     rerun(at)
     assert "Opened **b0.5**" in texts(at.success)
-    t = get_registry().current()
+    t = current(at)
     assert t is not None and t.run_dir == runs_dir / "b0.5" and t.weights_version() > 0
-    assert t.status().state == "finished" and not t.is_alive()  # nothing retrained
+    assert t.status().state == "finished" and not isinstance(t, LocalRun)  # read from its files, nothing retrained
     assert at.session_state["cfg_beta"] == 0.5 and at.session_state["cfg_train_size"] == 256  # the sidebar follows
     at.session_state["main_tab"] = "Explore latent space"
     rerun(at)
@@ -163,7 +180,7 @@ def test_open_makes_the_run_current_for_every_tab(runs_dir):
     rerun(at).button(key="runs_delete").click()
     rerun(at).button(key="runs_delete_confirm").click()
     rerun(at)
-    assert "Deleted **b0.5**" in texts(at.success) and get_registry().current() is None  # nothing shows a ghost
+    assert "Deleted **b0.5**" in texts(at.success) and current(at) is None  # nothing shows a ghost
 
 
 def test_fork_creates_a_child_that_records_its_parent(runs_dir):
@@ -173,7 +190,7 @@ def test_fork_creates_a_child_that_records_its_parent(runs_dir):
     at.button(key="runs_fork_submit").click()
     rerun(at)
     assert "Forked **b0.5**" in texts(at.success), texts(at.error)
-    child = wait_finished()
+    child = wait_finished(at)
     assert at.subheader[0].value == child.run_dir.name and len(at.get("plotly_chart")) == 2  # child vs parent
     cfg = json.loads((child.run_dir / runs.CONFIG).read_text())
     assert child.run_dir.parent == runs_dir and child.run_dir.name != "b0.5"
@@ -209,7 +226,8 @@ def test_compare_two_runs(runs_dir):
 
 
 def test_comparison_data_is_aligned(runs_dir):
-    a, b = compare.load(runs_dir / "b0.5"), compare.load(runs_dir / "b2")
+    lab = Lab(runs_dir)
+    a, b = compare.load(lab, "b0.5"), compare.load(lab, "b2")
     for run in (a, b):
         x, y = compare.series(run.split("test"), "elbo", "epoch")
         assert list(x) == [1.0]
@@ -236,15 +254,15 @@ def test_exports_round_trip_through_the_cli(runs_dir, tmp_path):
     at = tick(runs_tab(), "b2")
     keys = {b.key for b in at.get("download_button")}
     assert {"runs_dl_csv", "runs_dl_samples", "runs_dl_recon", "runs_dl_ckpt", "runs_dl_zip"} <= keys
-    d = runs_dir / "b2"
-    rows = list(csv.DictReader(io.StringIO(actions.metrics_csv_bytes(d).decode())))
+    d, lab = runs_dir / "b2", get_lab()
+    rows = list(csv.DictReader(io.StringIO(actions.metrics_csv_bytes(lab, "b2").decode())))
     metrics = runs.read_metrics(d)
     assert len(rows) == len(metrics) and float(rows[-1]["elbo"]) == pytest.approx(metrics[-1]["elbo"])
-    assert actions.checkpoint_bytes(d) == (d / runs.CHECKPOINT).read_bytes()
-    png = Image.open(io.BytesIO(actions.samples_png(d)))
+    assert actions.checkpoint_bytes(lab, "b2") == (d / runs.CHECKPOINT).read_bytes()
+    png = Image.open(io.BytesIO(actions.samples_png(lab, "b2")))
     assert png.format == "PNG" and png.size == (4 * (8 * 29 - 1),) * 2
-    assert Image.open(io.BytesIO(actions.reconstructions_png(d))).size == (4 * (8 * 29 - 1), 4 * (4 * 29 - 1))
-    data = actions.zip_bytes(d)
+    assert Image.open(io.BytesIO(actions.reconstructions_png(lab, "b2"))).size == (4 * (8 * 29 - 1), 4 * (4 * 29 - 1))
+    data = actions.zip_bytes(lab, "b2")
     names = set(zipfile.ZipFile(io.BytesIO(data)).namelist())
     assert {"b2/config.json", "b2/metrics.jsonl", "b2/checkpoint.pt"} <= names
     zpath = tmp_path / "b2.zip"
@@ -258,7 +276,7 @@ def test_exports_round_trip_through_the_cli(runs_dir, tmp_path):
 
 def test_import_accepts_a_run_zip_and_rejects_bad_ones(runs_dir, tmp_path):
     at = runs_tab()
-    good = actions.zip_bytes(runs_dir / "b2")
+    good = actions.zip_bytes(get_lab(), "b2")
     at.file_uploader(key="runs_import").set_value(("b2.zip", good, "application/zip"))
     rerun(at)
     assert "Imported **b2.zip** as **b2-2**" in texts(at.success)
@@ -323,23 +341,20 @@ def test_delete_asks_first_and_refuses_a_training_run(runs_dir):
 
 def test_a_run_training_in_this_server_cannot_be_deleted(runs_dir):
     at = tick(runs_tab(), "b2")
-    slow = get_registry().fork(runs_dir / "b2", epochs=50)  # long enough to still be training
+    slow = get_lab().fork("b2", epochs=500)  # long enough to still be training
     try:
-        deadline = time.monotonic() + 30
-        while slow.run_dir is None or not (slow.run_dir / runs.STATUS).exists():
-            assert time.monotonic() < deadline, slow.status().message
-            time.sleep(0.05)
         rerun(at)
-        tick(at, slow.run_dir.name)
+        tick(at, slow.name)
         assert "Training now in this server" in texts(at.caption)
+        assert at.button(key="runs_resume").disabled
         at.button(key="runs_delete").click()
         rerun(at)
         at.button(key="runs_delete_confirm").click()
         rerun(at)
         assert "is training" in texts(at.error)
-        assert slow.run_dir is not None and slow.run_dir.exists()
+        assert slow.run_dir.exists() and slow.status().state in ("running", "queued")
     finally:
-        slow.stop()
+        get_lab().stop(slow.name, wait=10)
 
 
 def test_ticks_and_forms_survive_a_visit_to_another_tab(runs_dir):
@@ -365,3 +380,116 @@ def test_an_unreadable_run_is_listed_and_can_still_be_deleted(runs_dir):
     at.button(key="runs_delete_confirm").click()
     rerun(at)
     assert "Deleted **b2**" in texts(at.success) and not (runs_dir / "b2").exists()
+
+
+# ------------------------------------------------------------------ everyone's runs: owners, the Mine filter
+
+def _set_owner(run_dir: Path, owner: str) -> None:
+    """As if another browser tab had started the run (config.json records its session)."""
+    path = run_dir / runs.CONFIG
+    path.write_text(json.dumps({**json.loads(path.read_text()), "owner": owner}))
+
+
+def test_only_mine_keeps_the_runs_this_session_started(runs_dir):
+    at = tick(runs_tab(), "b0.5")
+    at.button(key="runs_fork_submit").click()
+    rerun(at)
+    child = wait_finished(at)
+    df = table(rerun(at)).set_index("Name")
+    assert df.loc[child.name, "Owner"] == "you" and df.loc["b2", "Owner"] == "anyone (CLI)"
+    at.toggle(key="runs_mine").set_value(True)
+    rerun(at)
+    assert list(table(at)["Name"]) == [child.name]
+    assert "1 run in" in texts(at.caption) and "(of 4)" in texts(at.caption)
+    at.toggle(key="runs_mine").set_value(False)
+    rerun(at)
+    assert len(table(at)) == 4
+
+
+def test_another_sessions_run_opens_read_only_and_forks(runs_dir):
+    _set_owner(runs_dir / "b2", "0123456789abcdef")
+    at = runs_tab()
+    assert table(at).set_index("Name").loc["b2", "Owner"] == "session 012345"
+    tick(at, "b2")
+    assert at.button(key="runs_resume").disabled and not at.button(key="runs_open").disabled
+    assert "Started by another session" in texts(at.caption)
+    at.button(key="runs_open").click()
+    rerun(at)
+    assert "Opened **b2**" in texts(at.success)
+    shown = current(at)
+    assert shown is not None and shown.name == "b2"
+    assert not get_lab().can_steer(shown.run_dir, sid(at))
+    at.button(key="runs_fork_submit").click()  # anyone may fork it: the child is this session's
+    rerun(at)
+    assert "Forked **b2**" in texts(at.success), texts(at.error)
+    child = wait_finished(at)
+    assert get_lab().owner(child.name) == sid(at)
+    assert json.loads((child.run_dir / runs.CONFIG).read_text())["parent"]["run"] == "b2"
+
+
+# ------------------------------------------------------------------ a run trained by another process
+
+def _drawn_step(at: AppTest) -> int:
+    """The weights' step the Explore tab's prior samples say they were decoded with."""
+    caption = at.get("image")[0].captions[0]
+    return int(re.search(r"weights from step ([\d,]+)", caption).group(1).replace(",", ""))
+
+
+def _poll(at: AppTest, predicate, timeout: float, what: str) -> AppTest:
+    deadline = time.monotonic() + timeout
+    while True:
+        rerun(at)
+        if predicate(at):
+            return at
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def test_a_run_trained_by_another_process_is_followed_live(runs_dir):
+    """The CLI trains in its own process; the Runs tab opens it and Explore and Evidence draw its newest weights."""
+    cmd = [sys.executable, "-m", "vae_core", "train", "--runs-dir", str(runs_dir), "--name", "cli-live",
+           "--dataset", "sprites", "--train-size", "512", "--batch-size", "64", "--hidden-dim", "64",
+           "--latent-dim", "2", "--epochs", "2000", "--evidence-every", "0", "--threads", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    d = runs_dir / "cli-live"
+    try:
+        deadline = time.monotonic() + 120
+        while not (d / runs.CHECKPOINT).exists():  # its first epoch's checkpoint
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the CLI run wrote no checkpoint"
+            time.sleep(0.2)
+        at = runs_tab()
+        assert table(at).set_index("Name").loc["cli-live", "Status"].endswith("running")
+        tick(at, "cli-live")
+        assert "Being trained by another process" in texts(at.caption)
+        assert at.button(key="runs_resume").disabled
+        at.button(key="runs_open").click()
+        rerun(at)
+        assert "another process is training" in texts(at.success), texts(at.error)
+        run = current(at)
+        assert run is not None and run.status().followed and run.status().state == "running"
+
+        at.session_state["main_tab"] = "Explore latent space"
+        rerun(at)
+        assert not at.error, texts(at.error)
+        first = _drawn_step(at)
+        assert first > 0
+        # Each new checkpoint the other process writes is picked up: a later look decodes newer weights.
+        _poll(at, lambda a: a.get("image") and _drawn_step(a) > first, 120, "newer followed weights")
+
+        at.session_state["main_tab"] = "Evidence: ELBO ≤ log p(x)"
+        rerun(at)
+        assert not at.error, texts(at.error)
+        page = texts(at.markdown) + texts(at.caption)
+        assert "Identity check" in page and "✓ agree to within" in page
+        step = int(re.search(r"Weights from step ([\d,]+)", page).group(1).replace(",", ""))
+        assert step > first  # the posterior is integrated with the followed weights, not the first ones
+
+        get_lab().stop("cli-live")  # steering through its control file: the CLI run has no owner
+        assert proc.wait(timeout=120) == 0
+        assert runs.read_status(d)["state"] == "stopped"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,9 +1,10 @@
 """Comparing saved runs: overlaid curves, final numbers, the same samples and reconstructions, rate–distortion.
 
-Drawn by the Runs tab for the runs a person ticks. Everything comes from the run directories,
-never from a live model: metric rows are cached by the file's size and mtime (a training run's
-file grows, so it is re-read), images by the checkpoint's mtime (opening a checkpoint and
-decoding costs ~50 ms per run). The data helpers are pure so tests can check the alignment.
+Drawn by the Runs tab for the runs a person ticks. Everything comes through the Lab
+(lab.open(name): a run trained here, or one followed from its directory), never from a live
+model: its metric rows, and its samples and reconstructions rendered from the published
+weights (once per weights version, so a training run's images follow it). The data helpers are
+pure so tests can check the alignment.
 """
 from __future__ import annotations
 
@@ -17,11 +18,9 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.colors import qualitative
 
-from dashboard.panels.training import downsample, smooth, units
-from vae_core import runs
-from vae_core.config import RunConfig
-from vae_core.images import png_bytes, tile, upscale
-from vae_core.trainer import Trainer
+from dashboard.common import downsample, reconstructions_mosaic, samples_mosaic, smooth, units
+from vae_core.images import png_bytes
+from vae_core.lab import Lab, RunConfig, UserError
 
 K = "runs_cmp_"  # every widget key starts with this
 COLORS = qualitative.D3
@@ -50,49 +49,19 @@ class RunData:
         return self.config.train.beta
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
-def _metrics(path: str, mtime_ns: int, size: int) -> list[dict[str, Any]]:
-    return runs.read_metrics(Path(path))
+def load(lab: Lab, run: str | Path) -> RunData:
+    """A run's config and metric rows, by name (or path), through the Lab. Raises RunFileError or ConfigError."""
+    handle = lab.open(run)
+    return RunData(handle.name, str(handle.run_dir), handle.config, handle.metrics())
 
 
-def load(path: str | Path) -> RunData:
-    """A run's config and metric rows (cached until metrics.jsonl changes). Raises RunFileError."""
-    path = Path(path)
-    config = runs.read_config(path)
-    m = path / runs.METRICS
-    stat = m.stat() if m.exists() else None
-    rows = _metrics(str(path), stat.st_mtime_ns, stat.st_size) if stat else []
-    return RunData(path.name, str(path), config, rows)
-
-
-def run_images(path: str | Path) -> dict[str, Any]:
+def images(lab: Lab, run: str | Path) -> dict[str, Any]:
     """Prior samples (64, from z drawn with seed 0) and reconstructions of the first 16 test images, uint8.
 
     The same z and test images for every run of a latent size and dataset, so the mosaics compare
-    like with like. Uncached: the export buttons call it outside a script run.
+    like with like. Rendered by the run's handle once per weights version; {} before any weights.
     """
-    return Trainer.open(path, device="cpu").artifacts()
-
-
-@st.cache_data(max_entries=64, show_spinner=False)
-def _cached_images(path: str, ckpt_mtime_ns: int) -> dict[str, Any]:
-    return run_images(path)
-
-
-def images(path: str | Path) -> dict[str, Any]:
-    ckpt = Path(path) / runs.CHECKPOINT
-    return _cached_images(str(path), ckpt.stat().st_mtime_ns)
-
-
-def samples_mosaic(art: dict[str, Any], scale: int = 2) -> np.ndarray:
-    return upscale(tile(art["samples"], ncols=8), scale)
-
-
-def reconstructions_mosaic(art: dict[str, Any], scale: int = 2) -> np.ndarray:
-    """Rows alternate: 8 test images, their 8 reconstructions, the next 8, theirs."""
-    o, r = art["originals"], art["reconstructions"]
-    rows = [block for i in range(0, len(o), 8) for block in (o[i:i + 8], r[i:i + 8])]
-    return upscale(tile(np.concatenate(rows), ncols=8), scale)
+    return lab.open(run).artifacts()
 
 
 # ------------------------------------------------------------------ data for the figures and the table
@@ -227,14 +196,14 @@ def rd_figure(data: list[RunData]) -> go.Figure:
 
 # ------------------------------------------------------------------ drawing
 
-def render(paths: list[str]) -> None:
-    """The comparison of the given runs (in the order given)."""
+def render(lab: Lab, names: list[str]) -> None:
+    """The comparison of the named runs (in the order given)."""
     data, problems = [], []
-    for p in paths:
+    for name in names:
         try:
-            data.append(load(p))
-        except runs.RunFileError as e:
-            problems.append(f"{Path(p).name}: {e}")
+            data.append(load(lab, name))
+        except UserError as e:
+            problems.append(f"{name}: {e}")
     for msg in problems:
         st.error(f"Left out of the comparison: {msg}")
     if not data:
@@ -271,16 +240,16 @@ def render(paths: list[str]) -> None:
                "distortion what the decoder loses. Lower-left is better; the dashed line holds every point with the "
                "best run's ELBO, since −ELBO = rate + distortion. A larger β buys a lower rate with more distortion.")
 
-    _images(data[:MAX_IMAGE_RUNS])
+    _images(lab, data[:MAX_IMAGE_RUNS])
     if len(data) > MAX_IMAGE_RUNS:
         st.caption(f"Images are shown for the first {MAX_IMAGE_RUNS} ticked runs.")
 
 
-def _images(data: list[RunData]) -> None:
+def _images(lab: Lab, data: list[RunData]) -> None:
     st.markdown("##### Prior samples and reconstructions")
     st.caption("Samples decode the same 64 codes z ~ N(0, I) (seed 0) for every run of a latent size; "
                "reconstructions show the same 16 test images (rows 1 and 3) above their reconstructions (rows 2 "
-               "and 4). All from each run's last checkpoint.")
+               "and 4). All from each run's latest weights (its last checkpoint, for a run trained elsewhere).")
     per_row = 4  # always quarter-width columns: a 224-pixel mosaic stays the same size for 2 runs or 8
     for start in range(0, len(data), per_row):
         cols = st.columns(per_row)
@@ -288,9 +257,12 @@ def _images(data: list[RunData]) -> None:
             with col:
                 st.markdown(f"**{run.name}** · β={run.beta:g}, D={run.config.model.latent_dim}")
                 try:
-                    art = images(run.path)
+                    art = images(lab, run.name)
                 except Exception as e:  # a missing dataset or unreadable checkpoint: say so in this column only
                     st.error(f"No images: {e}")
+                    continue
+                if not art:
+                    st.info("No weights yet.")
                     continue
                 st.image(png_bytes(samples_mosaic(art)), caption="prior samples", output_format="PNG")
                 st.image(png_bytes(reconstructions_mosaic(art)), caption="test images / reconstructions",

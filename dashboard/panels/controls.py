@@ -4,23 +4,30 @@ Widget values live in `st.session_state` under `cfg_<field>` keys (UI choices on
 configuration is always built by `settings.config_from_values`, so the UI, the CLI and
 saved runs share one set of rules; a bad combination shows its message under the control
 and disables Train instead of raising.
+
+The buttons act on this session's current run through the Lab: Train starts a new run (it
+trains at once or waits in the queue) and never stops another; Pause, Step, Stop and the ⚡
+settings steer the shown run only when this session owns it (a run another session started
+is shown read-only).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import streamlit as st
 
 from dashboard.settings import (ARCH_NAMES, BATCH_SIZES, BETAS, DATASET_NAMES, DEFAULTS, LABELS, LIKELIHOOD_NAMES, LRS,
                                 PREFIX, changed_fields, config_from_values, field_errors, query_from_values,
                                 values_from_config, values_from_query, with_value)
-from dashboard.state import Registry
-from vae_core import data
-from vae_core.config import ARCHS, DATASETS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS, UI_LIMITS, ConfigError, RunConfig
-from vae_core.devices import available_devices, resolve_device
-from vae_core.runs import RunFileError
-from vae_core.trainer import Trainer
+from dashboard.state import can_steer, current_run, session_id
+from vae_core.lab import (ARCHS, DATASETS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS, UI_LIMITS, Lab,
+                          RunConfig, RunHandle, Status, UserError)
+
+STEERABLE = ("running", "paused")  # states whose ⚡ settings change the run live
+RESUMABLE = ("paused", "stopped", "failed", "interrupted")
+READ_ONLY = ("🔒 Read-only: this run belongs to another session, so its buttons and ⚡ settings are off here. "
+             "Open it from the **Runs** tab to look at it; fork it there to train your own copy with changes.")
 
 
 @dataclass
@@ -38,7 +45,7 @@ def current_values() -> dict[str, Any]:
     return {k: st.session_state.get(PREFIX + k, d) for k, d in DEFAULTS.items()}
 
 
-def init_state(trainer: Trainer | None) -> None:
+def init_state(run: RunHandle | None) -> None:
     """Seed the controls once per session: from the URL, else the run being shown, else defaults.
 
     A shared URL carries its settings (see sync_url). Without any, a reload or second tab
@@ -53,13 +60,40 @@ def init_state(trainer: Trainer | None) -> None:
         values, ignored = values_from_query(params)
         if ignored:
             _notice("warning", "Ignored invalid settings in the URL: " + ", ".join(ignored))
-    elif trainer is not None:
-        values = {**DEFAULTS, **values_from_config(trainer.config)}
+    elif run is not None:
+        values = {**DEFAULTS, **values_from_config(run.config)}
     else:
         values = dict(DEFAULTS)
     for k, v in values.items():
         st.session_state.setdefault(PREFIX + k, v)
     st.session_state["_cfg_seeded"] = True
+
+
+def reconcile(run: RunHandle | None, status: Status | None) -> None:
+    """Follow the shown run: the controls are the one writer of their keys, and they take their values from it.
+
+    When another run is shown (Train, Open, Resume, Fork, from any tab) every control takes that run's
+    settings; while it is shown, a live setting that changed in the run (a remedy on the Evidence tab,
+    another process through control.json) moves its control. A person's own edits are left alone.
+    """
+    if run is None or status is None:
+        st.session_state["_cfg_run"] = None
+        return
+    live = {"beta": status.beta, "lr": status.lr, "warmup_epochs": status.warmup_epochs,
+            "free_bits": status.free_bits}
+    if st.session_state.get("_cfg_run") != run.token:
+        values = {**values_from_config(run.config), **live}
+        lo, hi = UI_LIMITS["latent_dim"]
+        if not lo <= values["latent_dim"] <= hi:  # a CLI run beyond the slider's range: leave the slider be
+            del values["latent_dim"]
+        changed = values
+    else:
+        seen = st.session_state.get("_cfg_live", {})
+        changed = {k: v for k, v in live.items() if seen.get(k) != v}
+    for name, value in changed.items():
+        if name in DEFAULTS:
+            st.session_state[PREFIX + name] = value
+    st.session_state["_cfg_run"], st.session_state["_cfg_live"] = run.token, live
 
 
 def _reassert() -> None:
@@ -87,10 +121,18 @@ def sync_url(values: dict[str, Any]) -> None:
             del st.query_params[name]
 
 
-@st.cache_data(ttl=600, show_spinner="Checking which datasets are on this machine…")
 def dataset_availability() -> dict[str, tuple[bool, str]]:
-    """data.availability probes the network (~1 s offline), so it is cached for ten minutes."""
-    return data.availability()
+    """Which datasets this machine offers: local files at once, the network probe once the warm-up has run it."""
+    return Lab.dataset_availability(wait=False)
+
+
+def device_info() -> tuple[dict[str, bool], str]:
+    """The devices this machine has and the one 'auto' picks; until the warm-up has loaded torch, the CPU
+    (the first page draws without waiting for torch: seconds on a busy machine)."""
+    have = Lab.devices_if_known()
+    if have is None:
+        return {"cpu": True}, "cpu, while GPUs are looked for"
+    return have, "cuda" if have.get("cuda") else "mps" if have.get("mps") else "cpu"
 
 
 # ------------------------------------------------------------------ callbacks (run before the script)
@@ -99,12 +141,6 @@ def _notice(kind: str, text: str) -> None:
     """Show a message under the buttons until the person's next action (see _expire_notice)."""
     st.session_state["_ctl_notice"] = (kind, text)
     st.session_state["_ctl_notice_new"] = True
-
-
-def app_rerun() -> NoReturn:
-    """st.rerun() for a rerun the app starts itself (the live panel catching up): messages stay."""
-    st.session_state["_app_rerun"] = True
-    st.rerun()
 
 
 def _expire_notice() -> None:
@@ -129,71 +165,115 @@ def _build_or_report() -> RunConfig | None:
     return config_from_values(values)
 
 
-def _on_train(registry: Registry) -> None:
+def _on_train(lab: Lab) -> None:
+    """A new run of this session's (it trains at once, or waits in the queue); no other run is touched."""
     config = _build_or_report()
     if config is None:
         return
-    before = registry.current()
-    was_active = before is not None and before.status().active
+    sid = session_id()
     try:
-        registry.train(config)
-    except (ConfigError, RunFileError, OSError) as e:
+        run = lab.start(config, owner=sid)
+    except UserError as e:
         _notice("error", f"Could not start the run: {e}")
         return
-    if was_active:
-        _notice("info", f"The previous run{_name(before)} was stopped and checkpointed (it stays in the runs "
-                        "directory and can be resumed); a new run started with these settings.")
+    lab.show(sid, run.name)
 
 
-def _on_pause_resume(registry: Registry) -> None:
-    t = registry.current()
-    if t is None:
-        return
-    if t.status().state == "running":
-        registry.pause()
+def _steerable(lab: Lab) -> RunHandle | None:
+    """This session's current run if it may steer it; else None (and a message when there is a run)."""
+    run = current_run(lab)
+    if run is not None and not can_steer(lab, run):
+        _notice("warning", f"Run {run.name} belongs to another session; it is read-only here.")
+        return None
+    return run
+
+
+def _on_pause_resume(lab: Lab) -> None:
+    run = _steerable(lab)
+    if run is None:
         return
     try:
-        registry.resume(live={k: current_values()[k] for k in LIVE_FIELDS})
-    except (ConfigError, RunFileError, OSError) as e:
-        _notice("error", f"Could not resume: {e}")
+        if run.status().state == "running":
+            lab.pause(run.name, owner=session_id())
+        else:
+            lab.resume(run.name, owner=session_id(), live={k: current_values()[k] for k in LIVE_FIELDS})
+    except UserError as e:
+        _notice("error", f"Could not {'pause' if run.status().state == 'running' else 'resume'}: {e}")
 
 
-def _on_step(registry: Registry) -> None:
-    values = current_values()
-    errors = field_errors(values, dataset_availability())
-    config = None if errors else config_from_values(values)  # needed only when Step starts a new run
+def _on_step(lab: Lab) -> None:
+    """One optimisation step of the current run (pausing it), or a new run started paused after one step."""
+    sid = session_id()
+    if current_run(lab) is None:
+        config = _build_or_report()
+        if config is None:
+            return
+        try:
+            lab.show(sid, lab.start(config, owner=sid, step_only=True).name)
+        except UserError as e:
+            _notice("error", f"Could not step: {e}")
+        return
+    run = _steerable(lab)
+    if run is None:
+        return
     try:
-        registry.step(config)
-    except (ConfigError, RunFileError, OSError) as e:
+        lab.step(run.name, owner=sid)
+    except UserError as e:
         _notice("error", f"Could not step: {e}")
 
 
-def _on_live_change(registry: Registry, name: str) -> None:
-    """β, lr, warm-up and free bits go straight to an active run."""
-    t = registry.current()
-    if t is None or not t.status().active:
+def _on_stop(lab: Lab) -> None:
+    run = _steerable(lab)
+    if run is None:
+        return
+    try:
+        lab.stop(run.name, owner=session_id())
+    except UserError as e:
+        _notice("error", f"Could not stop: {e}")
+
+
+def _on_reset(lab: Lab) -> None:
+    """Show no run. This session's own active (or queued) run is stopped first; anyone else's is left alone."""
+    sid = session_id()
+    run = current_run(lab)
+    if run is not None:
+        s = run.status()
+        if s.owner == sid and s.state in ("running", "paused", "queued"):
+            try:
+                lab.stop(run.name, owner=sid)
+            except UserError as e:
+                _notice("error", f"Could not stop: {e}")
+                return
+    lab.show(sid, None)
+
+
+def _on_live_change(lab: Lab, name: str) -> None:
+    """β, lr, warm-up and free bits go straight to an active run this session steers."""
+    run = current_run(lab)
+    if run is None or run.status().state not in STEERABLE:
         return
     value = st.session_state[PREFIX + name]
+    if not can_steer(lab, run):
+        _notice("info", f"{LABELS[name]} = {value:g} was not applied: run {run.name} belongs to another session "
+                        "and is read-only here. Press **Train** to start your own run with it.")
+        return
     try:
-        t.update(**{name: value})
-    except ConfigError as e:
+        lab.update(run.name, owner=session_id(), **{name: value})
+    except UserError as e:
         _notice("error", str(e))
         return
     _notice("success", f"{LABELS[name]} = {value:g} applied to the running run from its next step.")
 
 
-def _name(t: Trainer | None) -> str:
-    return f" ({t.name})" if t is not None and t.name else ""
-
-
 # ------------------------------------------------------------------ drawing
 
-def render(registry: Registry) -> Controls:
+def render(lab: Lab) -> Controls:
     """Draw the sidebar controls (call inside `with st.sidebar:`) and return what they describe."""
-    trainer = registry.current()
+    run = current_run(lab)
     _expire_notice()
-    init_state(trainer)
-    status = trainer.status() if trainer is not None else None
+    init_state(run)
+    status = run.status() if run is not None else None
+    reconcile(run, status)
     availability = dataset_availability()
     slots: dict[str, Any] = {}
 
@@ -222,33 +302,31 @@ def render(registry: Registry) -> Controls:
     st.subheader("Objective")
     st.select_slider("⚡ " + LABELS["beta"], with_value(BETAS, st.session_state.get(PREFIX + "beta")),
                      key=PREFIX + "beta", format_func=lambda b: f"{b:g}", on_change=_on_live_change,
-                     args=(registry, "beta"),
+                     args=(lab, "beta"),
                      help="Loss = −E[log p(x|z)] + β·KL. β = 1 is the ELBO; β > 1 trades reconstruction "
                           "for a simpler code (β-VAE), β < 1 the reverse.")
     slots["beta"] = st.empty()
     st.number_input("⚡ " + LABELS["warmup_epochs"], min_value=0.0, max_value=float(LIMITS["warmup_epochs"][1]),
-                    step=0.5, key=PREFIX + "warmup_epochs", on_change=_on_live_change, args=(registry, "warmup_epochs"),
+                    step=0.5, key=PREFIX + "warmup_epochs", on_change=_on_live_change, args=(lab, "warmup_epochs"),
                     help="β ramps linearly from 0 to its value over this many epochs (0 = off).")
     slots["warmup_epochs"] = st.empty()
     st.number_input("⚡ " + LABELS["free_bits"], min_value=0.0, max_value=float(LIMITS["free_bits"][1]), step=0.05,
-                    key=PREFIX + "free_bits", on_change=_on_live_change, args=(registry, "free_bits"),
+                    key=PREFIX + "free_bits", on_change=_on_live_change, args=(lab, "free_bits"),
                     help="Each latent dimension's KL counts as at least this much in the loss "
                          "(Kingma et al. 2016), which keeps dimensions from collapsing early. 0 = off.")
     slots["free_bits"] = st.empty()
 
     st.subheader("Optimisation")
     st.select_slider("⚡ " + LABELS["lr"], with_value(LRS, st.session_state.get(PREFIX + "lr")), key=PREFIX + "lr",
-                     format_func=lambda v: f"{v:g}", on_change=_on_live_change, args=(registry, "lr"))
+                     format_func=lambda v: f"{v:g}", on_change=_on_live_change, args=(lab, "lr"))
     slots["lr"] = st.empty()
     st.select_slider(LABELS["batch_size"], with_value(BATCH_SIZES, st.session_state.get(PREFIX + "batch_size")),
                      key=PREFIX + "batch_size")
     slots["batch_size"] = st.empty()
     st.number_input(LABELS["epochs"], min_value=1, max_value=int(LIMITS["epochs"][1]), step=1, key=PREFIX + "epochs")
     slots["epochs"] = st.empty()
-    have = available_devices()
-    auto = _auto_device()
-    st.selectbox(LABELS["device"], DEVICES, key=PREFIX + "device",
-                 format_func=lambda d: f"auto (→ {auto})" if d == "auto" else d + ("" if have.get(d) else " (not available)"),
+    have, auto = device_info()
+    st.selectbox(LABELS["device"], DEVICES, key=PREFIX + "device", format_func=lambda d: _device_label(d, have, auto),
                  help="Available here: " + ", ".join(d for d, ok in have.items() if ok))
     slots["device"] = st.empty()
     st.number_input(LABELS["seed"], min_value=0, max_value=int(LIMITS["seed"][1]), step=1, key=PREFIX + "seed")
@@ -283,35 +361,39 @@ def render(registry: Registry) -> Controls:
     config = None if errors else config_from_values(values)
 
     with buttons:
-        _buttons(registry, status, config, errors)
+        _buttons(lab, status, can_steer(lab, run), errors)
         if status is not None and status.active and config is not None:
-            changed = changed_fields(config, trainer.config)
+            changed = changed_fields(config, run.config)
             if changed:
                 st.info("Changed since this run started: " + ", ".join(LABELS[k] for k in changed)
                         + ". Press **Train** to start a new run with them.")
     return Controls(values, config, errors)
 
 
-def _buttons(registry: Registry, status, config: RunConfig | None, errors: dict[str, str]) -> None:
+def _buttons(lab: Lab, status: Status | None, steer: bool, errors: dict[str, str]) -> None:
     state = status.state if status is not None else None
-    active = state in ("running", "paused")
-    st.button("Train", key="btn_train", type="primary", width="stretch", on_click=_on_train, args=(registry,),
+    mine = status is None or steer  # the steering buttons act only on a run this session may steer
+    st.button("Train", key="btn_train", type="primary", width="stretch", on_click=_on_train, args=(lab,),
               disabled=bool(errors),
-              help="Start a new run with these settings" + (" (the current run is stopped and saved first)" if active else ""))
+              help="Start a new run with these settings. Other runs (yours or anyone's) keep training; when the "
+                   "server's slots are full it waits in a queue and starts by itself.")
     c1, c2 = st.columns(2)
-    resumable = state in ("paused", "stopped", "failed")
-    c1.button("Resume" if state in ("paused", "stopped", "failed") else "Pause", key="btn_pause", width="stretch",
-              on_click=_on_pause_resume, args=(registry,), disabled=not (state == "running" or resumable),
+    c1.button("Resume" if state in RESUMABLE else "Pause", key="btn_pause", width="stretch",
+              on_click=_on_pause_resume, args=(lab,),
+              disabled=not mine or not (state == "running" or state in RESUMABLE),
               help="Pause the run, or continue it (a stopped or failed run continues where it left off, "
                    "with the ⚡ settings shown here)")
-    c2.button("Step", key="btn_step", width="stretch", on_click=_on_step, args=(registry,),
-              disabled=state == "finished" or (state is None and bool(errors)),
-              help="Do one optimisation step and pause (starts a new run paused if none is running)")
+    c2.button("Step", key="btn_step", width="stretch", on_click=_on_step, args=(lab,),
+              disabled=not mine or state in ("finished", "queued") or (state is None and bool(errors)),
+              help="Do one optimisation step and pause (starts a new run paused if none is shown)")
     c3, c4 = st.columns(2)
-    c3.button("Stop", key="btn_stop", width="stretch", on_click=registry.stop, disabled=not active,
-              help="End the run; it is checkpointed and can be resumed")
-    c4.button("Reset", key="btn_reset", width="stretch", on_click=registry.reset, disabled=status is None,
-              help="Stop the run and clear the page (the run stays saved on disk)")
+    c3.button("Stop", key="btn_stop", width="stretch", on_click=_on_stop, args=(lab,),
+              disabled=not mine or state not in ("running", "paused", "queued"),
+              help="End the run (a queued one leaves the queue); it is checkpointed and can be resumed")
+    c4.button("Reset", key="btn_reset", width="stretch", on_click=_on_reset, args=(lab,), disabled=status is None,
+              help="Clear the page. Your own active run is stopped and saved first; anyone else's keeps training.")
+    if not mine:
+        st.caption(READ_ONLY)
     notice = st.session_state.get("_ctl_notice")
     st.session_state.pop("_ctl_notice_new", None)  # shown: the person's next action clears it
     if notice is not None:
@@ -320,8 +402,7 @@ def _buttons(registry: Registry, status, config: RunConfig | None, errors: dict[
                "the others take effect when you press Train.")
 
 
-def _auto_device() -> str:
-    try:
-        return resolve_device("auto").type
-    except ConfigError:
-        return "cpu"
+def _device_label(name: str, have: dict[str, bool], auto: str) -> str:
+    if name == "auto":
+        return f"auto (→ {auto})"
+    return name + ("" if have.get(name) else " (not available)")

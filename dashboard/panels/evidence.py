@@ -5,27 +5,28 @@
 Four sections in three modules: the bounds over training and on demand
 (evidence_bounds), the true posterior for 2 latents and the derivation with numbers
 (evidence_posterior), and what the KL term is doing (evidence_kl). Live parts are fragments
-that poll only while the run is active; everything reads the trainer's published snapshot
-and CPU weights, so the tab works during training, after it, and for a run opened from disk.
+that poll only while the run is active; everything reads the run's published metrics and CPU
+weights (a RunHandle: trained here, or followed from another process's files), so the tab works
+during training, after it, and for a run opened from disk.
 """
 from __future__ import annotations
 
 import streamlit as st
 
 from dashboard.panels import evidence_bounds, evidence_kl, evidence_posterior
-from vae_core.trainer import Trainer
+from vae_core.lab import RunHandle
 
 
-def render(trainer: Trainer) -> None:
-    """The Evidence tab for `trainer` (called once it has published weights)."""
-    if trainer.weights_version() == 0:
+def render(run: RunHandle) -> None:
+    """The Evidence tab for `run` (called once it has published weights)."""
+    if run.weights_version() == 0:
         st.info("This run has no weights yet: they appear a moment after training starts.")
         return
     st.markdown("For any encoder q(z|x), **log p(x) = ELBO + KL(q(z|x) ‖ p(z|x))**. The KL is never negative, so "
                 "**ELBO ≤ log p(x)**: the objective the VAE maximises is a lower bound on the log-likelihood, and the "
                 "gap is exactly how far q(z|x) is from the true posterior p(z|x). This tab measures both sides.")
     st.subheader("ELBO vs log p(x) during training")
-    evidence_bounds.render(trainer)
-    evidence_posterior.render(trainer)
+    evidence_bounds.render(run)
+    evidence_posterior.render(run)
     st.subheader("What the KL term is doing")
-    evidence_kl.render(trainer)
+    evidence_kl.render(run)

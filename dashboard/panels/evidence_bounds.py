@@ -1,9 +1,10 @@
 """Evidence tab, section 1: the ELBO against log p(x) over training, the bound against k, and "Estimate now".
 
-The curves come from the trainer's 'evidence' rows (every few epochs, on a fixed held-out
-batch) and refresh while the run is active. "Estimate now" starts a vae_core.jobs.IwaeJob on
-a copy of the published weights; the job lives in a process-wide board (st.cache_resource),
-so a reload or a second tab finds it, and only its progress line polls while it runs.
+The curves come from the run's 'evidence' rows (every few epochs, on a fixed held-out
+batch) and refresh while the run is active. "Estimate now" asks the Lab for a background job
+(lab.submit_bounds) on a copy of the published weights; the job lives in the server's one Lab,
+keyed by run name, so a reload or a second tab finds it, and only its progress line polls while
+it runs.
 """
 from __future__ import annotations
 
@@ -15,76 +16,62 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from dashboard.panels.evidence_series import (ELBO_COLOR, GAP_FILL, GRID_COLOR, IWAE_COLOR, JOB_COLOR, K, axis_unit,
-                                              best_bound, caveat, elbo_name, live_interval, split_rows)
-from dashboard.panels.explore import run_token
-from vae_core import jobs
-from vae_core.data import DatasetUnavailable
-from vae_core.trainer import Trainer
+                                              best_bound, caveat, elbo_name, finished_job, live_interval, split_rows)
+from dashboard.state import get_lab
+from vae_core.lab import (DEFAULT_EXAMPLES, DEFAULT_K, EXAMPLE_CHOICES, K_CHOICES, DatasetUnavailable, JobSnapshot,
+                          RunHandle, UserError)
 
 JOB_POLL = 1.0  # seconds between progress looks while a job runs
 X_AXES = {"epoch": "epoch", "step": "training step"}
 CHART = {"displaylogo": False}
 
 
-@st.cache_resource(show_spinner=False)
-def job_board() -> jobs.JobBoard:
-    """The process's on-demand evaluations, one per run (keyed by run token)."""
-    return jobs.JobBoard()
-
-
-def finished_job(trainer: Trainer) -> jobs.JobSnapshot | None:
-    """The run's latest on-demand result, if one finished."""
-    job = job_board().get(run_token(trainer))
-    snap = job.snapshot() if job is not None else None
-    return snap if snap is not None and snap.state == "done" else None
-
-
 # ------------------------------------------------------------------ over training
 
-def render(trainer: Trainer) -> None:
-    st.markdown("Every few epochs the trainer estimates, on a fixed batch of held-out images, the ELBO and the "
+def render(run: RunHandle) -> None:
+    st.markdown("Every few epochs training estimates, on a fixed batch of held-out images, the ELBO and the "
                 "importance-weighted bounds log p̂ₖ(x) (Burda et al. 2016), which rise with k toward "
                 "log p(x). The shaded band between the ELBO and the best bound is a (lower) estimate of "
                 "KL(q(z|x) ‖ p(z|x)), the **inference gap**: how far the encoder's Gaussian is from the true "
                 "posterior.", unsafe_allow_html=True)
 
-    @st.fragment(run_every=live_interval(trainer))
+    @st.fragment(run_every=live_interval(run))
     def live() -> None:
-        rows = split_rows(trainer.metrics())
+        rows = split_rows(run.metrics())
         if not rows.evidence:
-            every = trainer.config.train.evidence_every
+            every = run.config.train.evidence_every
             st.info("No log p(x) estimates yet: " + (
-                f"the trainer makes one after epoch 1 and then every {every} epochs." if every else
+                f"training makes one after epoch 1 and then every {every} epochs." if every else
                 "this run was started with them off (Advanced → “log p(x) estimate every N epochs” = 0).")
                 + " **Estimate now** below makes one from the current weights.")
-            job = finished_job(trainer)
+            job = finished_job(run)
             if job is not None:
-                st.plotly_chart(k_figure(None, job, axis_unit(trainer)), key=K + "vs_k", config=CHART)
+                st.plotly_chart(k_figure(None, job, axis_unit(run)), key=K + "vs_k", config=CHART)
         else:
-            headline(rows.evidence[-1], trainer)
+            headline(rows.evidence[-1], run)
             left, right = st.columns([3, 2])
             with left:
                 x_key = st.radio("Horizontal axis", list(X_AXES), key=K + "x_axis", horizontal=True,
                                  format_func=X_AXES.get)
-                st.plotly_chart(over_training_figure(rows.evidence, trainer, x_key), key=K + "over_training",
+                st.plotly_chart(over_training_figure(rows.evidence, run, x_key), key=K + "over_training",
                                 config=CHART)
             with right:
-                job = finished_job(trainer)
-                st.plotly_chart(k_figure(rows.evidence[-1], job, axis_unit(trainer)), key=K + "vs_k", config=CHART)
+                job = finished_job(run)
+                st.plotly_chart(k_figure(rows.evidence[-1], job, axis_unit(run)), key=K + "vs_k", config=CHART)
                 st.caption("Error bars: standard errors over images. Every k is evaluated on the same images, so "
                            "most of that spread is shared: the rise with k is far surer than the bars suggest.")
-        if caveat(trainer):
-            st.caption("⚠ " + caveat(trainer))
+        if caveat(run):
+            st.caption("⚠ " + caveat(run))
 
     live()
     st.markdown("##### Estimate now")
-    estimate_section(trainer)
+    estimate_section(run)
 
 
-def headline(row: dict[str, Any], trainer: Trainer) -> None:
+def headline(row: dict[str, Any], run: RunHandle) -> None:
     k, bound, se = best_bound(row)
     cols = st.columns(4)
-    cols[0].metric(elbo_name(trainer), f"{row['elbo']:.2f}",
+    cols[0].metric(elbo_name(run), f"{row['elbo']:.2f}",
                    help=f"Mean over {row['n']} held-out images ± {row['elbo_se']:.2f} (standard error), after epoch "
                         f"{row['epoch']}")
     cols[1].metric(f"log p̂ₖ(x), k = {k}", f"{bound:.2f}", help=f"± {se:.2f} standard error; a lower bound on "
@@ -97,7 +84,7 @@ def headline(row: dict[str, Any], trainer: Trainer) -> None:
                        help="Exact up to grid error, on the first 8 of these images only (2 latents), so compare "
                             "it with the right-hand panel below, not with the 64-image numbers" + same)
     st.caption(f"Nats per example, after epoch {row['epoch']} (step {row['step']:,}), on {row['n']} held-out images."
-               if trainer.config.binarized else f"{axis_unit(trainer)}, after epoch {row['epoch']}.")
+               if run.config.binarized else f"{axis_unit(run)}, after epoch {row['epoch']}.")
 
 
 def _x(rows: list[dict[str, Any]], x_key: str) -> np.ndarray:
@@ -121,7 +108,7 @@ def _curve(fig: go.Figure, x, y, se, name: str, color: str, col: int, dash: str 
                              hovertemplate="%{y:.2f}"), row=1, col=col)
 
 
-def over_training_figure(evidence: list[dict[str, Any]], trainer: Trainer, x_key: str = "epoch") -> go.Figure:
+def over_training_figure(evidence: list[dict[str, Any]], run: RunHandle, x_key: str = "epoch") -> go.Figure:
     """ELBO and the best IWAE bound over training with the gap shaded; with 2 latents, a second panel
     for the grid examples: ELBO, IWAE and log p(x) by quadrature on the same images."""
     grid = [r for r in evidence if "log_px_grid" in r]
@@ -144,7 +131,7 @@ def over_training_figure(evidence: list[dict[str, Any]], trainer: Trainer, x_key
         if all("iwae_grid_examples" in r for r in grid):
             _curve(fig, gx, [r["iwae_grid_examples"] for r in grid], None, "log p̂ₖ(x)", IWAE_COLOR, 2, show=False)
         _curve(fig, gx, g_px, None, "log p(x) by quadrature", GRID_COLOR, 2, dash="dash")
-    unit = axis_unit(trainer)
+    unit = axis_unit(run)
     for c in range(1, cols + 1):
         fig.update_xaxes(title_text=X_AXES[x_key], row=1, col=c)
         fig.update_yaxes(title_text=unit, row=1, col=c)
@@ -153,7 +140,7 @@ def over_training_figure(evidence: list[dict[str, Any]], trainer: Trainer, x_key
     return fig
 
 
-def k_figure(row: dict[str, Any] | None, job: jobs.JobSnapshot | None, unit: str) -> go.Figure:
+def k_figure(row: dict[str, Any] | None, job: JobSnapshot | None, unit: str) -> go.Figure:
     """log p̂ₖ(x) against k (log axis) for the latest evaluation, and the latest on-demand one, with error bars."""
     fig = go.Figure()
     series = [] if row is None else [(row, f"epoch {row['epoch']} ({row['n']} images)", IWAE_COLOR)]
@@ -175,44 +162,42 @@ def k_figure(row: dict[str, Any] | None, job: jobs.JobSnapshot | None, unit: str
 
 # ------------------------------------------------------------------ on demand
 
-def _test_size(trainer: Trainer) -> int | None:
+def _test_size(run: RunHandle) -> int | None:
     try:
-        return len(trainer.dataset().test_x)
+        return run.test_size()
     except DatasetUnavailable:
         return None
 
 
-def _start(trainer: Trainer) -> None:
+def _start(run: RunHandle) -> None:
     k, n = st.session_state[K + "job_k"], st.session_state[K + "job_n"]
     try:
-        job = jobs.IwaeJob.from_trainer(trainer, k=int(k), n=int(n))
-    except (DatasetUnavailable, RuntimeError, ValueError) as e:
+        get_lab().submit_bounds(run.name, k=int(k), n=int(n))
+    except (*UserError, RuntimeError, ValueError) as e:
         st.session_state[K + "job_notice"] = f"Could not start the estimate: {e}"
-        return
-    job_board().submit(run_token(trainer), job)
 
 
-def _cancel(trainer: Trainer) -> None:
-    job_board().cancel(run_token(trainer))
+def _cancel(run: RunHandle) -> None:
+    get_lab().cancel_bounds(run.name)
 
 
-def estimate_section(trainer: Trainer) -> None:
-    size = _test_size(trainer)
+def estimate_section(run: RunHandle) -> None:
+    size = _test_size(run)
     if size is None:
         st.info("The run's test set is not available on this machine, so it cannot be evaluated here.")
         return
-    board_job = job_board().get(run_token(trainer))
-    running = board_job is not None and board_job.is_alive()
-    counts = [c for c in jobs.EXAMPLE_CHOICES if c <= size] or [size]
+    job = get_lab().bounds_job(run.name)
+    running = job is not None and job.running
+    counts = [c for c in EXAMPLE_CHOICES if c <= size] or [size]
     c1, c2, c3 = st.columns([3, 3, 2], vertical_alignment="bottom")
-    c1.select_slider("k, importance samples per image", jobs.K_CHOICES, value=jobs.DEFAULT_K, key=K + "job_k",
+    c1.select_slider("k, importance samples per image", K_CHOICES, value=DEFAULT_K, key=K + "job_k",
                      help="The bounds for every power of ten up to k are reported too")
-    c2.select_slider("Held-out images", counts, value=min(jobs.DEFAULT_EXAMPLES, counts[-1]), key=K + "job_n",
+    c2.select_slider("Held-out images", counts, value=min(DEFAULT_EXAMPLES, counts[-1]), key=K + "job_n",
                      help="The first images of the test set, binarized with the run's fixed seed")
     if running:
-        c3.button("Cancel", key=K + "job_cancel", on_click=_cancel, args=(trainer,), width="stretch")
+        c3.button("Cancel", key=K + "job_cancel", on_click=_cancel, args=(run,), width="stretch")
     else:
-        c3.button("Estimate now", key=K + "job_start", on_click=_start, args=(trainer,), type="primary",
+        c3.button("Estimate now", key=K + "job_start", on_click=_start, args=(run,), type="primary",
                   width="stretch", help="Runs in the background on a copy of the current weights; training "
                                         "goes on (both share the CPU)")
     notice = st.session_state.pop(K + "job_notice", None)
@@ -221,24 +206,23 @@ def estimate_section(trainer: Trainer) -> None:
 
     @st.fragment(run_every=JOB_POLL if running else None)
     def progress() -> None:
-        job = job_board().get(run_token(trainer))
-        if job is None:
+        snap = get_lab().bounds_job(run.name)
+        if snap is None:
             st.caption("Evaluates the current weights on the held-out images with up to 5000 samples each "
                        "(k = 5000 on 64 images takes a few seconds for the default MLP).")
             return
-        snap = job.snapshot()
         if snap.running:
             st.progress(snap.progress, text=f"{snap.done} of {snap.n} images · k = {snap.k:,} · "
                                             f"{snap.elapsed_s:.1f} s · weights from step {snap.step:,}")
             return
         if running:  # it just ended: one full rerun draws the result in the k chart and stops this polling
             st.rerun()
-        job_summary(snap, axis_unit(trainer))
+        job_summary(snap, axis_unit(run))
 
     progress()
 
 
-def job_summary(snap: jobs.JobSnapshot, unit: str) -> None:
+def job_summary(snap: JobSnapshot, unit: str) -> None:
     if snap.state == "cancelled":
         st.caption(f"Cancelled after {snap.done} of {snap.n} images.")
         return

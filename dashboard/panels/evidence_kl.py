@@ -1,10 +1,11 @@
 """Evidence tab, section 4: what the KL term is doing — per-dimension KL, active units, collapse, rate and distortion.
 
-Read from the trainer's test rows (per epoch) and recent train rows (every ~20 steps), in two
+Read from the run's test rows (per epoch) and recent train rows (every ~20 steps), in two
 fragments that refresh while the run is active (the charts with the collapse warning, and the
-rate-distortion plane). The remedies between them are plain buttons: they call trainer.update,
-which applies from the run's next step, and mirror the new value into the sidebar's control so
-a later Resume keeps it.
+rate-distortion plane). The remedies between them are plain buttons for a session that may
+steer the run: they call lab.update, which applies from the run's next step (in this process or,
+through its control file, in the one that trains it), and mirror the new value into the
+sidebar's control so a later Resume keeps it.
 """
 from __future__ import annotations
 
@@ -18,42 +19,41 @@ import streamlit as st
 
 from dashboard.panels.evidence_series import (COLLAPSE_KL_NATS, ELBO_COLOR, IWAE_COLOR, K, RECENT_TRAIN_ROWS,
                                               axis_unit, collapse_signs, kl_matrix, live_interval, split_rows)
-from dashboard.settings import LABELS, PREFIX
-from vae_core.config import ConfigError
-from vae_core.evidence import ACTIVE_THRESHOLD
-from vae_core.trainer import Status, Trainer
+from dashboard.settings import LABELS
+from dashboard.state import can_steer, get_lab, session_id
+from vae_core.lab import ACTIVE_THRESHOLD, RunHandle, Status, UserError
 
 FREE_BITS_REMEDY = 0.5  # nats per dimension (Kingma et al. 2016 used 0.125-2 per group)
 WARMUP_REMEDY_EPOCHS = 5  # the ramp back to full β takes this many epochs from now
 CHART = {"displaylogo": False}
 
 
-def render(trainer: Trainer) -> None:
+def render(run: RunHandle) -> None:
     st.markdown("The KL(q(z|x) ‖ p(z)) term is the **rate**: how many nats the code carries about x. A dimension "
                 f"whose KL stays near 0 is unused; it is **active** when its code mean varies across images, "
                 f"Var_x(E_q[z_d|x]) > {ACTIVE_THRESHOLD:g} (Burda et al. 2016). When the KL falls to 0 the "
                 "decoder ignores z altogether: **posterior collapse**.")
 
-    interval = live_interval(trainer)
+    interval = live_interval(run)
 
     @st.fragment(run_every=interval)
     def usage() -> None:
-        rows = split_rows(trainer.metrics())
+        rows = split_rows(run.metrics())
         if not rows.test:
             st.info("Per-dimension KL and active units come from the test evaluation at the end of each epoch; "
                     "the first arrives after epoch 1.")
         else:
             left, right = st.columns(2)
             left.plotly_chart(kl_heatmap(rows.test), key=K + "kl_dims", config=CHART)
-            right.plotly_chart(active_figure(rows.test, trainer.config.model.latent_dim), key=K + "active",
+            right.plotly_chart(active_figure(rows.test, run.config.model.latent_dim), key=K + "active",
                                config=CHART)
-        collapse_warning(trainer, rows.test, rows.train)
+        collapse_warning(run, rows.test, rows.train)
 
     usage()
     # The remedy buttons sit outside the polling fragments on purpose: a click reruns the whole page, so the
     # sidebar's β / warm-up / free-bits controls show the new value at once. Clicked inside a fragment, the
     # sidebar would keep its old value in the browser and send it back on the next rerun, undoing the remedy.
-    remedy_buttons(trainer)
+    remedy_buttons(run)
 
     st.markdown("##### The rate–distortion plane")
     st.markdown("Rate R = KL(q(z|x) ‖ p(z)) across, distortion D = −E_q[log p(x|z)] up; both are costs, so "
@@ -64,12 +64,12 @@ def render(trainer: Trainer) -> None:
 
     @st.fragment(run_every=interval)
     def plane() -> None:
-        rows = split_rows(trainer.metrics())
-        status = trainer.status()
+        rows = split_rows(run.metrics())
+        status = run.status()
         if not (rows.test or rows.train):
             st.info("The first point appears with the first logged training steps.")
             return
-        st.plotly_chart(rd_figure(rows.test, rows.train, status, axis_unit(trainer)), key=K + "rd", config=CHART)
+        st.plotly_chart(rd_figure(rows.test, rows.train, status, axis_unit(run)), key=K + "rd", config=CHART)
         st.caption("The view follows the run's recent points; double-click the plot to see its whole trajectory.")
         if status.free_bits > 0:
             st.caption(f"With free bits ({status.free_bits:g} nats per dimension) the loss counts each "
@@ -170,7 +170,7 @@ def rd_figure(test: list[dict[str, Any]], train: list[dict[str, Any]], status: S
 @dataclass(frozen=True)
 class Remedy:
     label: str
-    changes: dict[str, float]  # for trainer.update
+    changes: dict[str, float]  # for lab.update
     effect: str  # what it does, with this status's numbers
     unavailable: str | None  # why it cannot apply now, or None
 
@@ -199,27 +199,25 @@ def remedies(status: Status) -> dict[str, Remedy]:
     }
 
 
-def _apply(trainer: Trainer, name: str) -> None:
-    """Callback: apply to the running job and mirror into the sidebar's control so a later Resume keeps it."""
-    status = trainer.status()
+def _apply(run: RunHandle, name: str) -> None:
+    """Callback: apply to the running job (the sidebar's controls follow the run's new values by themselves)."""
+    status = run.status()
     r = remedies(status)[name]
     if not status.active or r.unavailable:
         why = r.unavailable or f"the run is {status.state}"
         st.session_state[K + "remedy_notice"] = ("warning", f"Not applied: {why}.")
         return
     try:
-        trainer.update(**r.changes)
-    except ConfigError as e:
+        get_lab().update(run.name, owner=session_id(), **r.changes)
+    except UserError as e:
         st.session_state[K + "remedy_notice"] = ("error", str(e))
         return
-    for field, value in r.changes.items():
-        st.session_state[PREFIX + field] = value
     st.session_state[K + "remedy_notice"] = ("success", "Applied from the next step: " + ", ".join(
         f"{LABELS[f]} = {v:g}" for f, v in r.changes.items()) + ". " + r.effect)
 
 
-def collapse_warning(trainer: Trainer, test: list[dict[str, Any]], train: list[dict[str, Any]]) -> None:
-    signs = collapse_signs(test, train, trainer.config.model.latent_dim)
+def collapse_warning(run: RunHandle, test: list[dict[str, Any]], train: list[dict[str, Any]]) -> None:
+    signs = collapse_signs(test, train, run.config.model.latent_dim)
     if signs:
         st.warning("**Posterior collapse?** " + "; ".join(signs) + ". The remedies below act on the running job.")
     elif test:
@@ -228,16 +226,20 @@ def collapse_warning(trainer: Trainer, test: list[dict[str, Any]], train: list[d
                    "want to see what they do.")
 
 
-def remedy_buttons(trainer: Trainer) -> None:
-    status = trainer.status()
+def remedy_buttons(run: RunHandle) -> None:
+    status = run.status()
+    steer = can_steer(get_lab(), run)
     cols = st.columns(3)
     for col, (name, r) in zip(cols, remedies(status).items()):
-        col.button(r.label, key=K + "remedy_" + name, on_click=_apply, args=(trainer, name),
-                   disabled=not status.active or r.unavailable is not None, width="stretch",
+        col.button(r.label, key=K + "remedy_" + name, on_click=_apply, args=(run, name),
+                   disabled=not (status.active and steer) or r.unavailable is not None, width="stretch",
                    help=r.effect + (f" Not now: {r.unavailable}." if r.unavailable else ""))
     if not status.active:
         st.caption(f"The remedies change a running job; this run is {status.state}. Resume it (sidebar) or start "
                    "a new run to use them.")
+    elif not steer:
+        st.caption("The remedies change a running job, and this one belongs to another session: you can watch it "
+                   "here, or fork it (Runs tab) to try them on your own copy.")
     notice = st.session_state.pop(K + "remedy_notice", None)
     if notice:
         getattr(st, notice[0])(notice[1])

@@ -1,39 +1,32 @@
 """Evidence tab, sections 2 and 3: the true posterior of one test image (2 latents) and the derivation with numbers.
 
-The posterior is integrated on a grid (vae_core.evidence.posterior_grid) with the run's
-published weights and cached per (run, weights version, image, grid size), so the controls
-answer from the cache until the weights move on. Both sections share one fragment, so
-choosing another image re-fills the derivation with that image's exact numbers.
+The posterior is integrated on a grid by the core (run.posterior: the grid and the image's own
+IWAE bounds, as numpy and plain values) with the run's published weights, and cached per (run,
+weights version, image, grid size), so the controls answer from the cache until the weights move
+on. Both sections share one fragment, so choosing another image re-fills the derivation with that
+image's exact numbers.
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
-import torch
 
-from dashboard.panels.evidence_bounds import finished_job
-from dashboard.panels.evidence_series import K, axis_unit, best_bound, caveat, live_interval, split_rows
-from dashboard.panels.explore import run_token, weights_step
-from vae_core.data import DatasetUnavailable
-from vae_core.evidence import PosteriorGrid, iwae_curve, posterior_grid
+from dashboard.common import run_token
+from dashboard.panels.evidence_series import (K, axis_unit, best_bound, caveat, finished_job, live_interval,
+                                              split_rows)
 from vae_core.images import to_uint8, upscale
-from vae_core.jobs import JobSnapshot, held_out
-from vae_core.trainer import Trainer
+from vae_core.lab import DatasetUnavailable, JobSnapshot, RunHandle
 
 GRID_N = {"min_value": 40, "max_value": 300, "step": 20}
 # Default points per axis. n = 200 takes ~0.5 s for the MLP on 2 idle CPU cores, but the conv net's
 # decoder is ~18x slower per point (~7 s), so it starts coarser; either can be moved.
 GRID_DEFAULT = {"mlp": 200, "conv": 100}
 IDENTITY_TOL = 1e-6  # nats: the two sides are one float64 quadrature, so they agree far closer than this
-IMAGE_K = 1000  # importance samples for the chosen image's own IWAE bound ...
-IMAGE_REPEATS = 10  # ... estimated this many times independently: one estimate is noisy where q is narrower
-# than p(z|x) (heavy-tailed weights), and may then land above log p(x); their mean estimates E[log p̂ₖ(x)] ≤ log p(x)
 LOG_FLOOR = 20.0  # the log-density view shows 20 nats below the peak
 
 
@@ -49,29 +42,22 @@ class Evidence:
 
 
 @st.cache_data(max_entries=48, show_spinner=False)
-def posterior(_trainer: Trainer, token: int, version: int, index: int,
-              n: int) -> tuple[PosteriorGrid, dict[str, Any], float, int]:
-    """Held-out image `index`'s grid posterior, its IWAE bounds up to k = 1000, the grid's seconds, the weights' step.
+def posterior(_run: RunHandle, token: int, version: int, index: int, n: int) -> Any:
+    """Held-out image `index`'s grid posterior and its own IWAE bounds: a vae_core PosteriorResult
+    (grid, curve, seconds, step, image; numpy and plain values only).
 
-    The IWAE curve is over IMAGE_REPEATS copies of the image, so its mean and standard error are
-    those of independent estimates for this one image.
+    The IWAE curve is over several independent estimates for this one image (their mean and
+    standard error): one estimate is noisy where q is narrower than p(z|x) and may land above
+    log p(x); their mean estimates E[log p̂ₖ(x)] ≤ log p(x).
 
     token and version key the cache: a new run or new weights compute afresh.
     """
-    x = held_out(_trainer.dataset(), _trainer.config, index + 1)[index]  # (1, 28, 28), binarized like the test set
-    with _trainer.inference():
-        model = _trainer.inference_model()
-        t0 = time.perf_counter()
-        grid = posterior_grid(model, x, n=n)
-        seconds = time.perf_counter() - t0
-        copies = x[None].expand(IMAGE_REPEATS, *x.shape)  # (R, 1, 28, 28)
-        curve = iwae_curve(model, copies, (1, 10, 100, IMAGE_K), generator=torch.Generator().manual_seed(index))
-    return grid, curve, seconds, weights_step(_trainer)
+    return _run.posterior(index, n)
 
 
-def batch_evidence(trainer: Trainer, job: JobSnapshot | None) -> Evidence | None:
+def batch_evidence(run: RunHandle, job: JobSnapshot | None) -> Evidence | None:
     """The newest batch estimate: the latest evidence row or a finished on-demand job, whichever is later."""
-    rows = split_rows(trainer.metrics()).evidence
+    rows = split_rows(run.metrics()).evidence
     best: tuple[int, dict[str, Any], str] | None = None
     if rows:
         r = rows[-1]
@@ -91,47 +77,47 @@ def _next_image(size: int) -> None:
     st.session_state[K + "image"] = (st.session_state.get(K + "image", 0) + 1) % size
 
 
-def _test_size(trainer: Trainer) -> int | None:
+def _test_size(run: RunHandle) -> int | None:
     try:
-        return len(trainer.dataset().test_x)
+        return run.test_size()
     except DatasetUnavailable:
         return None
 
 
-def render(trainer: Trainer) -> None:
+def render(run: RunHandle) -> None:
     """Sections 2 and 3. With 2 latents the derivation shows the chosen image's exact numbers (one fragment,
     redrawn when the image changes); otherwise the latest batch estimate, refreshed while the run is active."""
-    if trainer.config.model.latent_dim == 2:
-        with_grid(trainer)
+    if run.config.model.latent_dim == 2:
+        with_grid(run)
         return
     st.subheader("The true posterior p(z|x)")
-    st.info(f"This run has {trainer.config.model.latent_dim} latent dimensions. The true posterior can be "
+    st.info(f"This run has {run.config.model.latent_dim} latent dimensions. The true posterior can be "
             "integrated on a grid only in 2 (a 200-point grid in D dimensions needs 200^D decoder passes); train "
             "with latent size 2 to see it. The importance-weighted bounds above hold at any size: they approach "
             "log p(x) from below as k grows.")
     st.subheader("The derivation, with this model's numbers")
 
-    @st.fragment(run_every=live_interval(trainer))
+    @st.fragment(run_every=live_interval(run))
     def live() -> None:
-        derivation(batch_evidence(trainer, finished_job(trainer)), trainer)
+        derivation(batch_evidence(run, finished_job(run)), run)
 
     live()
 
 
 @st.fragment
-def with_grid(trainer: Trainer) -> None:
+def with_grid(run: RunHandle) -> None:
     st.subheader("The true posterior p(z|x)")
-    grid = posterior_section(trainer)
+    grid = posterior_section(run)
     st.subheader("The derivation, with this model's numbers")
-    derivation(grid if grid is not None else batch_evidence(trainer, finished_job(trainer)), trainer)
+    derivation(grid if grid is not None else batch_evidence(run, finished_job(run)), run)
 
 
-def posterior_section(trainer: Trainer) -> Evidence | None:
+def posterior_section(run: RunHandle) -> Evidence | None:
     st.markdown("For one held-out image x, the decoder gives log p(x|z) + log p(z) at every z. On a grid over z "
                 "(placed where the mass is) this is normalised numerically: the normaliser is **log p(x)**, and "
                 "the heatmap is the **true posterior p(z|x)**. The encoder's Gaussian q(z|x) is drawn on top as "
                 "its 1σ and 2σ ellipses. The better q covers p(z|x), the smaller KL(q(z|x) ‖ p(z|x)).")
-    size = _test_size(trainer)
+    size = _test_size(run)
     if size is None:
         st.info("The run's test set is not available on this machine, so there is no image to evaluate.")
         return None
@@ -140,40 +126,43 @@ def posterior_section(trainer: Trainer) -> Evidence | None:
     c1, c2, c3, c4 = st.columns([2, 1, 3, 2], vertical_alignment="bottom")
     index = c1.number_input("Test image", 0, size - 1, step=1, key=K + "image")
     c2.button("Next", key=K + "image_next", on_click=_next_image, args=(size,), help="The next test image")
-    st.session_state.setdefault(K + "grid_n", GRID_DEFAULT.get(trainer.config.model.arch, 100))
+    st.session_state.setdefault(K + "grid_n", GRID_DEFAULT.get(run.config.model.arch, 100))
     n = c3.slider("Grid points per axis", **GRID_N, key=K + "grid_n",
                   help="n × n decoder passes; 200 resolves a trained model's posterior to ~1e-6 nats")
     view = c4.radio("Show", ("p(z|x)", "log p(z|x)"), key=K + "grid_view", horizontal=True)
     with st.spinner(f"Integrating the posterior on a {n} × {n} grid…"):
-        g, curve, seconds, step = posterior(trainer, run_token(trainer), trainer.weights_version(), int(index), int(n))
+        result = posterior(run, run_token(run), run.weights_version(), int(index), int(n))
+    g = result.grid
     left, right = st.columns([3, 2])
     left.plotly_chart(posterior_figure(g, log_scale=view != "p(z|x)"), key=K + "posterior",
                       config={"displaylogo": False})
     with right:
-        image_pair(trainer, int(index))
-        grid_numbers(g, curve, trainer)
-    st.caption(f"Weights from step {step:,} · {n} × {n} grid over z1 ∈ [{g.z1[0]:.2f}, {g.z1[-1]:.2f}], "
-               f"z2 ∈ [{g.z2[0]:.2f}, {g.z2[-1]:.2f}] · computed in {seconds:.2f} s (cached for these weights).")
+        image_pair(run, int(index), result.image)
+        grid_numbers(g, result.curve, run)
+    st.caption(f"Weights from step {result.step:,} · {n} × {n} grid over z1 ∈ [{g.z1[0]:.2f}, {g.z1[-1]:.2f}], "
+               f"z2 ∈ [{g.z2[0]:.2f}, {g.z2[-1]:.2f}] · computed in {result.seconds:.2f} s "
+               "(cached for these weights).")
     return Evidence(g.log_px, g.elbo, g.kl_to_posterior, True, f"test image {int(index)}, by quadrature on the grid")
 
 
-def image_pair(trainer: Trainer, index: int) -> None:
-    grey = trainer.test_set(index + 1)[0][index]
-    evaluated = held_out(trainer.dataset(), trainer.config, index + 1)[index, 0].numpy()
+def image_pair(run: RunHandle, index: int, evaluated: np.ndarray) -> None:
+    """The test image and `evaluated`, the draw x the numbers are for (binarized when the run is)."""
+    grey = run.test_set(index + 1)[0][index]
     pair = np.hstack([to_uint8(grey), np.full((28, 4), 255, np.uint8), to_uint8(evaluated)])
     st.image(upscale(pair, 3), output_format="PNG",
-             caption="The test image and the binarized draw x that is evaluated" if trainer.config.binarized
+             caption="The test image and the binarized draw x that is evaluated" if run.config.binarized
              else "The test image x")
 
 
-def grid_numbers(g: PosteriorGrid, curve: dict[str, Any], trainer: Trainer) -> None:
+def grid_numbers(g: Any, curve: dict[str, Any], run: RunHandle) -> None:
+    """The grid's three terms (g: a vae_core PosteriorGrid, numpy and floats), the image's IWAE bound, the checks."""
     c1, c2 = st.columns(2)
     c1.metric("log p(x) by quadrature", f"{g.log_px:.3f}")
     c2.metric("ELBO", f"{g.elbo:.3f}", help="E_q[log p(x,z) − log q(z|x)] on the same grid")
     c1.metric("KL(q(z|x) ‖ p(z|x))", f"{g.kl_to_posterior:.3f}", help="On the same grid; ≥ 0")
-    iw, se = curve["iwae"][-1], curve["iwae_se"][-1]
-    c2.metric(f"log p̂ₖ(x), k = {IMAGE_K}", f"{iw:.3f}", delta=f"± {se:.3f}", delta_color="off",
-              help=f"Importance sampling with q as the proposal: the mean of {IMAGE_REPEATS} independent estimates "
+    iw, se, k, repeats = curve["iwae"][-1], curve["iwae_se"][-1], curve["ks"][-1], curve["n"]
+    c2.metric(f"log p̂ₖ(x), k = {k}", f"{iw:.3f}", delta=f"± {se:.3f}", delta_color="off",
+              help=f"Importance sampling with q as the proposal: the mean of {repeats} independent estimates "
                    "for this image, ± its standard error. In expectation ELBO ≤ log p̂ₖ(x) ≤ log p(x); one "
                    "estimate can land above log p(x) when q is narrower than p(z|x).")
     ok = g.identity_error <= IDENTITY_TOL
@@ -185,7 +174,7 @@ def grid_numbers(g: PosteriorGrid, curve: dict[str, Any], trainer: Trainer) -> N
         st.warning(f"The IWAE estimate is {iw - g.log_px:.2f} above log p(x), more than 3 of its standard errors. "
                    "Either the importance weights are heavy-tailed (q much narrower than p(z|x), so the standard "
                    "error is itself unreliable) or the grid misses mass (raise the grid points).")
-    unit = axis_unit(trainer)
+    unit = axis_unit(run)
     st.caption(f"In {unit}. Grid checks: the grid's ELBO is {abs(g.elbo - g.elbo_reference):.1e} from an independent "
                f"Gauss–Hermite ELBO; q has {g.q_grid_mass:.4f} of its mass on the grid; the posterior has "
                f"{g.posterior_edge_mass:.1e} in the edge cells; the narrower of q and p(z|x) spans "
@@ -195,11 +184,11 @@ def grid_numbers(g: PosteriorGrid, curve: dict[str, Any], trainer: Trainer) -> N
                    "points for exact numbers.")
     if g.posterior_edge_mass > 1e-4 or g.q_grid_mass < 0.999:
         st.warning("Part of the mass lies at or beyond the grid's edge, so the quadrature misses some of it.")
-    if caveat(trainer):
-        st.caption("⚠ " + caveat(trainer))
+    if caveat(run):
+        st.caption("⚠ " + caveat(run))
 
 
-def posterior_figure(g: PosteriorGrid, *, log_scale: bool = False) -> go.Figure:
+def posterior_figure(g: Any, *, log_scale: bool = False) -> go.Figure:
     """Heatmap of p(z|x) (rows z2, columns z1) with q(z|x)'s 1σ and 2σ ellipses and both means."""
     if log_scale:
         z, title = np.maximum(g.log_density, g.log_density.max() - LOG_FLOOR), "log p(z|x)"
@@ -250,7 +239,7 @@ STEPS_P1 = [
 ]
 
 
-def derivation(ev: Evidence | None, trainer: Trainer) -> None:
+def derivation(ev: Evidence | None, run: RunHandle) -> None:
     st.markdown("Problems 1 and 2 of the course notes, step by step. **Problem 1** splits log p(x) into the ELBO "
                 "and a KL divergence for any encoder q(z|x):")
     for tex, why in STEPS_P1:
@@ -268,15 +257,15 @@ def derivation(ev: Evidence | None, trainer: Trainer) -> None:
     else:
         if ev.exact:
             st.latex(rf"{ev.elbo:.3f} = {ev.log_px:.3f} - {ev.kl:.3f} \;\le\; {ev.log_px:.3f}")
-            st.caption(f"Numbers: {ev.source}, in {axis_unit(trainer)}. Here all three terms are integrals on the "
+            st.caption(f"Numbers: {ev.source}, in {axis_unit(run)}. Here all three terms are integrals on the "
                        "same grid, so the identity holds to rounding.")
         else:
             st.latex(rf"{ev.elbo:.3f} \;\le\; {ev.log_px:.3f} \;\le\; \log p_\theta(x), \qquad "
                      rf"\mathrm{{KL}}(q\,\|\,p(z|x)) \;\ge\; {ev.kl:.3f}")
-            st.caption(f"Numbers: {ev.source}, in {axis_unit(trainer)}. The IWAE bound is itself below log p(x), so "
+            st.caption(f"Numbers: {ev.source}, in {axis_unit(run)}. The IWAE bound is itself below log p(x), so "
                        "the gap it shows is a lower estimate of the KL.")
     st.caption("⚠ The course notes conclude 𝓛 ≥ log p(x): the inequality is the other way round, ELBO ≤ log p(x), "
                "which is why it is a *lower* bound. They also write E_q[log q_θ(x)] for E_q[log p_θ(x)] in eq. 1, "
                "state the second term as KL(q(z|x) ‖ p(z)) where their derivation (rightly) reaches "
-               "KL(q(z|x) ‖ p_θ(z|x)), and print eq. 8 twice with eq. 6 empty. The trainer's ELBO is the same "
+               "KL(q(z|x) ‖ p_θ(z|x)), and print eq. 8 twice with eq. 6 empty. The Training tab's ELBO is the same "
                "quantity written the other way: E_q[log p(x|z)] − KL(q(z|x) ‖ p(z)).")

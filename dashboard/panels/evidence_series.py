@@ -1,7 +1,8 @@
 """What the Evidence tab reads from a run: its metric rows split by kind, as plain series, and shared names.
 
-Pure functions over the trainer's metric rows (copies), so the sections can be tested without
-Streamlit and every section reads the same numbers the same way.
+The tab's sections (evidence_bounds, evidence_posterior, evidence_kl) share these instead of
+importing each other. Mostly pure functions over the run's metric rows (copies), so they can be
+tested without Streamlit and every section reads the same numbers the same way.
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from dashboard.panels.training import poll_interval, units, viewer_id
-from dashboard.state import get_registry
-from vae_core.trainer import Trainer
+from dashboard.common import poll_interval, units, viewer_id
+from dashboard.state import get_lab, get_viewers
+from vae_core.lab import JobSnapshot, RunHandle
 
 K = "evidence_"  # every widget key of the tab starts with this
 GAP_FILL = "rgba(228, 87, 86, 0.18)"
@@ -38,26 +39,32 @@ def split_rows(rows: list[dict[str, Any]]) -> Rows:
     return Rows(by["train"], by["test"], by["evidence"])
 
 
-def live_interval(trainer: Trainer) -> float | None:
+def live_interval(run: RunHandle) -> float | None:
     """Seconds between refreshes of the live sections: the Training tab's rhythm, None when idle.
 
-    Longer when many sessions watch, as for the status line (the registry's shared refresh budget).
+    Longer when many sessions watch, as for the status line (the server's shared refresh budget).
     """
-    return get_registry().viewers.interval(poll_interval(trainer.status().state), viewer_id())
+    return get_viewers().interval(poll_interval(run.status().state), viewer_id())
 
 
-def axis_unit(trainer: Trainer) -> str:
-    return units(trainer.config)[0]
+def finished_job(run: RunHandle) -> JobSnapshot | None:
+    """The run's latest on-demand bounds (the Lab's background job), if one finished."""
+    snap = get_lab().bounds_job(run.name)
+    return snap if snap is not None and snap.state == "done" else None
 
 
-def caveat(trainer: Trainer) -> str:
+def axis_unit(run: RunHandle) -> str:
+    return units(run.config)[0]
+
+
+def caveat(run: RunHandle) -> str:
     """Why the numbers are not log-likelihoods (grey-level BCE, Gaussian densities), or ''."""
-    return units(trainer.config)[1]
+    return units(run.config)[1]
 
 
-def elbo_name(trainer: Trainer) -> str:
+def elbo_name(run: RunHandle) -> str:
     """'ELBO', or what the same number is when grey-level pixels make it a cross-entropy (as the Training tab says)."""
-    config = trainer.config
+    config = run.config
     return "−BCE − KL (not a bound)" if not config.binarized and config.model.likelihood == "bernoulli" else "ELBO"
 
 

@@ -1,7 +1,8 @@
 """The Explore tab: prior samples, the latent manifold, the test codes and interpolation between two of them.
 
-Everything decodes and encodes through the trainer's published CPU copy of the weights,
-so it works while a run trains and after it ends. Nothing polls: each section is a
+Everything decodes and encodes through the run's published CPU copy of the weights (a
+RunHandle: trained here or followed from another process's files), so it works while a run
+trains and after it ends. Nothing polls: each section is a
 fragment without `run_every`, so a control reruns only its own section, with the weights
 published at that moment. The scatter's figure therefore changes only when the user acts
 (point picking needs a figure that stays put); changing an interpolation end reruns the
@@ -10,9 +11,7 @@ of the 2000-point figure costs the browser a few hundred ms.
 """
 from __future__ import annotations
 
-import itertools
 import math
-import weakref
 from typing import Any, Mapping
 
 import numpy as np
@@ -20,10 +19,10 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.colors import qualitative
 
+from dashboard.common import run_token, weights_step
 from vae_core import latent
-from vae_core.data import DatasetUnavailable
 from vae_core.images import tile, to_uint8, upscale
-from vae_core.trainer import Trainer
+from vae_core.lab import DatasetUnavailable, RunHandle
 
 N_CODES = 2000  # first test images encoded for the scatter and offered as interpolation ends
 SAMPLE_COUNTS = (16, 36, 64)
@@ -37,28 +36,20 @@ K = "explore_"  # every widget key starts with this
 PATH_POINTS = 41  # resolution of the paths drawn on the scatter
 FRAGMENT_SCATTER, FRAGMENT_INTERP = K + "scatter_fragment", K + "interp_fragment"
 
-_tokens = itertools.count(1)
-_run_tokens: weakref.WeakKeyDictionary[Trainer, int] = weakref.WeakKeyDictionary()
-
-
-def run_token(trainer: Trainer) -> int:
-    """A number unique to this trainer object in this process: a cache key that, unlike id(), is never reused."""
-    return _run_tokens.setdefault(trainer, next(_tokens))
-
 
 @st.cache_data(max_entries=4, show_spinner=False)
-def test_codes(_trainer: Trainer, token: int, version: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+def test_codes(_run: RunHandle, token: int, version: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Encoder means of the first N_CODES test images (N, D), their labels (N,) and the label names.
 
     Keyed by (run token, weights version): one encode per published version (~50-100 ms on CPU).
     """
-    x, y, names = _trainer.test_set(N_CODES)
-    mu, _ = _trainer.encode(x)
+    x, y, names = _run.test_set(N_CODES)
+    mu, _ = _run.encode(x)
     return mu, y, tuple(names)
 
 
-def codes(trainer: Trainer) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    return test_codes(trainer, run_token(trainer), trainer.weights_version())
+def codes(run: RunHandle) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    return test_codes(run, run_token(run), run.weights_version())
 
 
 def show(images: np.ndarray, ncols: int, target_px: int, caption: str | None = None) -> None:
@@ -67,23 +58,18 @@ def show(images: np.ndarray, ncols: int, target_px: int, caption: str | None = N
     st.image(upscale(mosaic, max(1, round(target_px / mosaic.shape[1]))), caption=caption, output_format="PNG")
 
 
-def weights_step(trainer: Trainer) -> int:
-    """Training step of the published weights (the artifacts are rendered when weights are published)."""
-    return int(trainer.artifacts().get("step", trainer.status().step))
-
-
 def span_of(coverage: float) -> tuple[float, float]:
     return (1 - coverage) / 2, (1 + coverage) / 2
 
 
 # ------------------------------------------------------------------ the tab
 
-def render(trainer: Trainer) -> None:
-    """The four explore sections for `trainer`; an info line until it has published weights."""
-    if trainer.weights_version() == 0:
+def render(run: RunHandle) -> None:
+    """The four explore sections for `run`; an info line until it has published weights."""
+    if run.weights_version() == 0:
         st.info("This run has no weights yet: they appear a moment after training starts.")
         return
-    d = trainer.config.model.latent_dim
+    d = run.config.model.latent_dim
     left, right = st.columns([5, 1], vertical_alignment="center")
     left.caption(f"Latent size {d}. Everything here is decoded with the run's latest published weights (a copy "
                  "made about once a second while it trains): each section takes the newest when you change one of "
@@ -94,21 +80,21 @@ def render(trainer: Trainer) -> None:
     st.markdown("Each image is the decoder's output for a code **z ~ N(0, T²·I)** drawn from the prior. At "
                 "temperature T = 1 this is how the model generates; smaller T keeps to typical codes (cleaner, less "
                 "varied), larger T reaches into the prior's tails, where the decoder saw few training codes.")
-    sampling_section(trainer)
+    sampling_section(run)
 
     st.subheader("2D latent manifold" if d > 1 else "Latent manifold (one dimension)")
     st.markdown(manifold_intro(d))
-    manifold_section(trainer)
+    manifold_section(run)
 
     st.subheader("Latent scatter")
     st.markdown("Each point is a test image's code: the mean of q(z|x). Colours are the labels, which the VAE "
                 "never saw; clusters mean it found that structure on its own.")
-    scatter_section(trainer)
+    scatter_section(run)
 
     st.subheader("Interpolation")
     st.markdown("The decoded path between the codes of two test images, A and B (pick them by clicking the scatter, "
                 "by index or by label), along a straight line and along an arc (slerp).")
-    interpolation_section(trainer)
+    interpolation_section(run)
 
 
 # ------------------------------------------------------------------ sampling
@@ -118,7 +104,7 @@ def _resample() -> None:
 
 
 @st.fragment
-def sampling_section(trainer: Trainer) -> None:
+def sampling_section(run: RunHandle) -> None:
     cols = st.columns([2, 3, 2, 1], vertical_alignment="bottom")
     n = cols[0].select_slider("Images", SAMPLE_COUNTS, value=36, key=K + "sample_n")
     temp = cols[1].slider("Temperature T", **TEMPERATURE, key=K + "sample_temp",
@@ -126,9 +112,9 @@ def sampling_section(trainer: Trainer) -> None:
     st.session_state.setdefault(K + "sample_seed", 0)  # set here, not by value=: Resample writes it too
     seed = cols[2].number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=K + "sample_seed")
     cols[3].button("Resample", key=K + "sample_resample", on_click=_resample, help="Draw new codes (seed + 1)")
-    z = latent.prior_samples(n, trainer.config.model.latent_dim, temp, int(seed))  # (n, D)
-    show(trainer.decode(z), int(math.sqrt(n)), 460,
-         caption=f"{n} draws at T = {temp:.2f}, seed {seed} · weights from step {weights_step(trainer):,}")
+    z = latent.prior_samples(n, run.config.model.latent_dim, temp, int(seed))  # (n, D)
+    show(run.decode(z), int(math.sqrt(n)), 460,
+         caption=f"{n} draws at T = {temp:.2f}, seed {seed} · weights from step {weights_step(run):,}")
 
 
 # ------------------------------------------------------------------ manifold
@@ -145,8 +131,8 @@ def manifold_intro(d: int) -> str:
 
 
 @st.fragment
-def manifold_section(trainer: Trainer) -> None:
-    d = trainer.config.model.latent_dim
+def manifold_section(run: RunHandle) -> None:
+    d = run.config.model.latent_dim
     cols = st.columns(2)
     n = cols[0].slider("Grid size" if d > 1 else "Points", **GRID, key=K + "manifold_n")
     coverage = cols[1].select_slider("Prior mass covered", COVERAGE, value=0.9, key=K + "manifold_span",
@@ -154,29 +140,29 @@ def manifold_section(trainer: Trainer) -> None:
     span = span_of(coverage)
     q = latent.prior_quantiles(2, span)
     if d == 1:
-        show(trainer.decode(latent.prior_quantiles(n, span)[:, None]), n, 800,
-             caption=f"z1 from {q[0]:.2f} (left) to {q[1]:.2f} (right) · weights from step {weights_step(trainer):,}")
+        show(run.decode(latent.prior_quantiles(n, span)[:, None]), n, 800,
+             caption=f"z1 from {q[0]:.2f} (left) to {q[1]:.2f} (right) · weights from step {weights_step(run):,}")
         return
     if d == 2:
         dims, base = (0, 1), np.zeros(2, np.float32)
     else:
-        picked = slice_controls(trainer, d)
+        picked = slice_controls(run, d)
         if picked is None:
             return
         dims, base = picked
     z = latent.slice_grid(n, dims, base, span)  # (n*n, D)
     i, j = dims
-    show(trainer.decode(z), n, 700, caption=f"across: z{i + 1}, up: z{j + 1}, each from {q[0]:.2f} to {q[1]:.2f} · "
-                                            f"weights from step {weights_step(trainer):,}")
+    show(run.decode(z), n, 700, caption=f"across: z{i + 1}, up: z{j + 1}, each from {q[0]:.2f} to {q[1]:.2f} · "
+                                            f"weights from step {weights_step(run):,}")
 
 
-def slice_controls(trainer: Trainer, d: int) -> tuple[tuple[int, int], np.ndarray] | None:
+def slice_controls(run: RunHandle, d: int) -> tuple[tuple[int, int], np.ndarray] | None:
     """Dimension pickers (labelled with each one's spread over the test codes) and the fixed base code.
 
     None when the choice is unusable (the same dimension twice); the warning is already shown.
     """
     try:
-        mu, _, _ = codes(trainer)
+        mu, _, _ = codes(run)
     except DatasetUnavailable:
         mu = None
     spread = mu.var(0) if mu is not None else np.zeros(d)
@@ -203,7 +189,7 @@ def slice_controls(trainer: Trainer, d: int) -> tuple[tuple[int, int], np.ndarra
         clamp_index(K + "manifold_base_idx", len(mu), 0)
         idx = c1.number_input("Test image", 0, len(mu) - 1, key=K + "manifold_base_idx")
         with c2:
-            show(trainer.test_set(idx + 1)[0][idx:], 1, 56)
+            show(run.test_set(idx + 1)[0][idx:], 1, 56)
         base = mu[idx].copy()
     return (i, j), base
 
@@ -267,10 +253,10 @@ def _jump_to_label(end: str, labels: np.ndarray, names: tuple[str, ...]) -> None
     _rerun_codes()
 
 
-def codes_or_none(trainer: Trainer, say_why: bool) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]] | None:
+def codes_or_none(run: RunHandle, say_why: bool) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]] | None:
     """The test codes, or None where the run's dataset is not on this machine (an opened run)."""
     try:
-        return codes(trainer)
+        return codes(run)
     except DatasetUnavailable as e:
         if say_why:
             st.info(f"The test set is not available on this machine, so there are no codes to show: {e}")
@@ -299,26 +285,26 @@ def stored_ends(y: np.ndarray, *, store: bool) -> tuple[int, int]:
 
 
 @st.fragment(key=FRAGMENT_SCATTER)
-def scatter_section(trainer: Trainer) -> None:
-    found = codes_or_none(trainer, say_why=True)
+def scatter_section(run: RunHandle) -> None:
+    found = codes_or_none(run, say_why=True)
     if found is None:
         return
     mu, y, names = found
     a, b = stored_ends(y, store=False)
     # Drawn at a fixed resolution, so the Steps slider below need not redraw (and remount) the figure.
     paths = {"linear": latent.lerp(mu[a], mu[b], PATH_POINTS), "spherical": latent.slerp(mu[a], mu[b], PATH_POINTS)}
-    fig, note = scatter_figure(mu, y, names, LABEL_KIND.get(trainer.config.train.dataset, "label"), (a, b), paths)
+    fig, note = scatter_figure(mu, y, names, LABEL_KIND.get(run.config.train.dataset, "label"), (a, b), paths)
     left, right = st.columns([3, 1])
     left.plotly_chart(fig, on_select=_on_pick, selection_mode="points", key=K + "scatter",
                       config={"displaylogo": False})
-    right.markdown(f"{note} Codes from the weights at step {weights_step(trainer):,}.\n\n**Click a point** to make "
+    right.markdown(f"{note} Codes from the weights at step {weights_step(run):,}.\n\n**Click a point** to make "
                    "it the end **B** of the interpolation below; the previous B becomes A. The lines are the two "
                    "paths between them: dashed straight, solid spherical.")
 
 
 @st.fragment(key=FRAGMENT_INTERP)
-def interpolation_section(trainer: Trainer) -> None:
-    found = codes_or_none(trainer, say_why=False)
+def interpolation_section(run: RunHandle) -> None:
+    found = codes_or_none(run, say_why=False)
     if found is None:
         return
     mu, y, names = found
@@ -334,17 +320,17 @@ def interpolation_section(trainer: Trainer) -> None:
     cols[3].selectbox("…or jump B to the next", names, index=None, placeholder="label", key=K + "interp_label_b",
                       on_change=_jump_to_label, args=("b", y, names))
     steps = cols[4].slider("Steps along the path", **STEPS, key=K + "interp_steps")
-    interpolation(trainer, mu, y, names, (a, b), steps)
+    interpolation(run, mu, y, names, (a, b), steps)
 
 
-def interpolation(trainer: Trainer, mu: np.ndarray, y: np.ndarray, names: tuple[str, ...], ends: tuple[int, int],
+def interpolation(run: RunHandle, mu: np.ndarray, y: np.ndarray, names: tuple[str, ...], ends: tuple[int, int],
                   steps: int) -> None:
     """Both paths decoded, each strip framed by the two original test images."""
     a, b = ends
     lin, sph = latent.lerp(mu[a], mu[b], steps), latent.slerp(mu[a], mu[b], steps)  # (steps, D) each
     mid_lin, mid_sph = (np.linalg.norm(f(mu[a], mu[b], 3)[1]) for f in (latent.lerp, latent.slerp))  # t = 1/2
-    decoded = trainer.decode(np.concatenate([lin, sph]))
-    x = trainer.test_set(max(a, b) + 1)[0]
+    decoded = run.decode(np.concatenate([lin, sph]))
+    x = run.test_set(max(a, b) + 1)[0]
     na, nb = np.linalg.norm(mu[a]), np.linalg.norm(mu[b])
     st.markdown(f"From **A** = test image {a} ({names[y[a]]}) to **B** = test image {b} ({names[y[b]]}). Each strip "
                 "starts and ends with the original images; between them, the decoded codes along the path.")

@@ -1,25 +1,25 @@
 """The Runs tab: every saved run in a table; tick rows to act on a run or compare several.
 
-The table reads only each run's small files (config.json, status.json and the test lines of
-metrics.jsonl; never a checkpoint), so 200 runs list in well under a second. The first ticked
-run gets the actions (dashboard/panels/run_actions.py); two or more are compared
-(dashboard/panels/compare.py). Trainers stay in the process-wide registry; this tab keeps only
-UI choices (ticked run names, a pending delete) in st.session_state.
+The table lists everyone's runs (this server's sessions, the CLI, other processes) through
+lab.list_runs, which reads only each run's small files (config.json, status.json and the test
+lines of metrics.jsonl; never a checkpoint), so 200 runs list in well under a second; "Only mine"
+keeps those this session started. The first ticked run gets the actions
+(dashboard/panels/run_actions.py); two or more are compared (dashboard/panels/compare.py). Runs
+live in the server's one Lab; this tab keeps only UI choices (ticked run names, a pending delete)
+in st.session_state.
 """
 from __future__ import annotations
 
 import datetime as dt
 import time
-from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
 from dashboard.panels import compare, run_actions
-from dashboard.panels.run_actions import K, STATUS, notice, parent_text, select
-from dashboard.state import Registry
-from vae_core import runs, transfer
-from vae_core.config import ConfigError
+from dashboard.panels.run_actions import K, STATUS, notice, owner_text, parent_text, select
+from dashboard.state import session_id
+from vae_core.lab import Lab, RunSummary, UserError
 
 TABLE = K + "table"
 MAX_UPLOAD_MB = 200
@@ -31,15 +31,16 @@ def format_when(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M")
 
 
-def table_rows(summaries: list[runs.RunSummary]) -> list[dict[str, Any]]:
-    """The runs table's rows, in the order given (list_runs: newest first)."""
+def table_rows(summaries: list[RunSummary], me: str = "") -> list[dict[str, Any]]:
+    """The runs table's rows, in the order given (list_runs: newest first); `me` is this session's id."""
     return [{"Name": s.name, "Dataset": s.dataset, "Arch": s.arch, "Latent D": s.latent_dim or None,
              "β": s.beta, "Epochs": f"{s.epochs_done} / {s.epochs_planned}", "Best test ELBO": s.best_test_elbo,
-             "Status": STATUS.get(s.status, s.status), "When": format_when(s.created), "Parent": parent_text(s.parent)}
+             "Status": STATUS.get(s.status, s.status), "When": format_when(s.created), "Parent": parent_text(s.parent),
+             "Owner": owner_text(s.owner, me), "Host": s.host or ""}
             for s in summaries]
 
 
-def _table(summaries: list[runs.RunSummary]) -> list[runs.RunSummary]:
+def _table(summaries: list[RunSummary]) -> list[RunSummary]:
     """Draw the table; return the ticked runs, in table order.
 
     Selections are kept by run name: the table's own selection is row positions, which shift when a
@@ -56,7 +57,7 @@ def _table(summaries: list[runs.RunSummary]) -> list[runs.RunSummary]:
         st.session_state[TABLE] = {"selection": {"rows": [names.index(n) for n in wanted], "columns": [],
                                                  "cells": []}}
     st.session_state["_runs_names"] = names
-    event = st.dataframe(table_rows(summaries), key=TABLE, on_select="rerun", selection_mode="multi-row",
+    event = st.dataframe(table_rows(summaries, session_id()), key=TABLE, on_select="rerun", selection_mode="multi-row",
                          hide_index=True, column_config={
                              "Name": st.column_config.TextColumn(width="medium", pinned=True),
                              "β": st.column_config.NumberColumn(format="%g"),
@@ -64,6 +65,10 @@ def _table(summaries: list[runs.RunSummary]) -> list[runs.RunSummary]:
                                  format="%.2f", help="Highest test-set ELBO after any epoch, nats per example"),
                              "Epochs": st.column_config.TextColumn(help="Done / planned"),
                              "Parent": st.column_config.TextColumn(help="The run this one was forked from"),
+                             "Owner": st.column_config.TextColumn(
+                                 help="Who may resume or steer it: you, another session, or anyone (a CLI run). "
+                                      "Anyone may open, compare or fork any run"),
+                             "Host": st.column_config.TextColumn(help="The machine that last trained it"),
                          })
     rows = [i for i in event.selection.rows if 0 <= i < len(summaries)]
     picked = [summaries[i] for i in sorted(rows)]
@@ -71,7 +76,7 @@ def _table(summaries: list[runs.RunSummary]) -> list[runs.RunSummary]:
     return picked
 
 
-def _on_import(runs_dir: Path) -> None:
+def _on_import(lab: Lab) -> None:
     upload = st.session_state.get(K + "import")
     if upload is None:
         return
@@ -79,39 +84,44 @@ def _on_import(runs_dir: Path) -> None:
         notice("error", f"{upload.name} is {upload.size / 2**20:.0f} MB; a run zip may be at most {MAX_UPLOAD_MB} MB.")
         return
     try:
-        d = transfer.import_zip(upload.getvalue(), runs_dir)
-    except (runs.RunFileError, ConfigError, OSError) as e:
+        name = lab.import_zip(upload.getvalue())
+    except UserError as e:
         notice("error", f"Could not import {upload.name}: {e}")
         return
-    select([d.name])
-    notice("success", f"Imported **{upload.name}** as **{d.name}**; it is ticked in the table below.")
+    select([name])
+    notice("success", f"Imported **{upload.name}** as **{name}**; it is ticked in the table below.")
 
 
 # ------------------------------------------------------------------ drawing
 
-def render(registry: Registry) -> None:
+def render(lab: Lab) -> None:
     """The Runs tab."""
-    runs_dir = runs.default_runs_dir()
-    st.markdown("Every run saved under the runs folder, from this dashboard or the command line, newest first. "
-                "**Tick** a row (box at its left) to open, resume, fork, export, rename or delete that run; "
-                "tick two or more to compare them.")
+    runs_dir = lab.runs_dir
+    st.markdown("Every run saved under the runs folder, from any session of this dashboard or the command line, "
+                "newest first. **Tick** a row (box at its left) to open, fork, export, rename or delete that run, "
+                "or resume one of yours; tick two or more to compare them.")
     message = st.session_state.pop("_runs_notice", None)  # left by an action's callback
     if message:
         getattr(st, message[0])(message[1])
     t0 = time.perf_counter()
-    summaries = runs.list_runs(runs_dir)
+    everyone = lab.list_runs()
     ms = (time.perf_counter() - t0) * 1000
+    mine_only = st.toggle("Only mine", key=K + "mine", help="Only the runs this browser tab started or resumed")
+    me = session_id()
+    summaries = [s for s in everyone if s.owner == me] if mine_only else everyone
     if not summaries:
-        st.info(f"No runs in `{runs_dir}` yet. Train one (sidebar), run `python -m vae_core train`, or import a zip.")
-        _import(runs_dir)
+        st.info("You have started no runs in this tab yet: untick **Only mine** to see everyone's." if everyone else
+                f"No runs in `{runs_dir}` yet. Train one (sidebar), run `python -m vae_core train`, or import a zip.")
+        _import(lab)
         return
     picked = _table(summaries)
     c1, c2 = st.columns([4, 1])
     n = len(summaries)
-    c1.caption(f"{n} run{'' if n == 1 else 's'} in `{runs_dir.resolve()}` · listed in {ms:.0f} ms. "
+    c1.caption(f"{n} run{'' if n == 1 else 's'} in `{runs_dir.resolve()}`"
+               + (f" (of {len(everyone)})" if len(everyone) != n else "") + f" · listed in {ms:.0f} ms. "
                "The table refreshes when you act; training progress shows live in the Training tab.")
     c2.button("Refresh", key=K + "refresh", icon=":material/refresh:", width="stretch")
-    _import(runs_dir)
+    _import(lab)
     if not picked:
         return
     target = picked[0]
@@ -119,18 +129,18 @@ def render(registry: Registry) -> None:
         names = [s.name for s in picked]
         chosen = st.selectbox("Act on", names, key=K + "target", help="The actions below apply to this ticked run")
         target = picked[names.index(chosen)] if chosen in names else target
-    run_actions.render(registry, runs_dir, target)
+    run_actions.render(lab, target)
     if len(picked) > 1:
         st.divider()
-        compare.render([s.path for s in picked])
+        compare.render(lab, [s.name for s in picked])
     else:
         st.caption("Tick a second run to compare them.")
 
 
-def _import(runs_dir: Path) -> None:
+def _import(lab: Lab) -> None:
     with st.expander("Import a run (.zip)"):
         st.caption(f"A zip exported here or with the CLI (config.json, metrics.jsonl, checkpoint.pt), at most "
                    f"{MAX_UPLOAD_MB} MB. It is checked before it is kept: only those files are unpacked, into a new "
                    "run folder, and the checkpoint must load as plain weights.")
         st.file_uploader("Run zip", type=["zip"], key=K + "import", max_upload_size=MAX_UPLOAD_MB,
-                         on_change=_on_import, args=(runs_dir,))
+                         on_change=_on_import, args=(lab,))

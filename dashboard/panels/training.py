@@ -3,124 +3,125 @@
 One `st.fragment` per tab polls about once a second while a run is active and not at all
 otherwise: on the Training tab it draws the whole live panel (one component, dashboard/live_panel,
 fed the plain values built here), on the other tabs the status line only. It only reads the
-trainer's published snapshot (status, metric rows, uint8 images) and draws, so a refresh costs a
+run's published snapshot (status, metric rows, uint8 images) and draws, so a refresh costs a
 few milliseconds of server time; when the run's state changes it triggers one full rerun so the
 sidebar and the polling interval catch up.
 """
 from __future__ import annotations
 
+import collections
 import time
-import uuid
-import weakref
 from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
+from dashboard.common import app_rerun, downsample, poll_interval, smooth, units, viewer_id
 from dashboard.live_panel import live_panel, log_scale
-from dashboard.panels.controls import app_rerun
-from dashboard.state import Registry
-from vae_core.config import RunConfig
+from dashboard.state import current_run, current_token, get_viewers
 from vae_core.images import png_bytes, tile, upscale
-from vae_core.trainer import Status, Trainer
+from vae_core.lab import Lab, RunConfig, RunHandle, Status
 
 FIRST_POINT_POLL = 0.25  # seconds between looks while a new run has no metrics yet
 # A refresh keeps a server thread, then the browser, busy for ~0.1-0.2 s; meanwhile the trainer trains
 # on one thread instead of stalling its two lockstep threads whenever one loses its core
 # (Trainer.make_room). Measured in 4 alternating pairs: +12% samples/s with 0.15 s vs none.
 ROOM_S = 0.15
-MAX_POINTS = 300  # per train curve; Plotly redraws the whole figure on every refresh
-SMOOTHING = 0.6  # EMA weight of the past for train curves (rows are already 20-step averages)
 PANEL_KEY = "live_panel"  # the component's key; its value holds the Log scale switch
 TRAIN_COLOR, TEST_COLOR, BETA_COLOR = "#4c78a8", "#e45756", "#54a24b"
 
 
-def poll_interval(state: str | None) -> float | None:
-    """Seconds between refreshes: every second while training, slower while paused, never when idle."""
-    return {"running": 1.0, "paused": 2.0}.get(state or "")
-
-
-def viewer_id() -> str:
-    """This browser session's id in the registry's count of sessions watching the run."""
-    if "viewer_id" not in st.session_state:
-        st.session_state["viewer_id"] = uuid.uuid4().hex
-    return st.session_state["viewer_id"]
-
-
 # ------------------------------------------------------------------ the one polling fragment of a tab
 
-def live(registry: Registry, panel: bool = False) -> None:
+def live(lab: Lab, panel: bool = False) -> None:
     """The status line (and, with `panel`, the Training tab's whole live panel) in one polling fragment.
 
     One fragment per tab, not one per section: each fragment run has a fixed cost on the server
-    and in the browser. It polls every poll_interval while a run is active, less often when more
-    sessions watch than the refresh budget allows, and not at all when idle. When the run's
-    state, the shown run or the polling interval changes it triggers one full rerun, so the
-    sidebar buttons and the interval catch up. The panel is drawn before any run too, at the
-    same place, so pressing Train updates the chart that is there instead of loading a new one.
+    and in the browser. It polls every poll_interval while this session's run is active or queued,
+    less often when more sessions watch than the refresh budget allows, and not at all when idle.
+    When the run's state, the shown run or the polling interval changes it triggers one full
+    rerun, so the sidebar buttons and the interval catch up. The panel is drawn before any run
+    too, at the same place, so pressing Train updates the chart that is there instead of loading
+    a new one.
     """
-    trainer = registry.current()
-    seen_id = registry.current_id()
-    seen_state = trainer.status().state if trainer is not None else None
+    run = current_run(lab)
+    seen_token = current_token(lab)
+    seen_state = run.status().state if run is not None else None
+    viewers = get_viewers()
     viewer = viewer_id()
     base = poll_interval(seen_state)
-    interval = registry.viewers.interval(base, viewer)
+    # Watchers of a training run share a refresh budget (their redraws cost the machine). A queued
+    # page draws only its status line, and must show its run starting within a second or two: with
+    # 20 waiting pages the shared budget had stretched their refreshes to 13 s (bench_class.py).
+    budgeted = seen_state in ("running", "paused")
+    interval = viewers.interval(base, viewer) if budgeted else base
     # Until a new run's first metrics arrive, look 4x as often, so the first point shows up to 0.75 s
     # sooner (measured: click to first point in the browser ~0.6 s on sprites, CPU).
-    first_point = panel and seen_state == "running" and trainer.metrics_count() == 0
+    first_point = panel and seen_state == "running" and run.metrics_count() == 0
     run_every = FIRST_POINT_POLL if first_point else interval
 
     @st.fragment(run_every=run_every)
     def fragment() -> None:
         t0 = time.perf_counter()
-        t = registry.current()
-        s = t.status() if t is not None else None
-        if registry.current_id() != seen_id or (s.state if s else None) != seen_state:
-            app_rerun()  # the run ended, paused or was replaced (maybe from another tab)
-        if interval is not None:
-            registry.viewers.seen(viewer, interval)
-            if registry.viewers.interval(base, viewer) != interval:
+        r = current_run(lab)
+        s = r.status() if r is not None else None
+        if current_token(lab) != seen_token or (s.state if s else None) != seen_state:
+            app_rerun()  # the run ended, paused, started from the queue or another run is shown
+        if interval is not None and budgeted:
+            viewers.seen(viewer, interval)
+            if viewers.interval(base, viewer) != interval:
                 app_rerun()  # a session came or went: share the refresh budget anew
         if s is not None and s.state == "running":
-            t.make_room(ROOM_S)
+            r.make_room(ROOM_S)
         if not panel:
-            if t is not None:
-                status_line(status_view(t, s))
+            if r is not None:
+                status_line(status_view(r, s))
             return
-        view, rows = panel_view(t, s, log_scale(PANEL_KEY))
+        view, rows = panel_view(r, s, log_scale(PANEL_KEY))
         if first_point and rows:
             app_rerun()  # back to the normal interval
         ms = (time.perf_counter() - t0) * 1000
-        shared = (f" ({registry.viewers.count()} sessions are watching; together they refresh about "
-                  f"{registry.viewers.budget:g} times a second, so training keeps its speed)"
+        shared = (f" ({viewers.count()} sessions are watching; together they refresh about "
+                  f"{viewers.budget:g} times a second, so training keeps its speed)"
                   if interval and base and interval > base else "")
         footer = ((f"Refreshes every {interval:g} s while the run is active{shared}; " if interval else "")
-                  + f"this view took {ms:.0f} ms on the server.") if t is not None else ""
+                  + f"this view took {ms:.0f} ms on the server.") if r is not None else ""
         live_panel(key=PANEL_KEY, footer=footer, **view)
 
     fragment()
 
 
-def render_status(registry: Registry) -> None:
+def render_status(lab: Lab) -> None:
     """The status line at the top of a tab other than Training (which shows it in its live panel)."""
-    live(registry)
+    live(lab)
 
 
-def status_view(t: Trainer, s: Status) -> dict[str, Any]:
+def status_view(run: RunHandle, s: Status) -> dict[str, Any]:
     """What the status line says: a progress bar (or None) with its text, and a message of a kind."""
-    name = f"**{t.name}** · " if t.name else ""
-    bar = {"progress": s.progress, "progress_text": progress_text(s)}
+    name = f"**{run.name}** · " if run.name else ""
+    elsewhere = " (trained by another process; read from its run directory)" if s.followed and s.active else ""
+    total = total_steps(s)
+    bar = {"progress": min(1.0, s.step / total) if total else 0.0, "progress_text": progress_text(s)}
     if s.state == "running":
-        return {**bar, "kind": "caption", "text": f"{name}▶ {s.message}"}
+        return {**bar, "kind": "caption", "text": f"{name}▶ {s.message}{elsewhere}"}
     if s.state == "paused":
-        return {**bar, "kind": "warning",
-                "text": f"{name}Paused at step {s.step:,}. **Resume** continues, **Step** does one optimisation step."}
+        return {**bar, "kind": "warning", "text": f"{name}Paused at step {s.step:,}{elsewhere}. **Resume** continues, "
+                                                  "**Step** does one optimisation step."}
+    if s.state == "queued":
+        place = f": place {s.queue_position} in the queue" if s.queue_position else " in the queue"
+        return {"progress": None, "kind": "info",
+                "text": f"{name}Queued. Waiting for a free slot{place} (other runs are training on this server). "
+                        "It starts by itself as soon as one ends."}
     if s.state == "finished":
         return {**bar, "progress": 1.0, "kind": "success", "text": f"{name}Finished: {s.message}."}
     if s.state == "stopped":
         return {**bar, "kind": "info",
                 "text": f"{name}Stopped: {s.message}. **Resume** continues from the last checkpoint."}
+    if s.state == "interrupted":
+        return {**bar, "kind": "warning",
+                "text": f"{name}Interrupted: the process that trained it ended ({s.message}). **Resume** continues "
+                        "from the last checkpoint."}
     if s.state == "failed":
         return {"progress": None, "kind": "error", "text": f"{name}Training failed: {s.message}"}
     return {"progress": None, "kind": "caption", "text": f"{name}{s.message}"}
@@ -133,8 +134,24 @@ def status_line(view: dict[str, Any]) -> None:
     getattr(st, view["kind"])(view["text"])
 
 
+def total_steps(s: Status) -> int | None:
+    """The run's planned steps, or None when unknown.
+
+    A run opened here but not yet restarted does not know its steps per epoch (Status then
+    says epochs_target steps in all): trust the total only when it agrees with step / epoch.
+    """
+    if s.epoch > 0 and s.step > 0:
+        per_epoch = s.step / s.epoch
+        if not s.total_steps or abs(s.total_steps - per_epoch * s.epochs_target) > per_epoch:
+            return round(per_epoch * s.epochs_target)
+        return s.total_steps
+    return s.total_steps if s.total_steps >= s.step and s.total_steps > s.epochs_target else None
+
+
 def progress_text(s: Status) -> str:
-    parts = [f"epoch {s.epoch:.2f} / {s.epochs_target}", f"step {s.step:,} / {s.total_steps:,}"]
+    total = total_steps(s)
+    parts = [f"epoch {s.epoch:.2f} / {s.epochs_target}",
+             f"step {s.step:,} / {total:,}" if total else f"step {s.step:,}"]
     if s.samples_per_s > 0:
         parts.append(f"{s.samples_per_s:,.0f} samples/s")
     if s.eta_s is not None:
@@ -154,7 +171,7 @@ def format_duration(seconds: float) -> str:
 
 # ------------------------------------------------------------------ curves and reconstructions (Training tab)
 
-def render(registry: Registry) -> None:
+def render(lab: Lab) -> None:
     """The Training tab: explanation, then the live panel (status, test metrics, curves, reconstructions)."""
     st.markdown(
         "The VAE maximises the **ELBO** = E<sub>q(z|x)</sub>[log p(x|z)] − KL(q(z|x) ‖ p(z)), a lower bound on "
@@ -162,10 +179,10 @@ def render(registry: Registry) -> None:
         "The first term (reconstruction) rewards decoding x back from its code; the KL keeps the codes close to "
         "the prior N(0, I). With β ≠ 1 the loss weights the KL by β, and the objective is no longer the ELBO.",
         unsafe_allow_html=True)
-    live(registry, panel=True)
+    live(lab, panel=True)
 
 
-def panel_view(t: Trainer | None, s: Status | None, log_y: bool) -> tuple[dict[str, Any], int]:
+def panel_view(t: RunHandle | None, s: Status | None, log_y: bool) -> tuple[dict[str, Any], int]:
     """Everything the live panel shows, as live_panel's arguments, and how many metric rows the run has."""
     if t is None:  # empty axes show what will be plotted, and the browser has plotly.js before the first point
         return {"fig": curves_figure([], [], RunConfig()),
@@ -175,10 +192,12 @@ def panel_view(t: Trainer | None, s: Status | None, log_y: bool) -> tuple[dict[s
     train = [r for r in rows if r.get("split") == "train"]
     test = [r for r in rows if r.get("split") == "test"]
     recon, png = reconstructions_view(t)
-    return {"status": status_view(t, s), "metrics": metrics_view(test, t.config),
-            "notice": "" if train or test else "Waiting for the first metrics (loading data and building the model)…",
-            "fig": curves_figure(train, test, t.config, log_y=log_y), "log_y": log_y, "caveat": units(t.config)[1],
-            "recon": recon, "png": png}, len(rows)
+    notice = ("" if train or test else "Its curves appear here once it starts." if s is not None and s.state == "queued"
+              else "Waiting for the first metrics (loading data and building the model)…")
+    config = t.config
+    return {"status": status_view(t, s), "metrics": metrics_view(test, config), "notice": notice,
+            "fig": curves_figure(train, test, config, log_y=log_y, revision=t.name), "log_y": log_y,
+            "caveat": units(config)[1], "recon": recon, "png": png}, len(rows)
 
 
 def metrics_view(test: list[dict[str, Any]], config: RunConfig) -> list[dict[str, Any]]:
@@ -203,36 +222,12 @@ def metrics_view(test: list[dict[str, Any]], config: RunConfig) -> list[dict[str
     ]
 
 
-def units(config: RunConfig) -> tuple[str, str]:
-    """(axis label, one-line caveat) for the numbers this config reports."""
-    if config.binarized:
-        return "nats per example", ""
-    if config.model.likelihood == "bernoulli":
-        return ("BCE-based, per example", "Pixels are not binarized, so the reconstruction term is a binary "
-                "cross-entropy against grey levels: not a log-likelihood, and the 'ELBO' is no bound on log p(x).")
-    return ("nats per example (density)", "Gaussian likelihood on continuous pixels: these are log-densities, "
-            "not comparable with log-likelihoods of binarized images.")
-
-
-def smooth(values: list[float], weight: float = SMOOTHING) -> np.ndarray:
-    """Bias-corrected exponential moving average (TensorBoard's smoothing)."""
-    out, acc = np.empty(len(values)), 0.0
-    for i, v in enumerate(values):
-        acc = weight * acc + (1 - weight) * v
-        out[i] = acc / (1 - weight ** (i + 1))
-    return out
-
-
-def downsample(n: int, max_points: int = MAX_POINTS) -> np.ndarray:
-    """Indices of at most max_points evenly spread points, always keeping the last one."""
-    if n <= max_points:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, max_points).round().astype(int))
-
-
 def curves_figure(train: list[dict[str, Any]], test: list[dict[str, Any]], config: RunConfig, *,
-                  log_y: bool = False) -> go.Figure:
+                  log_y: bool = False, revision: str = "") -> go.Figure:
     """Three panels sharing the step axis: ELBO, reconstruction term, KL (and β·KL); train and test.
+
+    `revision` names the run: Plotly keeps a person's zoom across refreshes of one run (uirevision),
+    and a new run starts with fresh axes.
 
     Built as a plain Plotly spec and wrapped without validation: plotly's validating constructors
     took ~16 ms of server time per refresh for this figure, holding the GIL while the trainer
@@ -279,15 +274,20 @@ def curves_figure(train: list[dict[str, Any]], test: list[dict[str, Any]], confi
                                     "title": {"text": "training step"}, "ticklabeloverflow": "allow"}
         layout[f"yaxis{suffix}"] = {"anchor": f"x{suffix}", "type": "log" if log_y else "linear",
                                     "title": {"text": unit}, "ticklabeloverflow": "allow"}
+        # Autorange is always said outright. Left unsaid, Plotly.react treats its own earlier autorange
+        # (the empty axes' [-1, 4]) as if the person had set it, and after a robust range had turned
+        # autorange off, the next curves stayed on [-1, 4] until the robust range returned at 20 rows.
         if not log_y and len(train) >= 20:
-            layout[f"yaxis{suffix}"]["range"] = _robust_range(traces, i + 1)
+            layout[f"yaxis{suffix}"].update(range=_robust_range(traces, i + 1), autorange=False)
+        else:
+            layout[f"yaxis{suffix}"]["autorange"] = True
     layout.update(
         annotations=[{"text": f"<b>{t}</b>", "x": i * (width + gap) + width / 2, "y": 1.0, "xref": "paper",
                       "yref": "paper", "xanchor": "center", "yanchor": "bottom", "showarrow": False}
                      for i, t in enumerate(titles)],
         height=350, margin={"l": 70, "r": 10, "t": 40, "b": 80, "autoexpand": False},
         legend={"orientation": "h", "y": -0.24, "yanchor": "top", "x": 1, "xanchor": "right"},
-        hovermode="x unified", uirevision="curves")
+        hovermode="x unified", uirevision=f"curves {revision}")
     return go.Figure({"data": traces, "layout": layout}, _validate=False)
 
 
@@ -326,27 +326,32 @@ def _line(x, y, name: str, color: str, panel: int, log_y: bool, *, show: bool, m
             "xaxis": f"x{suffix}", "yaxis": f"y{suffix}", "hovertemplate": "%{y:.2f}"}
 
 
-def reconstructions_view(t: Trainer) -> tuple[dict[str, Any], bytes | None]:
+def reconstructions_view(run: RunHandle) -> tuple[dict[str, Any], bytes | None]:
     """The reconstructions' caption (and the weights' step) and their picture, or None before the model exists."""
-    art = t.artifacts()
+    art = run.artifacts()
     if "originals" not in art:
         return {"caption": "Reconstructions appear once the model is built.", "step": None}, None
     step = int(art.get("step", 0))
     return {"caption": "Top: fixed test images. Bottom: their reconstructions, the decoder's mean at z = μ(x), "
                        f"from the weights at step {step:,} (updated about once a second while training).",
-            "step": step}, _reconstruction_png(t, art)
+            "step": step}, _reconstruction_png(run, art)
 
 
-# The latest reconstruction PNG per trainer, shared by the sessions watching it (one encode per update).
-_PNG_CACHE: "weakref.WeakKeyDictionary[Trainer, tuple[int, bytes]]" = weakref.WeakKeyDictionary()
+# The latest reconstruction PNG per run (by its weights token: handles are made afresh on each look),
+# shared by the sessions watching it: one encode per update, whoever asks.
+_PNG_CACHE: "collections.OrderedDict[int, tuple[int, bytes]]" = collections.OrderedDict()
+_PNG_CACHE_SIZE = 64
 
 
-def _reconstruction_png(t: Trainer, art: dict[str, Any]) -> bytes:
+def _reconstruction_png(run: RunHandle, art: dict[str, Any]) -> bytes:
     step = int(art.get("step", 0))
-    cached = _PNG_CACHE.get(t)
+    cached = _PNG_CACHE.get(run.token)
     if cached is not None and cached[0] == step:
         return cached[1]
     mosaic = tile(np.concatenate([art["originals"], art["reconstructions"]]), ncols=len(art["originals"]), pad=2)
     png = png_bytes(upscale(mosaic, 2))
-    _PNG_CACHE[t] = (step, png)
+    _PNG_CACHE[run.token] = (step, png)
+    _PNG_CACHE.move_to_end(run.token)
+    while len(_PNG_CACHE) > _PNG_CACHE_SIZE:
+        _PNG_CACHE.popitem(last=False)
     return png

@@ -1,0 +1,90 @@
+"""Helpers more than one panel uses: polling intervals, units, curve smoothing, cache keys, reruns.
+
+Panels never import each other; what they share lives here (and in dashboard/state.py).
+"""
+from __future__ import annotations
+
+import uuid
+from typing import NoReturn
+
+import numpy as np
+import streamlit as st
+
+from vae_core.lab import RunConfig, RunHandle
+
+MAX_POINTS = 300  # per train curve; Plotly redraws the whole figure on every refresh
+SMOOTHING = 0.6  # EMA weight of the past for train curves (rows are already 20-step averages)
+
+
+def poll_interval(state: str | None) -> float | None:
+    """Seconds between refreshes: every second while training or waiting in the queue, slower while paused,
+    never when idle."""
+    return {"running": 1.0, "queued": 1.0, "paused": 2.0}.get(state or "")
+
+
+def viewer_id() -> str:
+    """This browser session's id in the registry's count of sessions watching the run."""
+    if "viewer_id" not in st.session_state:
+        st.session_state["viewer_id"] = uuid.uuid4().hex
+    return st.session_state["viewer_id"]
+
+
+def units(config: RunConfig) -> tuple[str, str]:
+    """(axis label, one-line caveat) for the numbers this config reports."""
+    if config.binarized:
+        return "nats per example", ""
+    if config.model.likelihood == "bernoulli":
+        return ("BCE-based, per example", "Pixels are not binarized, so the reconstruction term is a binary "
+                "cross-entropy against grey levels: not a log-likelihood, and the 'ELBO' is no bound on log p(x).")
+    return ("nats per example (density)", "Gaussian likelihood on continuous pixels: these are log-densities, "
+            "not comparable with log-likelihoods of binarized images.")
+
+
+def smooth(values: list[float], weight: float = SMOOTHING) -> np.ndarray:
+    """Bias-corrected exponential moving average (TensorBoard's smoothing)."""
+    out, acc = np.empty(len(values)), 0.0
+    for i, v in enumerate(values):
+        acc = weight * acc + (1 - weight) * v
+        out[i] = acc / (1 - weight ** (i + 1))
+    return out
+
+
+def downsample(n: int, max_points: int = MAX_POINTS) -> np.ndarray:
+    """Indices of at most max_points evenly spread points, always keeping the last one."""
+    if n <= max_points:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, max_points).round().astype(int))
+
+
+def run_token(run: RunHandle) -> int:
+    """A number unique to this run's weights view in this process: a cache key that, unlike id(), is never reused."""
+    return run.token
+
+
+def weights_step(run: RunHandle) -> int:
+    """Training step of the published weights."""
+    return run.weights_step()
+
+
+def app_rerun() -> NoReturn:
+    """st.rerun() for a rerun the app starts itself (the live panel catching up): messages stay."""
+    st.session_state["_app_rerun"] = True
+    st.rerun()
+
+
+# ------------------------------------------------------------------ run images (Runs tab: compare and exports)
+
+def samples_mosaic(art: dict, scale: int = 2) -> np.ndarray:
+    """A run's 64 prior samples (artifacts()["samples"], uint8) as one 8-wide mosaic."""
+    from vae_core.images import tile, upscale
+
+    return upscale(tile(art["samples"], ncols=8), scale)
+
+
+def reconstructions_mosaic(art: dict, scale: int = 2) -> np.ndarray:
+    """Rows alternate: 8 test images, their 8 reconstructions, the next 8, theirs."""
+    from vae_core.images import tile, upscale
+
+    o, r = art["originals"], art["reconstructions"]
+    rows = [block for i in range(0, len(o), 8) for block in (o[i:i + 8], r[i:i + 8])]
+    return upscale(tile(np.concatenate(rows), ncols=8), scale)
