@@ -23,6 +23,7 @@ from dashboard.state import current_run, current_token, get_viewers
 from vae_core.images import png_bytes, tile, upscale
 from vae_core.lab import Lab, RunConfig, RunHandle, Status
 
+QUEUE_WATCH_S = 1.0  # a waiting page looks at its run this often (the look draws nothing: no browser work)
 FIRST_POINT_POLL = 0.25  # seconds between looks while a new run has no metrics yet
 # A refresh keeps a server thread, then the browser, busy for ~0.1-0.2 s; meanwhile the trainer trains
 # on one thread instead of stalling its two lockstep threads whenever one loses its core
@@ -61,7 +62,12 @@ def live(lab: Lab, panel: bool = False) -> None:
     first_point = panel and seen_state == "running" and run.metrics_count() == 0
     run_every = FIRST_POINT_POLL if first_point else interval
 
-    @st.fragment(run_every=run_every)
+    # A queued page draws its panel once and then only watches, with a fragment that draws nothing, for its
+    # run to start: 20 waiting pages redrawing a whole panel every second kept a 2-core machine busy enough
+    # that they showed their run starting 4-9 s late (bench_class.py).
+    queued = seen_state == "queued"
+
+    @st.fragment(run_every=None if queued else run_every)
     def fragment() -> None:
         t0 = time.perf_counter()
         r = current_run(lab)
@@ -90,6 +96,14 @@ def live(lab: Lab, panel: bool = False) -> None:
         live_panel(key=PANEL_KEY, footer=footer, **view)
 
     fragment()
+    if queued:
+        @st.fragment(run_every=QUEUE_WATCH_S)
+        def watch() -> None:
+            r = current_run(lab)
+            if current_token(lab) != seen_token or (r.status().state if r is not None else None) != seen_state:
+                app_rerun()  # the run left the queue (or another run is shown)
+
+        watch()
 
 
 def render_status(lab: Lab) -> None:
