@@ -16,6 +16,7 @@ def cli(*args, cwd, timeout=120):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_train_evaluate_runs_end_to_end(tmp_path):
     r = cli("train", "--dataset", "sprites", "--latent-dim", "2", "--beta", "1", "--epochs", "2",
             "--train-size", "1024", "--hidden-dim", "64", "--name", "e2e", cwd=tmp_path)

@@ -445,6 +445,7 @@ def _poll(at: AppTest, predicate, timeout: float, what: str) -> AppTest:
         time.sleep(0.3)
 
 
+@pytest.mark.slow
 def test_a_run_trained_by_another_process_is_followed_live(runs_dir):
     """The CLI trains in its own process; the Runs tab opens it and Explore and Evidence draw its newest weights."""
     cmd = [sys.executable, "-m", "vae_core", "train", "--runs-dir", str(runs_dir), "--name", "cli-live",

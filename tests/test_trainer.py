@@ -398,6 +398,7 @@ print(json.dumps(sorted(set(os.environ.items()) ^ set(before.items()))))
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_the_dashboard_shortens_openmp_polling_before_torch_loads():
     """GOMP_SPINCOUNT counts only if set before torch loads libgomp: dashboard/app.py sets it first. A user's value wins."""
     code = """
