@@ -88,3 +88,13 @@ def reconstructions_mosaic(art: dict, scale: int = 2) -> np.ndarray:
     o, r = art["originals"], art["reconstructions"]
     rows = [block for i in range(0, len(o), 8) for block in (o[i:i + 8], r[i:i + 8])]
     return upscale(tile(np.concatenate(rows), ncols=8), scale)
+
+
+def beta_effective(row: dict) -> float:
+    """The KL's weight in a metrics row (after warm-up). Rows from before beta_effective existed: their 'beta'."""
+    return row.get("beta_effective", row.get("beta", 1.0))
+
+
+def beta_set(row: dict) -> float | None:
+    """The β a row's run was set to (older rows kept it in 'beta_set', newer ones in 'beta')."""
+    return row.get("beta_set", row.get("beta")) if "beta_effective" not in row else row.get("beta")

@@ -152,7 +152,7 @@ def test_cli_run_is_followed_steered_stopped_and_resumed(runs_dir, tmp_path):
 
         lab.update("cli-run", beta=3.5)
         seen = run.metrics_count()
-        poll_until(lambda: any(r.get("beta_set") == 3.5 for r in run.metrics(seen)), what="rows with the new β")
+        poll_until(lambda: any(r.get("beta") == 3.5 for r in run.metrics(seen)), what="rows with the new β")
         poll_until(lambda: run.status().beta == 3.5, what="the status to acknowledge β")
 
         lab.stop("cli-run")
@@ -166,7 +166,7 @@ def test_cli_run_is_followed_steered_stopped_and_resumed(runs_dir, tmp_path):
         resumed = lab.resume("cli-run", epochs=1)
         poll_until(lambda: resumed.status().state == "finished", what="the resumed run to finish")
         train = [r for r in resumed.metrics() if r["split"] == "train"]
-        assert train[-1]["step"] > stopped_at and train[-1]["beta_set"] == 3.5  # the live β carried over
+        assert train[-1]["step"] > stopped_at and train[-1]["beta"] == 3.5  # the live β carried over
     finally:
         if proc.poll() is None:
             proc.kill()

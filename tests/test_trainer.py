@@ -118,8 +118,8 @@ def test_warmup_ramps_beta(tiny_config, tiny_sprites, runs_dir):
     t.start()
     t.join(60)
     rows = [m for m in t.metrics() if m["split"] == "train"]
-    betas = [m["beta"] for m in rows]
-    assert betas[0] < 0.2 and betas == sorted(betas)
+    betas = [m["beta_effective"] for m in rows]
+    assert betas[0] < 0.2 and betas == sorted(betas) and all(m["beta"] == 1.0 for m in rows)  # the set value
     # Each row's β is the mean over the steps it averages (β(s) = s / spe / warm-up), not the value at its end.
     spe = 512 // 64
     first, last = rows[-2]["step"], rows[-1]["step"]

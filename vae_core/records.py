@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 # The Evidence tab's on-demand bounds (vae_core.jobs): the k slider, the held-out image counts, defaults.
 K_CHOICES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -69,3 +69,43 @@ class JobSnapshot:
         return self.state == "running"
 
 
+
+
+class TrainRow(TypedDict):
+    """One line of metrics.jsonl per log interval: means over its steps, nats per example.
+
+    beta is the set value (as Status.beta); beta_effective the KL's mean weight over the interval
+    (after warm-up), as Status.beta_effective. Rows written before this naming have beta = the
+    effective weight and beta_set = the set value (dashboard.common reads both).
+    """
+
+    step: int
+    epoch: float
+    split: str  # "train"
+    elbo: float
+    recon: float
+    kl: float
+    loss: float
+    beta: float
+    beta_effective: float
+    lr: float
+    free_bits: float
+    wall_time: float
+
+
+class TestRow(TypedDict, total=False):
+    """One line per epoch: the test set's ELBO and its terms, per-dimension KL and active units."""
+
+    step: int
+    epoch: int
+    split: str  # "test"
+    elbo: float
+    recon: float
+    kl: float
+    kl_per_dim: list[float]
+    active_units: int
+    mu_variance: list[float]
+    beta: float
+    beta_effective: float
+    samples_per_s: float
+    wall_time: float

@@ -25,7 +25,7 @@ from .config import LIVE_FIELDS, ConfigError, RunConfig
 from .devices import CpuShare, NoSharing, default_threads, describe_device, resolve_device
 from .images import to_uint8
 from .inference import N_FIXED, N_SAMPLES, Weights, get_dataset
-from .records import Status
+from .records import Status, TestRow, TrainRow
 from .run_math import EVIDENCE_KS, RunMath
 from .run_sync import RunSync
 
@@ -468,10 +468,11 @@ class Trainer:
                                    f"were kept. Lower the learning rate, then resume.")
             return False
         self._last_good = self.math.weights_cpu()
-        # beta: the mean effective β of the interval the numbers average over (warm-up moves it within one).
-        self._emit({"step": self._step, "epoch": round(self._epoch, 4), "split": "train", "elbo": recon - kl,
-                    "recon": recon, "kl": kl, "loss": loss, "beta": beta_sum / n, "beta_set": self._live["beta"],
-                    "lr": self._live["lr"], "free_bits": self._live["free_bits"], "wall_time": time.time()})
+        # beta: the set value, as in Status; beta_effective: the mean weight of the KL over the interval the
+        # numbers average (warm-up moves it within one). Rows written before this have beta = effective, beta_set.
+        self._emit(TrainRow(step=self._step, epoch=round(self._epoch, 4), split="train", elbo=recon - kl,
+                            recon=recon, kl=kl, loss=loss, beta=self._live["beta"], beta_effective=beta_sum / n,
+                            lr=self._live["lr"], free_bits=self._live["free_bits"], wall_time=time.time()))
         return True
 
     def _emit(self, row: dict[str, Any]) -> None:
@@ -486,8 +487,8 @@ class Trainer:
         """Test-set numbers, the evidence when due, a checkpoint; False when the run failed."""
         ev = self.math.evaluate()
         self._publish()
-        row = {"step": self._step, "epoch": int(round(self._epoch)), "split": "test", **ev,
-               "beta": self.status().beta_effective, "samples_per_s": samples_per_s, "wall_time": time.time()}
+        row = TestRow(step=self._step, epoch=int(round(self._epoch)), split="test", **ev, beta=self._live["beta"],
+                      beta_effective=self.status().beta_effective, samples_per_s=samples_per_s, wall_time=time.time())
         self._emit(row)
         if not math.isfinite(ev["elbo"]):
             self._finish("failed", f"the test ELBO became non-finite after epoch {int(self._epoch)}; lower the learning rate")

@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.colors import qualitative
 
-from dashboard.common import downsample, reconstructions_mosaic, samples_mosaic, smooth, units
+from dashboard.common import beta_set, downsample, reconstructions_mosaic, samples_mosaic, smooth, units
 from vae_core.images import png_bytes
 from vae_core.lab import Lab, RunConfig, UserError
 
@@ -44,8 +44,8 @@ class RunData:
     def beta(self) -> float:
         """β at the end of training (a live change or a fork may differ from config.json's start value)."""
         for r in reversed(self.rows):
-            if r.get("split") == "train" and isinstance(r.get("beta_set"), (int, float)):
-                return float(r["beta_set"])
+            if r.get("split") == "train" and isinstance(beta_set(r), (int, float)):
+                return float(beta_set(r))
         return self.config.train.beta
 
 

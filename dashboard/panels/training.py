@@ -17,7 +17,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from dashboard.common import app_rerun, downsample, poll_interval, smooth, units, viewer_id
+from dashboard.common import app_rerun, beta_effective, downsample, poll_interval, smooth, units, viewer_id
 from dashboard.live_panel import live_panel, log_scale
 from dashboard.state import current_run, current_token, get_viewers
 from vae_core.images import png_bytes, tile, upscale
@@ -261,7 +261,7 @@ def curves_figure(train: list[dict[str, Any]], test: list[dict[str, Any]], confi
     steps = np.array([r["step"] for r in train], dtype=float)
     keep = downsample(len(train))
     if train:  # drawn first and wider, so it shows around the KL line it equals when β = 1
-        y = smooth([r["beta"] * r["kl"] for r in train])[keep]
+        y = smooth([beta_effective(r) * r["kl"] for r in train])[keep]
         traces.append(_line(steps[keep], y, "β·KL (as weighted in the loss)", BETA_COLOR, 3, log_y, show=True,
                             dash="dot", width=3.5, rank=3))
     for i, key in enumerate(("elbo", "recon", "kl"), start=1):
