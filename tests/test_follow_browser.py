@@ -76,8 +76,11 @@ def test_a_cli_run_is_watched_live_and_paused_from_the_page(page, tmp_path):  # 
         page.locator(".st-key-btn_pause button").first.click()
         wait_for(lambda: status(run_dir).get("state") == "paused", what="the CLI run to pause")
         expect(panel.locator("#status")).to_contain_text("Paused", timeout=60_000)
-        paused_at = status(run_dir)["step"]
-        time.sleep(3)  # a paused run stays put (not a timing assertion: it must not move at all)
+        # Once parked (the step in flight at the click done) the run says at which step it stays, and stays.
+        parked = wait_for(lambda: (st := status(run_dir)).get("message") == f"paused at step {st.get('step')}" and st,
+                          what="the run to park")
+        paused_at = parked["step"]
+        time.sleep(3)  # not a timing assertion: a paused run must not move at all
         assert status(run_dir)["step"] == paused_at
         assert cli.poll() is None  # still alive, only paused
 

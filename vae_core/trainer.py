@@ -446,15 +446,28 @@ class Trainer:
     def _wait_turn(self) -> bool:
         """Block while paused (letting single steps through); False when asked to stop."""
         with self._lock:
+            go = self._ready_locked()
+            if go is not None:
+                return go
+            self._message = f"paused at step {self._step}"  # parked: the step in flight at pause() is done
+        self.sync.write_status()  # so a follower sees the step the run really stays at
+        with self._lock:
             while True:
-                if self._stop.is_set():
-                    return False
-                if self._state == "running":
-                    return True
-                if self._pending_steps > 0:
-                    self._pending_steps -= 1
-                    return True
+                go = self._ready_locked()
+                if go is not None:
+                    return go
                 self._wake.wait(0.25)
+
+    def _ready_locked(self) -> bool | None:
+        """True: train the next step; False: stop; None: stay paused. Call under self._lock."""
+        if self._stop.is_set():
+            return False
+        if self._state == "running":
+            return True
+        if self._pending_steps > 0:
+            self._pending_steps -= 1
+            return True
+        return None
 
     def _log_train(self, acc: torch.Tensor) -> bool:
         loss, recon, kl, beta_sum, n = acc.tolist()  # the one sync point per log interval
