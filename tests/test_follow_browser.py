@@ -50,11 +50,11 @@ def test_a_cli_run_is_watched_live_and_paused_from_the_page(page, tmp_path):  # 
                  what="the CLI run to train")
 
         page.get_by_role("tab", name="Runs").click()
-        expect(page.get_by_text("1 run in")).to_be_visible(timeout=30_000)
+        expect(page.get_by_text("1 run in")).to_be_visible(timeout=120_000)
         grid = page.locator('[data-testid="stDataFrame"]').first.bounding_box()
         page.mouse.click(grid["x"] + 15, grid["y"] + ROW_PX + ROW_PX / 2)  # tick its row
         open_button = page.locator(".st-key-runs_open button").first  # (a button with help is in the page twice)
-        expect(open_button).to_be_enabled(timeout=30_000)
+        expect(open_button).to_be_enabled(timeout=120_000)
         open_button.click()
 
         page.get_by_role("tab", name="Training").click()
