@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts dashboard/ on the path, no
 
 import streamlit as st  # noqa: E402
 
+from dashboard.common import MAIN_TAB_KEY  # noqa: E402
 from dashboard.panels import controls, evidence, explore, runs, training  # noqa: E402
 from dashboard.state import current_run, get_lab  # noqa: E402
 from vae_core.lab import Lab, RunHandle  # noqa: E402
@@ -77,12 +78,12 @@ def main() -> None:
 
     pages: list[tuple[str, Callable[[], None]]] = [
         ("Training", lambda: training.render(lab)),
-        ("Explore latent space", needs_model(lab, explore.render)),
+        (explore.TITLE, needs_model(lab, explore.render)),
         ("Evidence: ELBO ≤ log p(x)", needs_model(lab, evidence.render)),
         ("Runs", lambda: runs.render(lab)),
     ]
     # Lazy tabs: only the open tab's code runs, so a slider move does not recompute hidden panels.
-    tabs = st.tabs([title for title, _ in pages], key="main_tab", on_change="rerun")
+    tabs = st.tabs([title for title, _ in pages], key=MAIN_TAB_KEY, on_change="rerun")
     for tab, (title, draw) in zip(tabs, pages):
         with tab:
             if tab.open:

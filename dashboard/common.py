@@ -12,6 +12,7 @@ import streamlit as st
 
 from vae_core.lab import RunConfig, RunHandle
 
+MAIN_TAB_KEY = "main_tab"  # app.py's st.tabs key: its value is the open tab's title
 MAX_POINTS = 300  # per train curve; Plotly redraws the whole figure on every refresh
 SMOOTHING = 0.6  # EMA weight of the past for train curves (rows are already 20-step averages)
 

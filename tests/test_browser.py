@@ -306,3 +306,26 @@ def test_sessions_train_side_by_side_and_a_third_waits_in_the_queue(tmp_path):
         for page in pages.values():
             assert page.locator('[data-testid="stException"]').count() == 0
         browser.close()
+
+
+def test_leaving_explore_while_training_raises_nothing(page):
+    """Leaving Explore unmounts its scatter, whose cleared selection once asked for a rerun of fragments the
+    next tab does not draw: "No fragment found for target 'explore_scatter_fragment'" at the top of the page."""
+    set_number(page, "cfg_epochs", 200)
+    thumb = page.locator('.st-key-cfg_latent_dim input[type="range"]')
+    thumb.focus()
+    thumb.press("Home")
+    thumb.press("ArrowRight")
+    expect(thumb).to_have_value("2")
+    page.get_by_role("button", name="Train", exact=True).click()
+    panel = page.frame_locator('iframe[title*="live_panel"]')
+    expect(panel.locator("#metrics")).to_contain_text("Test ELBO", timeout=120_000)
+    for other in (re.compile("Evidence"), "Runs", "Training"):
+        page.get_by_role("tab", name="Explore latent space").click()
+        expect(page.locator('[data-testid="stPlotlyChart"]').first).to_be_visible()
+        page.wait_for_timeout(1500)  # the scatter mounts and reports its (empty) selection
+        page.get_by_role("tab", name=other).click()
+        page.wait_for_timeout(1500)
+        page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]')
+        assert page.locator('[data-testid="stException"]').all_inner_texts() == [], other
+    page.get_by_role("button", name="Stop", exact=True).click()

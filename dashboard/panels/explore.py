@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.colors import qualitative
 
-from dashboard.common import run_token, weights_step
+from dashboard.common import MAIN_TAB_KEY, run_token, weights_step
 from vae_core import latent
 from vae_core.images import tile, to_uint8, upscale
 from vae_core.lab import DatasetUnavailable, RunHandle
@@ -35,6 +35,7 @@ PAD = 64  # grey of the gaps between tiles (vae_core.images.tile's default)
 K = "explore_"  # every widget key starts with this
 PATH_POINTS = 41  # resolution of the paths drawn on the scatter
 FRAGMENT_SCATTER, FRAGMENT_INTERP = K + "scatter_fragment", K + "interp_fragment"
+TITLE = "Explore latent space"  # this tab's title in app.py's st.tabs
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
@@ -228,8 +229,13 @@ def pick_ends(ends: tuple[int, int], picked: list[int]) -> tuple[int, int]:
 
 
 def _rerun_codes() -> None:
-    """From a callback: redraw the scatter (its A/B marks) and the strips, not the rest of the page."""
-    st.rerun([FRAGMENT_SCATTER, FRAGMENT_INTERP])
+    """From a callback: redraw the scatter (its A/B marks) and the strips, not the rest of the page.
+
+    Only while this tab is open: leaving it unmounts the scatter, whose cleared selection calls _on_pick in
+    the very rerun that draws another tab, where these fragments do not exist ("No fragment found").
+    """
+    if st.session_state.get(MAIN_TAB_KEY, TITLE) == TITLE:
+        st.rerun([FRAGMENT_SCATTER, FRAGMENT_INTERP])
 
 
 def _on_pick() -> None:
