@@ -349,6 +349,22 @@ def test_live_setting_reaches_the_running_run(app):
     assert any("Changed since this run started" in i.value for i in app.info)
 
 
+def test_train_again_replaces_this_sessions_own_run_when_no_slot_is_free(app, monkeypatch):
+    """One slot: a person who changes a setting and presses Train gets the new run now, not a queue behind
+    their own previous run, which is stopped and checkpointed (and says so); another session's run is untouched."""
+    monkeypatch.setenv("VAE_MAX_RUNS", "1")
+    app.run()
+    configure(app, cfg_epochs=400).run()
+    app.button(key="btn_train").click()
+    run_until(app, lambda a: state(a) == "running" and _status(a).step > 0, what="the first run")
+    first = run_of(app).name
+    configure(app, cfg_beta=2.0).run()
+    app.button(key="btn_train").click()
+    run_until(app, lambda a: state(a) == "running" and run_of(a).name != first, what="the new run to train")
+    assert get_lab().open(first).status().state == "stopped"
+    assert any("was stopped and checkpointed" in i.value for i in app.info)
+
+
 def test_the_sidebar_follows_live_changes_made_elsewhere(app):
     """The controls are the only writer of their keys: a change made through the Lab (a remedy, another
     process's control.json) moves the control on the next rerun; a person's own edit is left alone."""

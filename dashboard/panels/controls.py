@@ -166,17 +166,29 @@ def _build_or_report() -> RunConfig | None:
 
 
 def _on_train(lab: Lab) -> None:
-    """A new run of this session's (it trains at once, or waits in the queue); no other run is touched."""
+    """A new run of this session's. No other session's run is touched; this session's own shown run keeps
+    training when a slot is free for the new one, and is stopped (checkpointed) when the new one would
+    otherwise wait behind it: a person who changes a setting and presses Train wants that run now."""
     config = _build_or_report()
     if config is None:
         return
     sid = session_id()
+    before = current_run(lab)
+    stopped = None
     try:
+        if before is not None and lab.owner(before.run_dir) == sid:
+            state = before.status().state
+            if state == "queued" or (state in STEERABLE and lab.training_count() >= lab.max_runs):
+                lab.stop(before.name, owner=sid, wait=5.0)
+                stopped = before.name
         run = lab.start(config, owner=sid)
     except UserError as e:
         _notice("error", f"Could not start the run: {e}")
         return
     lab.show(sid, run.name)
+    if stopped:
+        _notice("info", f"Your previous run {stopped} was stopped and checkpointed to make room (this server "
+                        f"trains {lab.max_runs} at once); Resume it from the Runs tab.")
 
 
 def _steerable(lab: Lab) -> RunHandle | None:
@@ -375,8 +387,9 @@ def _buttons(lab: Lab, status: Status | None, steer: bool, errors: dict[str, str
     mine = status is None or steer  # the steering buttons act only on a run this session may steer
     st.button("Train", key="btn_train", type="primary", width="stretch", on_click=_on_train, args=(lab,),
               disabled=bool(errors),
-              help="Start a new run with these settings. Other runs (yours or anyone's) keep training; when the "
-                   "server's slots are full it waits in a queue and starts by itself.")
+              help="Start a new run with these settings. Other sessions' runs keep training; yours keeps training "
+                   "too if the server has a free slot, else it is stopped and saved to make room. When the slots "
+                   "are full of other sessions' runs, the new one waits in a queue and starts by itself.")
     c1, c2 = st.columns(2)
     c1.button("Resume" if state in RESUMABLE else "Pause", key="btn_pause", width="stretch",
               on_click=_on_pause_resume, args=(lab,),
