@@ -68,6 +68,9 @@ def test_only_the_owner_steers(lab, tiny_config):
     lab.update(run.name, owner="alice", beta=3.0)
     assert lab.open(run.name).status().beta == 3.0
     lab.stop(run.name, owner="alice", wait=10)
+    # The runs table lists the β it trains with now, and the one it started with.
+    listed = next(r for r in lab.list_runs() if r.name == run.name)
+    assert listed.beta == 3.0 and listed.beta_start == 1.0
 
 
 def test_sessions_keep_their_own_current_run(lab, tiny_config):

@@ -58,6 +58,8 @@ def test_compare_two_runs_and_download_one(two_runs, page, tmp_path):  # noqa: F
     page.screenshot(path=str(tmp_path / "runs-compare.png"), full_page=True)
 
     page.get_by_text("Export", exact=True).click()
+    idle(page)  # a click that lands while the page reruns can be lost (seen once under load)
+    expect(page.get_by_role("button", name="Whole run (.zip)")).to_be_enabled()
     with page.expect_download() as download:
         page.get_by_role("button", name="Whole run (.zip)").click()
     data = (tmp_path / "run.zip")

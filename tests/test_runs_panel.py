@@ -120,7 +120,7 @@ def test_table_lists_every_run_newest_first(runs_dir):
     df = table(at)
     assert list(df["Name"]) == ["cli-b1", "b2", "b0.5"]  # the CLI's run is listed like the others
     row = df.iloc[1]
-    assert (row["Dataset"], row["Arch"], row["Latent D"], row["β"], row["Epochs"]) == ("sprites", "mlp", 2, 2.0, "1 / 1")
+    assert (row["Dataset"], row["Arch"], row["Latent D"], row["β"], row["Epochs"]) == ("sprites", "mlp", 2, "2", "1 / 1")
     assert row["Status"].endswith("finished") and row["When"][:2] == "20"
     best = max(m["elbo"] for m in runs.read_metrics(runs_dir / "b2") if m["split"] == "test")
     assert row["Best test ELBO"] == pytest.approx(best)
@@ -494,3 +494,16 @@ def test_a_run_trained_by_another_process_is_followed_live(runs_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_table_shows_the_beta_a_run_trains_with_now(runs_dir):
+    """A run moved live from β = 1 to β = 4 is listed at 4, and says where it started."""
+    lab = get_lab()
+    run = lab.start(RunConfig().replace(epochs=200, train_size=512, batch_size=64, hidden_dim=32, evidence_every=0),
+                    name="moved")
+    try:
+        lab.update(run.name, beta=4.0)
+    finally:
+        lab.stop(run.name, wait=30)
+    row = next(r for r in panel.table_rows(lab.list_runs()) if r["Name"] == "moved")
+    assert row["β"] == "4 (started at 1)"

@@ -364,6 +364,7 @@ class RunSummary:
     error: str | None = None
     owner: str | None = None  # the dashboard session that started it (None: the CLI or an older run)
     host: str | None = None
+    beta_start: float | None = None  # config.json's β; `beta` is the one it trains with now (status.json)
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
@@ -378,11 +379,13 @@ def summarize_run(run_dir: Path) -> RunSummary:
                           "corrupt", str(e), created, None, error=str(e))
     tests = [r for r in read_metrics_tail(run_dir) if r.get("split") == "test"]
     best = max((r["elbo"] for r in tests if isinstance(r.get("elbo"), (int, float))), default=None)
+    beta_now = status.get("beta") if isinstance(status.get("beta"), (int, float)) else cfg.train.beta
     return RunSummary(run_dir.name, str(run_dir), cfg.train.dataset, cfg.model.arch, cfg.model.latent_dim,
-                      cfg.train.beta, int(status.get("epochs_done", len(tests))),
+                      float(beta_now), int(status.get("epochs_done", len(tests))),
                       int(status.get("epochs_target", cfg.train.epochs)), best,
                       tests[-1] if tests else None, status.get("state", "unknown"), status.get("message", ""),
-                      float(cfg_raw.get("created", created)), cfg_raw.get("parent"), owner=cfg_raw.get("owner"), host=status.get("host"))
+                      float(cfg_raw.get("created", created)), cfg_raw.get("parent"), owner=cfg_raw.get("owner"),
+                      host=status.get("host"), beta_start=cfg.train.beta)
 
 
 def read_metrics_tail(run_dir: Path) -> list[dict[str, Any]]:

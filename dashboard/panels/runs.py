@@ -31,10 +31,16 @@ def format_when(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M")
 
 
+def beta_text(s: RunSummary) -> str:
+    """The β a run trains with now, and where it started when it was moved live."""
+    moved = s.beta_start is not None and s.beta_start != s.beta
+    return f"{s.beta:g}" + (f" (started at {s.beta_start:g})" if moved else "")
+
+
 def table_rows(summaries: list[RunSummary], me: str = "") -> list[dict[str, Any]]:
     """The runs table's rows, in the order given (list_runs: newest first); `me` is this session's id."""
     return [{"Name": s.name, "Dataset": s.dataset, "Arch": s.arch, "Latent D": s.latent_dim or None,
-             "β": s.beta, "Epochs": f"{s.epochs_done} / {s.epochs_planned}", "Best test ELBO": s.best_test_elbo,
+             "β": beta_text(s), "Epochs": f"{s.epochs_done} / {s.epochs_planned}", "Best test ELBO": s.best_test_elbo,
              "Status": STATUS.get(s.status, s.status), "When": format_when(s.created), "Parent": parent_text(s.parent),
              "Owner": owner_text(s.owner, me), "Host": s.host or ""}
             for s in summaries]
