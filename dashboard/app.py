@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 # An idle OpenMP thread polls for 300,000 rounds by default; beside a web server that burns the trainer's
-# own share of the CPU (README, performance). It must be set before torch loads, so before any vae_core import.
+# own share of the CPU (docs/performance.md). It must be set before torch loads, so before any vae_core import.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import logging  # noqa: E402
