@@ -40,7 +40,6 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench_dashboard import free_port  # noqa: E402  (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -143,14 +144,6 @@ class Run:
 
 
 # ------------------------------------------------------------------ server and its memory
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
 
 def start_server(runs_dir: Path, max_runs: int | None, log_path: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()

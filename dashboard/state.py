@@ -12,7 +12,6 @@ import atexit
 import gc
 import secrets
 import logging
-import os
 import sys
 import threading
 import time
@@ -113,9 +112,6 @@ def _warm_up(lab: Lab) -> None:
 @st.cache_resource(show_spinner=False)
 def get_lab() -> Lab:
     """The one Lab of this server process (shared by all tabs and reloads)."""
-    # GOMP_SPINCOUNT: an idle OpenMP thread polls for 300,000 rounds by default; beside a web server that
-    # burns the trainer's own share (docs/performance.md). Set before torch loads, which the warm-up does.
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     lab = Lab(shares_cpu_with_server=True)
     # The training thread and the page's script threads share the GIL. Python's default 5 ms switch
     # interval lets a script thread rendering a refresh hold it while the trainer waits at every

@@ -189,6 +189,7 @@ class FollowedRun(RunHandle):
         self._offset, self._inode = 0, None
         self._ckpt_key: tuple[int, int] | None = None
         self._status: dict[str, Any] = {}
+        self._owner: str | None = None
         self._artifacts: dict[str, Any] = {}
         self._artifacts_version = -1
         self._refreshed = 0.0
@@ -203,6 +204,7 @@ class FollowedRun(RunHandle):
                 return
             self._refreshed = now
             self._status = runs.read_status(self.run_dir)
+            self._owner = runs.read_json_or_empty(self.run_dir / runs.CONFIG).get("owner")
             self._tail_metrics()
             self._reload_weights()
 
@@ -233,12 +235,8 @@ class FollowedRun(RunHandle):
 
     def _reload_weights(self) -> None:
         path = self.run_dir / runs.CHECKPOINT
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return
-        key = (st.st_mtime_ns, st.st_size)
-        if key == self._ckpt_key:
+        key = runs.file_version(path)
+        if key is None or key == self._ckpt_key:
             return
         try:
             ckpt = runs.load_checkpoint(path)
@@ -284,7 +282,7 @@ class FollowedRun(RunHandle):
                       st.get("eta_s") if state == "running" else None, st.get("device", "another process"),
                       str(self.run_dir), num("beta", t.beta), num("beta_effective", t.beta), num("lr", t.lr),
                       num("warmup_epochs", t.warmup_epochs), num("free_bits", t.free_bits),
-                      owner=runs.read_json_or_empty(self.run_dir / runs.CONFIG).get("owner"), followed=True)
+                      owner=self._owner, followed=True)
 
     def weights_version(self) -> int:
         self._refresh()  # a new checkpoint is a new version, whichever call notices it first
@@ -579,7 +577,7 @@ class Lab:
                     self._check_owner(path, owner)
                     del self._queue[i]
                     t = self._trainers[key]
-                    t._set("stopped", "left the queue before it started")
+                    t.mark("stopped", "left the queue before it started")
                     return
         self._command(run, owner, "stop", wait=wait)
 
@@ -606,11 +604,8 @@ class Lab:
         if t is not None:
             t.update(**live)
             return
-        self.config_with(path, live)  # validate here: one clear message, not a silently ignored request
+        runs.read_config(path).replace(**live)  # validate here: one clear message, not a silently ignored request
         runs.write_control(path, **live)
-
-    def config_with(self, run: str | Path, live: dict[str, float]) -> RunConfig:
-        return runs.read_config(self.path(run)).replace(**live)
 
     def _command(self, run: str | Path, owner: str | None, command: str, wait: float = 0.0) -> None:
         path = self.path(run)
@@ -690,7 +685,7 @@ class Lab:
         for key, _ in queued:
             t = self._trainers.get(key)
             if t is not None:
-                t._set("stopped", "the server stopped before it started")
+                t.mark("stopped", "the server stopped before it started")
         for t in trainers:
             t.stop(timeout)
         if self._jobs is not None:
@@ -796,7 +791,7 @@ class Lab:
                     try:
                         self._launch(t, kwargs)
                     except UserError as e:
-                        t._set("failed", str(e))
+                        t.mark("failed", str(e))
                 beat = time.monotonic() - last_beat >= runs.HEARTBEAT_S
                 queued = [(i + 1, self._trainers.get(k)) for i, (k, _) in enumerate(self._queue)] if beat else []
                 if not self._queue and self.training_count() == 0:

@@ -67,13 +67,8 @@ class RunSync:
     def poll_control(self) -> None:
         """Apply control.json if it changed and holds a newer request."""
         t = self.trainer
-        path = t.run_dir / runs.CONTROL
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return
-        key = (st.st_mtime_ns, st.st_size)
-        if key == self._seen:
+        key = runs.file_version(t.run_dir / runs.CONTROL)
+        if key is None or key == self._seen:
             return
         self._seen = key
         ctl = runs.read_control(t.run_dir)

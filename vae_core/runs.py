@@ -254,6 +254,15 @@ class RunLock:
             self.held = False
 
 
+def file_version(path: Path) -> tuple[int, int] | None:
+    """(mtime in ns, size) of a file, None when it is missing: what readers compare to see that it changed."""
+    try:
+        st = Path(path).stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 def read_json_or_empty(path: Path) -> dict[str, Any]:
     try:
         return read_json(path)

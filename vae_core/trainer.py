@@ -218,6 +218,10 @@ class Trainer:
         with self._lock:
             self._wake.notify_all()
 
+    def mark(self, state: str, message: str) -> None:
+        """Record a state for a run that is not training (e.g. one that leaves the Lab's queue unstarted)."""
+        self._set(state, message)
+
     def note(self, message: str) -> None:
         """Replace the status message of a running run (e.g. what a steering request changed)."""
         with self._lock:
