@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
 import re
@@ -327,8 +328,155 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(Path(run_dir) / CHECKPOINT, buf.getvalue())
 
 
+CHECKPOINT_SLACK_BYTES = 1 << 20  # beyond model + Adam's two moments: the generator, step counters, metadata
+_PICKLE_MAX_BYTES = 1 << 20  # data.pkl: names, numbers and settings only
+
+
+def _model_shapes(model_config: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Name -> (shape, dtype) of the state dict a model config needs, built on the meta device (no memory)."""
+    import torch
+
+    from .models import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_config)
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def checkpoint_budget(model_config: Any) -> int:
+    """The most tensor bytes a checkpoint of this model holds: weights, Adam's two moments, and slack."""
+    import torch
+
+    weights = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                  for shape, dtype in _model_shapes(model_config).values())
+    return 3 * weights + CHECKPOINT_SLACK_BYTES
+
+
+def _check_checkpoint_zip(path: Path, budget: int | None) -> None:
+    """Refuse, before torch allocates anything, a checkpoint whose storages could inflate past the model's size.
+
+    torch.save writes every entry uncompressed (stored), so an entry's size is bytes that are in
+    the file. A compressed entry (a 7 MB file can inflate to 1 GiB), sizes that add up to more
+    than the file, or storages larger than the run's model needs mean a crafted file.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise RunFileError(f"{path} is not a checkpoint written by this program (not a torch zip file: "
+                           f"{_one_line(e)})") from None
+    if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+        raise RunFileError(f"{path} holds compressed entries, which torch.save never writes; refusing to "
+                           "inflate it")
+    size = path.stat().st_size
+    declared = sum(i.file_size for i in infos)
+    if declared > size:
+        raise RunFileError(f"{path} declares {declared:,} bytes of entries in a file of {size:,} bytes; "
+                           "refusing a corrupt or crafted checkpoint")
+    pickles = [i for i in infos if i.filename.endswith("data.pkl")]
+    if len(pickles) != 1 or pickles[0].file_size > _PICKLE_MAX_BYTES:
+        raise RunFileError(f"{path} is not a checkpoint written by this program (its data.pkl is missing, "
+                           "repeated or too large)")
+    tensors = sum(i.file_size for i in infos if "/data/" in i.filename)
+    if budget is not None and tensors > budget:
+        raise RunFileError(f"{path} holds {tensors / 2**20:,.1f} MiB of tensors but the run's model needs at most "
+                           f"{budget / 2**20:,.1f} MiB; refusing to load it")
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an error, cut at a word (never mid-word) when it is long."""
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0].rstrip(",;:")
+    return f"{cut} …"
+
+
+def _budget_from_run(path: Path) -> int | None:
+    """The tensor budget of the run whose directory holds this checkpoint (None when config.json is unreadable)."""
+    try:
+        return checkpoint_budget(read_config(path.parent).model)
+    except (RunFileError, ConfigError):
+        return None
+
+
+def validate_checkpoint(path: Path, ckpt: Any) -> dict[str, Any]:
+    """Check every field a checkpoint's reader uses; RunFileError names the first bad one, in one line."""
+    import torch
+
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        found = ckpt.get("version") if isinstance(ckpt, dict) else None
+        if not isinstance(ckpt, dict):
+            raise RunFileError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint of this program")
+        if found is None:
+            raise RunFileError(f"{path} has no checkpoint version; this program reads version {CHECKPOINT_VERSION}")
+        if isinstance(found, int) and not isinstance(found, bool):
+            raise RunFileError(f"{path} has checkpoint version {found}; this program reads version {CHECKPOINT_VERSION}")
+        raise RunFileError(f"{path} has a checkpoint version that is not a number ({type(found).__name__} "
+                           f"{str(found)[:40]!r}); this program reads version {CHECKPOINT_VERSION}")
+    for key in ("model", "config", "step"):
+        if key not in ckpt:
+            raise RunFileError(f"{path} lacks {key!r}")
+
+    def bad(what: str) -> RunFileError:
+        return RunFileError(f"{path}: {what}; refusing a corrupt or crafted checkpoint")
+
+    step = ckpt["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**53:
+        raise bad(f"'step' must be a whole number of at least 0; got {str(step)[:40]!r}")
+    epoch = ckpt.get("epoch", 0.0)
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, float)) or not math.isfinite(epoch) or epoch < 0:
+        raise bad(f"'epoch' must be a finite number of at least 0; got {str(epoch)[:40]!r}")
+    try:
+        config = RunConfig.from_dict(ckpt["config"])
+    except ConfigError as e:
+        raise bad(f"its config is invalid ({_one_line(e)})") from None
+    live = ckpt.get("live", {})
+    if not isinstance(live, dict):
+        raise bad(f"'live' must be a dict of settings; got a {type(live).__name__}")
+    from .config import LIVE_FIELDS
+
+    unknown = [str(k)[:40] for k in live if k not in LIVE_FIELDS]
+    if unknown:
+        raise bad(f"'live' holds unknown setting(s) {', '.join(unknown[:5])}")
+    try:  # the config's own rules: a crafted beta of 1e9 is refused like a typed one
+        config.replace(**live)
+    except ConfigError as e:
+        raise bad(f"its live settings are invalid ({_one_line(e)})") from None
+    model = ckpt["model"]
+    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in model.items()):
+        raise bad("'model' must map parameter names to tensors")
+    want = _model_shapes(config.model)
+    if set(model) != set(want):
+        missing, extra = sorted(set(want) - set(model)), sorted(set(model) - set(want))
+        raise bad("'model' does not fit its config (" + "; ".join(
+            p for p in (f"missing {', '.join(missing[:3])}" if missing else "",
+                        f"unexpected {', '.join(x[:40] for x in extra[:3])}" if extra else "") if p) + ")")
+    for k, (shape, dtype) in want.items():
+        if tuple(model[k].shape) != shape or model[k].dtype != dtype:
+            raise bad(f"'model' tensor {k} has shape {tuple(model[k].shape)} ({model[k].dtype}); "
+                      f"its config needs {shape} ({dtype})")
+    if "optimizer" in ckpt and not isinstance(ckpt["optimizer"], dict):
+        raise bad("'optimizer' must be a dict")
+    gen = ckpt.get("generator")
+    if gen is not None and not (isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8 and gen.dim() == 1):
+        raise bad("'generator' must be a byte tensor")
+    return ckpt
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load with weights_only=True: a file carrying pickled code is refused and its code never runs."""
+    """Load with weights_only=True: a file carrying pickled code is refused and its code never runs.
+
+    Before torch reads it, the zip's directory is checked (entries stored, sizes within the file
+    and within what the run's model needs), so a small crafted file cannot make it allocate
+    gigabytes; after, every field is validated (validate_checkpoint).
+    """
+    import pickle
+
     import torch
 
     path = Path(path)
@@ -336,20 +484,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise RunFileError(f"{path} is missing")
     if path.stat().st_size == 0:
         raise RunFileError(f"{path} is empty")
+    _check_checkpoint_zip(path, _budget_from_run(path))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise RunFileError(f"{path} cannot be loaded: not enough memory") from None
     except Exception as e:  # UnpicklingError for unsafe payloads, RuntimeError/EOFError for truncation
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            reason = "it contains objects other than weights (possibly code), which are never loaded"
-        raise RunFileError(f"{path} cannot be loaded: {reason[:300]}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
-        found = ckpt.get("version") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise RunFileError(f"{path} has checkpoint version {found!r}; this program reads version {CHECKPOINT_VERSION}")
-    for key in ("model", "config", "step"):
-        if key not in ckpt:
-            raise RunFileError(f"{path} lacks {key!r}")
-    return ckpt
+        reason = _one_line(e)
+        if isinstance(e, pickle.UnpicklingError) and ("weights_only" in str(e) or "Unsupported global" in str(e)):
+            reason = "it contains objects other than weights, which are never loaded"
+        raise RunFileError(f"{path} cannot be loaded: {reason}") from None
+    return validate_checkpoint(path, ckpt)
 
 
 @dataclass

