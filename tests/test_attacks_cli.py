@@ -223,3 +223,31 @@ def test_the_untouched_run_loads_evaluates_and_resumes(victim, runs_dir, capsys)
     rc, _, err = run_cli(capsys, "train", "--resume", "victim", "--runs-dir", runs_dir, "--epochs", "1", "--quiet")
     assert rc == 0, err
     assert runs.load_checkpoint(victim / runs.CHECKPOINT)["step"] == 16
+
+
+# ------------------------------------------------------------------ arguments
+
+EVALUATE_ARGS = {
+    "grid-3000": (["--grid", "3000"], "--grid must be between 0"),
+    "grid-negative": (["--grid", "-1"], "--grid must be between 0"),
+    "grid-examples-negative": (["--grid-examples", "-5"], "--grid-examples must be between 1"),
+    "grid-examples-zero": (["--grid-examples", "0"], "--grid-examples must be between 1"),
+    "grid-examples-above-examples": (["--num-examples", "8", "--grid-examples", "9"], "--grid-examples must be"),
+    "num-examples-huge": (["--num-examples", str(10**9)], "--num-examples must be between 1"),
+    "num-examples-zero": (["--num-examples", "0"], "--num-examples must be between 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(EVALUATE_ARGS))
+def test_evaluate_arguments_are_bounded_before_anything_loads(case, tmp_path, capsys):
+    """Checked first: the run given does not even exist, so any other answer means the bound came too late."""
+    args, needle = EVALUATE_ARGS[case]
+    rc, out, err = run_cli(capsys, "evaluate", tmp_path / "no-such-run", *args)
+    line = assert_one_line_error(rc, err)
+    assert needle in line and out == ""
+
+
+def test_grid_examples_default_fits_few_examples(victim, capsys):
+    rc, out, err = run_cli(capsys, "evaluate", victim, "--num-examples", "4", "--grid", "8", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["grid_examples"] == 4

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 from .config import ARCHS, DATASETS, DEVICES, LIKELIHOODS, LIVE_FIELDS, ConfigError, RunConfig, unit_label
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
+MAX_GRID = 500  # grid points per axis for `evaluate`: 250,000 decoder passes per example
+MAX_EXAMPLES = 10_000  # the largest test set (MNIST)
 
 
 class CliError(Exception):
@@ -64,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--iwae-k", type=int, default=100, help="importance samples (1..5000)")
     e.add_argument("--num-examples", type=int, default=500, help="test images to evaluate")
     e.add_argument("--grid", type=int, default=100, help="grid size per axis for 2-latent runs (0: skip)")
-    e.add_argument("--grid-examples", type=int, default=16, help="examples whose log p(x) is integrated on the grid")
+    e.add_argument("--grid-examples", type=int, default=None,
+                   help="examples whose log p(x) is integrated on the grid (default 16, at most --num-examples)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
 
@@ -190,8 +193,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if not 1 <= args.iwae_k <= 5000:
         raise CliError("--iwae-k must be between 1 and 5000")
-    if args.num_examples < 1:
-        raise CliError("--num-examples must be at least 1")
+    if not 1 <= args.num_examples <= MAX_EXAMPLES:
+        raise CliError(f"--num-examples must be between 1 and {MAX_EXAMPLES:,}")
+    if not 0 <= args.grid <= MAX_GRID:
+        # n^2 decoder passes per example: n = 3000 asked for 9 million per image (hours, and gigabytes).
+        raise CliError(f"--grid must be between 0 (no grid) and {MAX_GRID} points per axis")
+    if args.grid_examples is None:
+        args.grid_examples = min(16, args.num_examples)
+    if not 1 <= args.grid_examples <= args.num_examples:
+        raise CliError(f"--grid-examples must be between 1 and --num-examples ({args.num_examples})")
     result = evaluate_run(Path(args.run_dir), k=args.iwae_k, num_examples=args.num_examples,
                           grid=args.grid, seed=args.seed, grid_examples=args.grid_examples)
     if args.json:
