@@ -10,6 +10,7 @@ on a write resumes once the disk takes writes again. SIGINT and SIGTERM are sent
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -251,3 +252,84 @@ def test_grid_examples_default_fits_few_examples(victim, capsys):
     rc, out, err = run_cli(capsys, "evaluate", victim, "--num-examples", "4", "--grid", "8", "--json")
     assert rc == 0, err
     assert json.loads(out)["grid_examples"] == 4
+
+
+# ------------------------------------------------------------------ faults: a full or read-only disk
+
+class Fault:
+    """Raise OSError(code) from the wrapped writer from its `after`-th call on; counts the calls."""
+
+    def __init__(self, original, code: int, after: int = 0, filename: str = "x") -> None:
+        self.original, self.code, self.after, self.filename, self.calls = original, code, after, filename, 0
+
+    def patch(self):
+        """A plain function (so it binds as a method when it replaces one)."""
+        def faulty(*a, **k):
+            self.calls += 1
+            if self.calls > self.after:
+                raise OSError(self.code, os.strerror(self.code), self.filename)
+            return self.original(*a, **k)
+        return faulty
+
+
+# (where, errno, calls that succeed first, what a resume must find: "run" a run folder, None none at all)
+FAULTS = {
+    "metrics-row-enospc": ("MetricsWriter.write", errno.ENOSPC, 1, "run"),
+    "metrics-open-erofs": ("MetricsWriter.__init__", errno.EROFS, 0, "run"),
+    "checkpoint-enospc": ("save_checkpoint", errno.ENOSPC, 0, "run"),
+    "status-enospc": ("write_status", errno.ENOSPC, 0, "run"),
+    "config-in-thread-enospc": ("write_config", errno.ENOSPC, 1, None),
+    "config-at-start-enospc": ("write_config", errno.ENOSPC, 0, None),
+    "runs-dir-erofs": ("create_run_dir", errno.EROFS, 0, None),
+    "every-atomic-write-erofs": ("atomic_write_bytes", errno.EROFS, 0, None),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_write_failure_is_one_line_and_the_run_resumes(fault, runs_dir, monkeypatch, capsys):
+    where, code, after, leaves = FAULTS[fault]
+    owner, attr = (runs.MetricsWriter, where.split(".")[1]) if "." in where else (runs, where)
+    f = Fault(getattr(owner, attr), code, after, filename=str(runs_dir / "victim" / "file.x"))
+    with monkeypatch.context() as m:
+        m.setattr(owner, attr, f.patch())
+        rc, _, err = run_cli(capsys, "train", "--runs-dir", runs_dir, "--name", "victim", "--epochs", "2",
+                             "--train-size", "512", "--batch-size", "64", "--hidden-dim", "32",
+                             "--evidence-every", "0", "--quiet")
+    assert f.calls > after  # the fault fired
+    assert "Traceback" not in err, err
+    if fault == "status-enospc":  # status.json is a view: training goes on and says so when it can
+        assert rc == 0, err
+    else:
+        line = assert_one_line_error(rc, err)
+        assert os.strerror(code) in line
+    assert no_temp_files(runs_dir) if runs_dir.exists() else True
+    run = runs_dir / "victim"
+    if leaves is None:
+        assert not run.exists()  # nothing half-made
+        return
+    assert run.is_dir()
+    ckpt = run / runs.CHECKPOINT
+    step = runs.load_checkpoint(ckpt)["step"] if ckpt.exists() else 0
+    assert all(r["step"] <= step for r in runs.read_metrics(run)) or not ckpt.exists()
+    # The disk takes writes again: the run resumes (item 16: it once raised AttributeError here).
+    rc, _, err = run_cli(capsys, "train", "--resume", "victim", "--runs-dir", runs_dir, "--epochs", "1", "--quiet")
+    assert rc == 0, err
+    assert runs.load_checkpoint(ckpt)["step"] > step
+    assert runs.read_status(run)["state"] == "finished"
+
+
+def test_resume_in_the_same_process_after_a_failed_start(runs_dir, tiny_sprites, monkeypatch):
+    """The dashboard's path: the Lab keeps the failed trainer and Resume restarts it."""
+    from vae_core.lab import Lab
+
+    lab = Lab(runs_dir, max_runs=1)
+    f = Fault(runs.MetricsWriter.__init__, errno.ENOSPC)
+    monkeypatch.setattr(runs.MetricsWriter, "__init__", f.patch())
+    h = lab.start(TINY, name="victim")
+    h.join(60)
+    assert h.status().state == "failed" and "No space left" in h.status().message
+    monkeypatch.undo()
+    h = lab.resume("victim")
+    h.join(60)
+    assert h.status().state == "finished", h.status().message
+    assert runs.load_checkpoint(runs_dir / "victim" / runs.CHECKPOINT)["step"] == h.status().step > 0

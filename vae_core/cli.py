@@ -241,5 +241,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         return {"train": cmd_train, "evaluate": cmd_evaluate, "runs": cmd_runs}[args.command](args)
     except (CliError, ConfigError, DatasetUnavailable, RunFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, (CliError, ConfigError)) else EXIT_FAILED
+    except OSError as e:  # a full disk, a read-only runs directory, a file that cannot be read
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or _one_line(e)}{where}", file=sys.stderr)
+        return EXIT_FAILED
+    except MemoryError:
+        print("error: out of memory; ask for fewer examples or a smaller grid", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

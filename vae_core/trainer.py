@@ -29,9 +29,15 @@ from .records import Status, TestRow, TrainRow
 from .run_math import EVIDENCE_KS, RunMath
 from .run_sync import RunSync
 
-__all__ = ["N_FIXED", "N_SAMPLES", "STATES", "Status", "Trainer", "get_dataset"]
+__all__ = ["N_FIXED", "N_SAMPLES", "STATES", "Status", "Trainer", "get_dataset", "os_error_text"]
 
 STATES = ("idle", "running", "paused", "finished", "stopped", "failed")
+
+
+def os_error_text(e: OSError) -> str:
+    """One line for a failed read or write: the file's name (never its full path) and the system's reason."""
+    what = Path(str(e.filename)).name if e.filename else "the run directory"
+    return f"cannot write {what} ({e.strerror or type(e).__name__})"
 
 
 class Trainer:
@@ -132,11 +138,18 @@ class Trainer:
     def create_run_dir(self) -> Path | None:
         """Create the run directory with its config.json now (not in the thread), so callers know its name at once."""
         if self.persist and self.run_dir is None:
-            self.run_dir = runs.create_run_dir(self.runs_dir, self.config, self.name)
-            self.name = self.run_dir.name
+            run_dir = runs.create_run_dir(self.runs_dir, self.config, self.name)
             parent = {"run": self.init_from.name} if self.init_from is not None else None
-            runs.write_config(self.run_dir, self.config, created=time.time(), parent=parent,
-                              device=describe_device(self.device))
+            try:
+                runs.write_config(run_dir, self.config, created=time.time(), parent=parent,
+                                  device=describe_device(self.device))
+            except OSError:  # a full disk: no empty folder left behind (atomic_write_bytes left no temp file)
+                try:
+                    run_dir.rmdir()
+                except OSError:
+                    pass
+                raise
+            self.run_dir, self.name = run_dir, run_dir.name
         return self.run_dir
 
     def start(self, *, epochs: int | None = None) -> None:
@@ -166,7 +179,10 @@ class Trainer:
             self._thread = threading.Thread(target=self._run, name=f"vae-trainer-{self.name or 'new'}", daemon=True)
             self._thread.start()
         if self.persist:
-            self.sync.write_status()
+            try:
+                self.sync.write_status()
+            except OSError:  # the thread runs now: it fails in one line if the disk takes nothing
+                pass
             self.sync.follow(self._thread)
 
     def add_exit_listener(self, fn: Callable[["Trainer"], None]) -> None:
@@ -345,14 +361,20 @@ class Trainer:
                 self._state = state
             if message is not None:
                 self._message = message
-        self.sync.write_status()
+        try:
+            self.sync.write_status()
+        except OSError:  # a full or read-only disk: the state lives on in memory; the heartbeat retries
+            pass
 
     def _run(self) -> None:
         try:
             self._run_guarded()
         finally:
             if self._run_lock is not None:
-                self._run_lock.release()
+                try:
+                    self._run_lock.release()
+                except OSError:  # a read-only directory: the lock reads as stale once this process ends
+                    self._run_lock.held = False
             for fn in self._on_exit:
                 fn(self)
 
@@ -361,23 +383,54 @@ class Trainer:
             torch.set_num_threads(self.num_threads)
             self._train()
         except (ConfigError, data_mod.DatasetUnavailable, runs.RunFileError) as e:  # expected, already worded
+            self._close_writer()
             if self.math is None and self._resume_ckpt is None and self.init_from is None:
                 self._discard_unstarted_dir()  # e.g. a batch larger than the data: nothing was trained, keep nothing
             self._set("failed", str(e))
+        except OSError as e:  # a full disk, a read-only or removed run directory
+            self._close_writer()
+            kept = "nothing was trained"
+            if self.math is not None:
+                try:  # keep what was trained if the disk still takes it; the old checkpoint stays if not
+                    self._checkpoint()
+                    kept = f"saved a checkpoint at step {self._step}"
+                except OSError:
+                    kept = "the last checkpoint on disk is kept" if self.persist and self.run_dir is not None and \
+                        (self.run_dir / runs.CHECKPOINT).exists() else "no checkpoint could be saved"
+            elif self._resume_ckpt is None and self.init_from is None:
+                self._discard_unstarted_dir()
+            else:
+                kept = "the checkpoint it started from is kept"
+            self._set("failed", f"{os_error_text(e)}; {kept}. Free disk space or fix the permissions, then resume")
         except torch.OutOfMemoryError:
+            self._close_writer()
             self._set("failed", f"out of memory on {self.device.type} at batch size {self.config.train.batch_size}; "
                                 "start again with a smaller batch size")
         except Exception as e:  # anything else in the thread becomes a failed status, never a hang
+            self._close_writer()
             traceback.print_exc()
             self._set("failed", f"{type(e).__name__}: {e}")
 
+    def _close_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:
+                pass
+
     def _discard_unstarted_dir(self) -> None:
-        if self.persist and self.run_dir is not None and not (self.run_dir / runs.CHECKPOINT).exists():
-            for f in self.run_dir.iterdir():
-                if f.is_file():
-                    f.unlink()
-            self.run_dir.rmdir()
-            self.persist = False  # nothing more is written for this run
+        if not (self.persist and self.run_dir is not None):
+            return
+        try:
+            if not (self.run_dir / runs.CHECKPOINT).exists():
+                for f in self.run_dir.iterdir():
+                    if f.is_file():
+                        f.unlink()
+                self.run_dir.rmdir()
+                self.persist = False  # nothing more is written for this run
+        except OSError:  # a read-only directory keeps its config.json; the run lists and can be resumed
+            pass
 
     def _prepare(self) -> RunMath:
         """Build the run's math (first start) and open the run directory for writing."""
@@ -532,9 +585,7 @@ class Trainer:
     def _finish(self, state: str, message: str) -> None:
         self._checkpoint()  # on failure the model already holds the last good weights again
         self._publish()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._close_writer()
         self._set(state, message)
 
     def _publish(self) -> None:
