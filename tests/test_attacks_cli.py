@@ -14,6 +14,9 @@ import errno
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -333,3 +336,50 @@ def test_resume_in_the_same_process_after_a_failed_start(runs_dir, tiny_sprites,
     h.join(60)
     assert h.status().state == "finished", h.status().message
     assert runs.load_checkpoint(runs_dir / "victim" / runs.CHECKPOINT)["step"] == h.status().step > 0
+
+
+# ------------------------------------------------------------------ signals to a real CLI process
+
+def _start(tmp_path: Path, name: str) -> subprocess.Popen:
+    env = {**os.environ, "VAE_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("VAE_RUNS_DIR", None)
+    return subprocess.Popen([sys.executable, "-m", "vae_core", "train", "--dataset", "sprites", "--epochs", "200",
+                             "--train-size", "1024", "--batch-size", "32", "--hidden-dim", "32",
+                             "--evidence-every", "0", "--name", name, "--quiet"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _rows(run: Path) -> list[dict]:
+    return runs.read_metrics(run) if (run / runs.METRICS).exists() else []
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_checkpoints_and_resumes(sig, code, tmp_path, capsys):
+    proc = _start(tmp_path, "victim")
+    run = tmp_path / "runs" / "victim"
+    try:
+        deadline = time.monotonic() + 120
+        while len(_rows(run)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_rows(run)) >= 3, "the run never logged"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == code, err
+    assert "terminate called" not in err and "Traceback" not in err, err
+    assert "resume with" in err
+    st = json.loads((run / runs.STATUS).read_text())
+    assert st["state"] == "stopped"
+    step = runs.load_checkpoint(run / runs.CHECKPOINT)["step"]
+    assert step == st["step"] > 0  # the checkpoint is at the step it stopped at, not the last epoch's
+    assert all(r["step"] <= step for r in _rows(run))
+    assert no_temp_files(run) and not (run / runs.LOCK).exists()
+
+    rc, _, err = run_cli(capsys, "train", "--resume", run, "--epochs", "1", "--quiet")
+    assert rc == 0, err
+    new = [r for r in _rows(run) if r["step"] > step]
+    assert new and runs.load_checkpoint(run / runs.CHECKPOINT)["step"] > step
+    assert runs.read_status(run)["state"] == "finished"

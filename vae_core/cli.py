@@ -90,16 +90,92 @@ def _changes(args: argparse.Namespace) -> dict[str, Any]:
     return ch
 
 
+class _Interrupted(Exception):
+    """SIGINT or SIGTERM arrived before a run was training: nothing to save, end at once."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _StopOnSignal:
+    """SIGINT and SIGTERM end a CLI run cleanly: the trainer stops at the current step and checkpoints.
+
+    Before a run trains, a signal raises _Interrupted (nothing was trained, nothing to save). Once
+    it trains, the handler only asks the trainer to stop; the main thread then waits for the
+    training thread to end, so the process never exits while torch works in another thread (which
+    aborted with "terminate called without an active exception"). A third signal ends the
+    process at once (the run then reads as interrupted and resumes from its last checkpoint).
+    """
+
+    def __init__(self) -> None:
+        import signal
+
+        self.signal = signal
+        self.signum: int | None = None
+        self.count = 0
+        self.run: Any = None
+        self._old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        self.count += 1
+        self.signum = self.signum or signum
+        if self.run is None:
+            raise _Interrupted(signum)
+        if self.count == 1:
+            self.run.trainer.request_stop()
+        elif self.count == 2:
+            print("\nstill saving the checkpoint; signal again to quit without it", file=sys.stderr)
+        else:
+            for s in self._old:
+                self.signal.signal(s, self.signal.SIG_DFL)
+            self.signal.raise_signal(signum)
+
+    def exit_code(self) -> int:
+        return 128 + int(self.signum or 0)
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            self.signal.signal(s, h)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from . import runs
     from .lab import Lab
 
     runs_dir = Path(args.runs_dir) if args.runs_dir else runs.default_runs_dir()
-    # One run, in the foreground: no queue (max_runs=1) and all cores unless --threads says otherwise.
-    lab = Lab(runs_dir, max_runs=1, data_dir=args.data_dir, num_threads=args.threads)
-    changes = _changes(args)
     if args.resume and args.fork:
         raise CliError("use either --resume or --fork, not both")
+    changes = _changes(args)
+    signals = _StopOnSignal()
+    # One run, in the foreground: no queue (max_runs=1) and all cores unless --threads says otherwise.
+    lab = Lab(runs_dir, max_runs=1, data_dir=args.data_dir, num_threads=args.threads)
+    try:
+        run = _start_run(lab, args, changes, runs_dir)
+        signals.run = run
+        if signals.signum is not None:  # a signal between the start and the line above
+            run.trainer.request_stop()
+        return _watch(run, args, signals)
+    except _Interrupted as e:
+        signals.signum = e.signum
+        lab.shutdown(timeout=600)  # a run that started as the signal came stops here and checkpoints
+        print(f"\ninterrupted by {_signal_name(e.signum)} before training began; nothing was trained",
+              file=sys.stderr)
+        return signals.exit_code()
+    finally:
+        signals.restore()
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _start_run(lab: Any, args: argparse.Namespace, changes: dict[str, Any], runs_dir: Path) -> Any:
     # The same resume and fork rules as the dashboard's: both go through the Lab.
     if args.resume:
         run_dir = _run_dir_arg(args.resume, runs_dir)
@@ -107,32 +183,37 @@ def cmd_train(args: argparse.Namespace) -> int:
         if fixed:
             raise CliError(f"--resume keeps the run's {', '.join(sorted(fixed))}; use --fork or a new run to change them")
         live = {k: v for k, v in changes.items() if k in LIVE_FIELDS}
-        run = lab.resume(run_dir, epochs=changes.get("epochs"), live=live, device=changes.get("device"), check=True)
-    elif args.fork:
+        return lab.resume(run_dir, epochs=changes.get("epochs"), live=live, device=changes.get("device"), check=True)
+    if args.fork:
         parent = _run_dir_arg(args.fork, runs_dir)
         fixed = set(changes) - {"beta", "lr", "warmup_epochs", "free_bits", "epochs", "device", "seed"}
         if fixed:
             raise CliError(f"a fork keeps its parent's {', '.join(sorted(fixed))}; start a new run to change them")
         live = {k: v for k, v in changes.items() if k in LIVE_FIELDS}
-        run = lab.fork(parent, name=args.name, epochs=changes.get("epochs"), device=changes.get("device"),
-                       seed=changes.get("seed"), check=True, **live)
-    else:
-        run = lab.start(RunConfig().replace(**changes), name=args.name, check=True)
+        return lab.fork(parent, name=args.name, epochs=changes.get("epochs"), device=changes.get("device"),
+                        seed=changes.get("seed"), check=True, **live)
+    return lab.start(RunConfig().replace(**changes), name=args.name, check=True)
+
+
+def _watch(run: Any, args: argparse.Namespace, signals: _StopOnSignal) -> int:
+    """Wait for the training thread to end (however it ends), then say how it went."""
     bar = None if args.quiet else _progress_bar(run)
     try:
         while run.is_alive():
             run.join(0.2)
             if bar:
                 bar.refresh_from(run)
-    except KeyboardInterrupt:
-        lab.stop(run.run_dir, wait=5)
-        run.join(10)
-        print(f"\nstopped; resume with: python -m vae_core train --resume {run.run_dir}", file=sys.stderr)
-        return 130
     finally:
         if bar:
             bar.close()
     st = run.status()
+    resume = f"resume with: python -m vae_core train --resume {run.run_dir}"
+    if signals.signum is not None:
+        if st.state == "failed":
+            print(f"\n{_signal_name(signals.signum)}: training failed: {st.message}", file=sys.stderr)
+        else:
+            print(f"\n{_signal_name(signals.signum)}: {st.message}; {resume}", file=sys.stderr)
+        return signals.exit_code()
     if st.state == "failed":
         raise CliError(f"training failed: {st.message}")
     last = [m for m in run.metrics() if m["split"] == "test"]
@@ -140,7 +221,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         m = last[-1]
         print(f"test ELBO {m['elbo']:.2f}  recon {m['recon']:.2f}  KL {m['kl']:.2f}  ({unit_label(run.config)})")
     if st.state == "stopped":
-        print(f"{st.message}; resume with: python -m vae_core train --resume {run.run_dir}", file=sys.stderr)
+        print(f"{st.message}; {resume}", file=sys.stderr)
     print(f"run saved in {run.run_dir}")
     return 0
 
