@@ -257,6 +257,31 @@ def test_grid_examples_default_fits_few_examples(victim, capsys):
     assert json.loads(out)["grid_examples"] == 4
 
 
+@pytest.mark.parametrize("name", ["///", "..", "-"])
+def test_bad_name_is_refused_before_the_data_load(name, runs_dir, capsys):
+    # A batch larger than the data fails only once the data are loaded: the name must fail first.
+    rc, _, err = run_cli(capsys, "train", "--runs-dir", runs_dir, "--name", name, "--batch-size", "600",
+                         "--train-size", "512", "--quiet")
+    line = assert_one_line_error(rc, err)
+    assert "has no usable characters" in line
+    assert not runs_dir.exists() or not any(runs_dir.iterdir())
+
+
+def test_a_taken_name_is_said_not_silently_changed(runs_dir, capsys):
+    make_run(runs_dir, "same")
+    rc, out, err = run_cli(capsys, "train", "--runs-dir", runs_dir, "--name", "same", "--epochs", "1",
+                           "--train-size", "512", "--batch-size", "64", "--hidden-dim", "32", "--evidence-every", "0",
+                           "--quiet")
+    assert rc == 0, err
+    assert "already exists" in err and "'same-2'" in err
+    assert "same-2" in out
+
+
+def test_resume_refuses_a_name_it_would_ignore(victim, runs_dir, capsys):
+    rc, _, err = run_cli(capsys, "train", "--resume", "victim", "--runs-dir", runs_dir, "--name", "other")
+    assert "--resume keeps the run's name" in assert_one_line_error(rc, err)
+
+
 # ------------------------------------------------------------------ faults: a full or read-only disk
 
 class Fault:

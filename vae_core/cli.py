@@ -146,6 +146,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     runs_dir = Path(args.runs_dir) if args.runs_dir else runs.default_runs_dir()
     if args.resume and args.fork:
         raise CliError("use either --resume or --fork, not both")
+    if args.name is not None:
+        if args.resume:
+            raise CliError("--resume keeps the run's name; rename it in the Runs tab, or use --fork with --name")
+        runs.sanitize_name(args.name)  # a bad name fails now, not after the data are loaded
     changes = _changes(args)
     signals = _StopOnSignal()
     # One run, in the foreground: no queue (max_runs=1) and all cores unless --threads says otherwise.
@@ -155,6 +159,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         signals.run = run
         if signals.signum is not None:  # a signal between the start and the line above
             run.trainer.request_stop()
+        if args.name is not None and run.name != args.name:
+            clean = runs.sanitize_name(args.name)
+            why = f"a run named {clean!r} already exists" if run.name != clean else "names keep only letters, " \
+                "digits and . _ = + -"
+            print(f"note: {why}; this run is named {run.name!r}", file=sys.stderr)
         return _watch(run, args, signals)
     except _Interrupted as e:
         signals.signum = e.signum
