@@ -6,11 +6,16 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, cwd, timeout=120):
-    env = {**os.environ, "VAE_NUM_THREADS": "1"}
+    # PYTHONPATH: this checkout's code, whatever `pip install -e` points at (the tests run from tmp_path).
+    env = {**os.environ, "VAE_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("VAE_RUNS_DIR", None)
     return subprocess.run([sys.executable, "-m", "vae_core", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
