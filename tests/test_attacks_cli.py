@@ -408,3 +408,31 @@ def test_signal_stops_checkpoints_and_resumes(sig, code, tmp_path, capsys):
     new = [r for r in _rows(run) if r["step"] > step]
     assert new and runs.load_checkpoint(run / runs.CHECKPOINT)["step"] > step
     assert runs.read_status(run)["state"] == "finished"
+
+
+def test_ctrl_c_in_evaluate_is_one_line(victim, monkeypatch, capsys):
+    """Ctrl-C while evaluate loads the test images: exit 130 and a word, not a traceback."""
+    from vae_core import evaluate
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "held_out_batch", interrupted)
+    try:
+        rc, out, err = run_cli(capsys, "evaluate", victim, "--num-examples", "8", "--grid", "0")
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main() (a traceback for the user)")
+    assert rc == 130 and "Traceback" not in err and err.strip() == "interrupted" and out == ""
+
+
+def test_train_from_a_worker_thread_does_not_touch_signal_handlers(victim, runs_dir, capsys):
+    """signal.signal works only in the main thread: a script calling main() from a thread still trains."""
+    import threading
+
+    result = {}
+    th = threading.Thread(target=lambda: result.setdefault("rc", cli.main(
+        ["train", "--resume", "victim", "--runs-dir", str(runs_dir), "--epochs", "1", "--quiet"])))
+    th.start()
+    th.join(120)
+    assert result.get("rc") == 0, capsys.readouterr().err
+    assert runs.load_checkpoint(victim / runs.CHECKPOINT)["step"] == 16

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -115,7 +116,9 @@ class _StopOnSignal:
         self.signum: int | None = None
         self.count = 0
         self.run: Any = None
-        self._old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def __call__(self, signum: int, _frame: Any) -> None:
         self.count += 1
@@ -340,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError:
         print("error: out of memory; ask for fewer examples or a smaller grid", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:  # Ctrl-C in evaluate or runs (train handles its signals itself): nothing to save
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 def _one_line(e: BaseException) -> str:
