@@ -436,3 +436,64 @@ def test_train_from_a_worker_thread_does_not_touch_signal_handlers(victim, runs_
     th.join(120)
     assert result.get("rc") == 0, capsys.readouterr().err
     assert runs.load_checkpoint(victim / runs.CHECKPOINT)["step"] == 16
+
+
+# ------------------------------------------------------------------ hostile steering and run files
+
+CONTROL_ATTACKS = {
+    "seq-text": {"seq": "abc", "command": "stop"},
+    "seq-list": {"seq": [1], "command": "stop"},
+    "seq-bool": {"seq": True, "command": "stop"},
+    "seq-float-huge": {"seq": 1e300, "command": "stop"},
+    "beta-bool": {"seq": 1, "beta": True},
+    "beta-1e9": {"seq": 2, "beta": 1e9},
+}
+
+
+@pytest.mark.parametrize("attack", list(CONTROL_ATTACKS))
+def test_hostile_control_json_neither_stops_the_start_nor_kills_steering(attack, victim, runs_dir, capsys):
+    """A control.json written by hand: resume starts, it is ignored, and a real request still works after."""
+    from vae_core.lab import Lab
+
+    (victim / runs.CONTROL).write_text(json.dumps(CONTROL_ATTACKS[attack]))
+    lab = Lab(runs_dir, max_runs=1)
+    h = lab.resume("victim", epochs=10_000)  # long enough that only the stop below ends it
+    try:
+        hostile = dict(CONTROL_ATTACKS[attack])
+        if attack.startswith("beta"):
+            hostile["seq"] = 10**6  # newer than anything applied: read and refused on its values
+        written = time.time()
+        (victim / runs.CONTROL).write_text(json.dumps({**hostile, "written": written}))
+        # The steering thread polls control.json, then beats status.json, in one loop: once a beat later
+        # than the first beat after the write is seen, the file has been read.
+        first = None
+        deadline = time.monotonic() + 120
+        while h.is_alive() and time.monotonic() < deadline:
+            beat = runs.read_status_raw(victim).get("heartbeat", 0)
+            if first is None and beat > written:
+                first = beat
+            elif first is not None and beat > first:
+                break
+            time.sleep(0.05)
+        assert h.is_alive() and h.status().state == "running", h.status().message  # the hostile stop ignored
+        assert h.status().beta == TINY.train.beta  # and nothing hostile applied
+        # A well-formed request after the hostile one (as runs.write_control writes it; that writer itself
+        # reads the old seq, so it is left out here: the steering thread is what this test is about).
+        (victim / runs.CONTROL).write_text(json.dumps({"seq": 10**7, "command": "stop", "written": time.time()}))
+        deadline = time.monotonic() + 120
+        while h.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert h.status().state == "stopped", h.status().message
+    finally:
+        lab.shutdown(60)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("row", [{"step": "x", "split": "train"}, {"step": None, "split": "train"}, {"step": [1]}])
+def test_a_hostile_metrics_row_does_not_stop_a_run_from_opening(row, victim):
+    from vae_core.trainer import Trainer
+
+    with open(victim / runs.METRICS, "a") as f:
+        f.write(json.dumps({"step": 8, "split": "train", "loss": 1.0}) + "\n" + json.dumps(row) + "\n")
+    t = Trainer.open(victim)
+    assert [m["step"] for m in t.metrics()] == [8]

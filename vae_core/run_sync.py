@@ -33,7 +33,7 @@ class RunSync:
 
     def skip_old_requests(self) -> None:
         """Requests written before this process took the run are not for it."""
-        self.applied = int(runs.read_control(self.trainer.run_dir).get("seq", 0) or 0)
+        self.applied = _seq(runs.read_control(self.trainer.run_dir)) or 0
 
     def follow(self, thread: threading.Thread) -> None:
         """Beat and poll in a daemon thread for as long as `thread` trains."""
@@ -72,10 +72,10 @@ class RunSync:
             return
         self._seen = key
         ctl = runs.read_control(t.run_dir)
-        seq = int(ctl.get("seq", 0) or 0)
-        if seq <= self.applied:
+        seq = _seq(ctl)
+        if seq is None or seq <= self.applied:  # a hand-made or corrupt control.json asks nothing
             return
-        live = {k: ctl[k] for k in LIVE_FIELDS if isinstance(ctl.get(k), (int, float))}
+        live = {k: ctl[k] for k in LIVE_FIELDS if isinstance(ctl.get(k), (int, float)) and not isinstance(ctl[k], bool)}
         note = None
         try:
             if live:
@@ -94,3 +94,11 @@ class RunSync:
         if note:
             t.note(note)
         self.write_status()
+
+
+def _seq(ctl: dict) -> int | None:
+    """control.json's sequence number: a whole number, else None (it was not written by write_control)."""
+    seq = ctl.get("seq", 0)
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**53:
+        return None
+    return seq

@@ -34,6 +34,12 @@ __all__ = ["N_FIXED", "N_SAMPLES", "STATES", "Status", "Trainer", "get_dataset",
 STATES = ("idle", "running", "paused", "finished", "stopped", "failed")
 
 
+def _step_of(row: dict[str, Any]) -> int | None:
+    """A metrics row's step when it is a whole number (a hand-edited row may hold anything)."""
+    step = row.get("step", 0)
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def os_error_text(e: OSError) -> str:
     """One line for a failed read or write: the file's name (never its full path) and the system's reason."""
     what = Path(str(e.filename)).name if e.filename else "the run directory"
@@ -113,8 +119,7 @@ class Trainer:
         t._step = int(ckpt["step"])
         t._epoch = float(ckpt.get("epoch", 0))
         t._live.update({k: float(v) for k, v in ckpt.get("live", {}).items() if k in LIVE_FIELDS})
-        t._metrics = runs.read_metrics(run_dir)
-        t._metrics = [m for m in t._metrics if m.get("step", 0) <= t._step]
+        t._metrics = [m for m in runs.read_metrics(run_dir) if _step_of(m) is not None and _step_of(m) <= t._step]
         st = runs.read_status(run_dir)
         # Resumed-for-more and forked runs plan past config.epochs; status.json records where they were headed.
         if isinstance(st.get("epochs_target"), int) and st["epochs_target"] > 0:
@@ -127,7 +132,8 @@ class Trainer:
         t._state = "stopped" if st.get("state") in ("running", "paused", "interrupted", "unknown") else st.get("state", "stopped")
         if t._state not in STATES:
             t._state = "stopped"
-        t._message = st.get("message", "") or f"opened from {run_dir.name}"
+        message = st.get("message")
+        t._message = message[:500] if isinstance(message, str) and message else f"opened from {run_dir.name}"
         if st.get("state") == "interrupted":
             t._message = "interrupted: the process training it ended; Resume continues from the last checkpoint"
         t.weights.publish(ckpt["model"], t._step)
