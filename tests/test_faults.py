@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,8 @@ from vae_core.trainer import Trainer
 
 
 def start_cli_run(tmp_path, name):
-    env = {**os.environ, "VAE_NUM_THREADS": "1"}
+    # PYTHONPATH: this checkout's code, whatever `pip install -e` points at (the run starts in tmp_path).
+    env = {**os.environ, "VAE_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     return subprocess.Popen([sys.executable, "-m", "vae_core", "train", "--dataset", "sprites", "--epochs", "200",
                              "--train-size", "1024", "--batch-size", "32", "--hidden-dim", "64",
                              "--evidence-every", "0", "--name", name, "--quiet"],
