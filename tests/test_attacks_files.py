@@ -8,19 +8,23 @@ while a zip is imported.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
+import tracemalloc
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from vae_core import cli, runs
+from vae_core import cli, runs, transfer
 from vae_core.lab import Lab, RunBusy
 from vae_core.trainer import Trainer
 
@@ -699,3 +703,231 @@ def test_truncating_nothing_leaves_the_file_alone(trained, runs_dir):
         f.write('{"step": 5, "spl')  # half a line, as after a kill: it goes, or the next row would glue to it
     runs.truncate_metrics(d, 10**9)
     assert (d / runs.METRICS).read_bytes() == data
+
+
+# ------------------------------------------------------------------ items 12, 13, 18: zips
+
+def run_zip(files: dict[str, bytes], top: str = "run", method: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=method) as z:
+        for name, data in files.items():
+            z.writestr(f"{top}/{name}", data)
+    return buf.getvalue()
+
+
+def patch_member(data: bytes, name: str, **fields: int) -> bytes:
+    """Rewrite header fields of member `name` in both its local header and the central directory:
+    flags, method, crc, size (the uncompressed size the archive declares)."""
+    local = {"flags": (6, "<H"), "method": (8, "<H"), "crc": (14, "<I"), "size": (22, "<I")}
+    central = {"flags": (8, "<H"), "method": (10, "<H"), "crc": (16, "<I"), "size": (24, "<I")}
+    buf = bytearray(data)
+    for sig, layout, name_at, len_at in ((b"PK\x03\x04", local, 30, 26), (b"PK\x01\x02", central, 46, 28)):
+        i = buf.find(sig)
+        while i != -1:
+            n = struct.unpack_from("<H", buf, i + len_at)[0]
+            if bytes(buf[i + name_at:i + name_at + n]).endswith(name.encode()):
+                for key, value in fields.items():
+                    off, fmt = layout[key]
+                    struct.pack_into(fmt, buf, i + off, value)
+            i = buf.find(sig, i + 4)
+    return bytes(buf)
+
+
+def good_files(trained: Path) -> dict[str, bytes]:
+    return {n: (trained / n).read_bytes() for n in (runs.CONFIG, runs.METRICS, runs.CHECKPOINT, runs.STATUS)}
+
+
+def _bad_zips(trained: Path) -> dict[str, bytes]:
+    files = good_files(trained)
+    good = run_zip(files)
+    cfg = json.loads(files[runs.CONFIG])
+    many = io.BytesIO()
+    with zipfile.ZipFile(many, "w") as z:
+        for i in range(getattr(transfer, "MAX_MEMBERS", 10_000) + 1):
+            z.writestr(f"x/{i}", b"")
+    return {
+        "random bytes": os.urandom(4096),
+        "empty": b"",
+        "truncated": good[: len(good) // 2],
+        "an encrypted checkpoint": patch_member(good, runs.CHECKPOINT, flags=0x1),
+        "an encrypted config": patch_member(good, runs.CONFIG, flags=0x1),
+        "compression method 99": patch_member(good, runs.CHECKPOINT, method=99),
+        "bzip2 (a bomb-friendly method)": run_zip(files, method=zipfile.ZIP_BZIP2),
+        "a bad CRC": patch_member(good, runs.CHECKPOINT, crc=0x12345678),
+        "a bad CRC on metrics": patch_member(good, runs.METRICS, crc=0),
+        "config nested 100,000 deep": run_zip({**files, runs.CONFIG: b"[" * 100_000 + b"]" * 100_000}),
+        "config not JSON": run_zip({**files, runs.CONFIG: b"{ half"}),
+        "config created 'x'": run_zip({**files, runs.CONFIG: json.dumps({**cfg, "created": "x"}).encode()}),
+        "config latent_dim -1": run_zip({**files, runs.CONFIG: json.dumps(
+            {**cfg, "model": {**cfg["model"], "latent_dim": -1}}).encode()}),
+        "status pid 'abc'": run_zip({**files, runs.STATUS: json.dumps({"state": "stopped", "pid": "abc"}).encode()}),
+        "status nested deep": run_zip({**files, runs.STATUS: b"[" * 100_000 + b"]" * 100_000}),
+        "status 2 MB": run_zip({**files, runs.STATUS: json.dumps({"state": "stopped", "pad": "x" * (2 << 20)}).encode()}),
+        "checkpoint garbage": run_zip({**files, runs.CHECKPOINT: os.urandom(5000)}),
+        "no checkpoint": run_zip({runs.CONFIG: files[runs.CONFIG]}),
+        "checkpoint twice": _twice(files),
+        "a member leaving the run": run_zip({"../../evil/config.json": files[runs.CONFIG], **files}, top="r"),
+        "an absolute member": _absolute(files),
+        "10,001 entries": many.getvalue(),
+    }
+
+
+def _twice(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in files.items():
+            z.writestr(f"a/{name}", data)
+        z.writestr("b/checkpoint.pt", b"second")
+    return buf.getvalue()
+
+
+def _absolute(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(zipfile.ZipInfo("/tmp/config.json"), files[runs.CONFIG])
+        z.writestr("r/checkpoint.pt", files[runs.CHECKPOINT])
+    return buf.getvalue()
+
+
+BAD_ZIPS = ["random bytes", "empty", "truncated", "an encrypted checkpoint", "an encrypted config",
+            "compression method 99", "bzip2 (a bomb-friendly method)", "a bad CRC", "a bad CRC on metrics",
+            "config nested 100,000 deep", "config not JSON", "config created 'x'", "config latent_dim -1",
+            "status pid 'abc'", "status nested deep", "status 2 MB", "checkpoint garbage", "no checkpoint",
+            "checkpoint twice", "a member leaving the run", "an absolute member", "10,001 entries"]
+
+
+@pytest.mark.parametrize("case", BAD_ZIPS)
+def test_a_bad_zip_is_refused_in_one_line_and_leaves_nothing(trained, runs_dir, tmp_path, case, capsys):
+    data = _bad_zips(trained)[case]
+    with pytest.raises(runs.RunFileError) as e:
+        transfer.import_zip(data, runs_dir)
+    message = one_line(str(e.value))
+    assert str(runs_dir) not in message and str(tmp_path) not in message, message
+    assert not runs_dir.exists() or list(runs_dir.iterdir()) == []  # not even a hidden folder
+    # The same through the CLI: one line on stderr, exit 1, nothing kept.
+    path = tmp_path / "x.zip"
+    path.write_bytes(data)
+    assert cli.main(["train", "--resume", str(path), "--runs-dir", str(runs_dir), "--quiet"]) == 1
+    one_line(capsys.readouterr().err)
+    assert not runs_dir.exists() or list(runs_dir.iterdir()) == []
+
+
+def test_a_good_zip_still_imports_and_an_active_status_is_reset(trained, runs_dir):
+    files = good_files(trained)
+    status = {**json.loads(files[runs.STATUS]), "state": "running", "host": runs.HOST, "pid": os.getpid(), "pid_start": start_time(os.getpid()),
+              "heartbeat": time.time()}  # exported from this very process while it trained
+    d = transfer.import_zip(run_zip({**files, runs.STATUS: json.dumps(status).encode()}, top="moved"), runs_dir)
+    assert d.name == "moved" and runs.read_status(d)["state"] == "stopped"
+    assert [r.name for r in runs.list_runs(runs_dir)] == ["moved"] and runs.list_runs(runs_dir)[0].error is None
+    assert sorted(p.name for p in runs_dir.iterdir()) == ["moved"]
+
+
+def test_a_zip_whose_headers_lie_about_sizes_never_inflates_in_memory(trained, runs_dir):
+    """50 MB of zeros deflate to 50 kB; the headers say 1,000 bytes. Reading it must not hold 50 MB."""
+    files = good_files(trained)
+    bomb = patch_member(run_zip({**files, runs.METRICS: bytes(50 << 20)}), runs.METRICS, size=1000)
+    assert len(bomb) < (1 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(runs.RunFileError, match="damaged"):
+            transfer.import_zip(bomb, runs_dir)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 << 20, f"{peak / 2**20:.0f} MB held while importing"
+    assert list(runs_dir.iterdir()) == []
+
+
+def test_inflating_stops_at_the_limit_whatever_the_headers_say(trained, runs_dir, tmp_path, monkeypatch):
+    files = good_files(trained)
+    monkeypatch.setattr(transfer, "MAX_ZIP_BYTES", 300_000)
+    honest = run_zip({**files, runs.METRICS: bytes(1 << 20)})
+    with pytest.raises(runs.RunFileError, match="more than 0.286 MB"):  # the declared sizes already say so
+        transfer.import_zip(honest, runs_dir)
+    # The count itself, with the declared sizes out of the way: it stops at the limit, not at the end.
+    z = zipfile.ZipFile(io.BytesIO(honest))
+    members = {Path(i.filename).name: i for i in z.infolist()}
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(runs.RunFileError, match="its headers say less"):
+        transfer._extract(z, members, dest)
+    assert sum(f.stat().st_size for f in dest.iterdir()) <= 300_000
+    assert not runs_dir.exists()
+
+
+def test_the_runs_tab_import_says_one_line_for_a_bad_zip(trained, runs_dir, monkeypatch):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard.state import get_lab
+
+    copy_run(trained, runs_dir)
+    monkeypatch.setenv("VAE_RUNS_DIR", str(runs_dir))
+    try:
+        at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60)
+        at.run()
+        at.session_state["main_tab"] = "Runs"
+        at.run()
+        for case in ("an encrypted checkpoint", "compression method 99", "a bad CRC", "config nested 100,000 deep"):
+            at.file_uploader(key="runs_import").set_value(("x.zip", _bad_zips(trained)[case], "application/zip"))
+            at.run()
+            assert not at.exception, [e.message for e in at.exception]
+            errors = " ".join(e.value for e in at.error)
+            assert "Could not import x.zip" in errors and "Traceback" not in errors and str(runs_dir) not in errors
+        assert sorted(p.name for p in runs_dir.iterdir()) == ["good"]
+    finally:
+        get_lab().shutdown()
+        st.cache_resource.clear()
+        st.cache_data.clear()
+
+
+IMPORTER = r"""
+import sys, time
+from vae_core import runs, transfer
+real = runs.load_checkpoint
+def slow(path):
+    print("checking", flush=True)
+    time.sleep(600)
+runs.load_checkpoint = slow
+transfer.import_zip(open(sys.argv[1], "rb").read(), sys.argv[2])
+"""
+
+
+def test_an_import_killed_midway_leaves_no_run_and_a_full_disk_leaves_nothing(trained, runs_dir, tmp_path, monkeypatch):
+    path = tmp_path / "big.zip"
+    path.write_bytes(run_zip(good_files(trained)))
+    p = subprocess.Popen([sys.executable, "-c", IMPORTER, str(path), str(runs_dir)], stdout=subprocess.PIPE,
+                         cwd=ROOT, env=ENV, text=True)
+    assert p.stdout.readline().strip() == "checking"  # every file unpacked, the checkpoint being checked
+    p.send_signal(signal.SIGKILL)  # injected fault
+    p.wait(60)
+    assert runs.list_runs(runs_dir) == []
+    (left,) = list(runs_dir.iterdir())  # a hidden folder, until the next import tidies it
+    assert left.name.startswith(".import-")
+    old = time.time() - 7200
+    os.utime(left, (old, old))
+    # A full disk on the next import: refused in one line, and nothing of it stays.
+    import errno
+
+    real_open = open
+
+    class Full(io.RawIOBase):
+        def __init__(self, *a, **k):
+            self.f = real_open(*a, **k)
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.f.close()
+
+        def __exit__(self, *exc):
+            self.close()
+
+    monkeypatch.setattr(transfer, "open", Full, raising=False)
+    with pytest.raises(runs.RunFileError, match="No space left on device") as e:
+        transfer.import_zip(path, runs_dir)
+    one_line(str(e.value))
+    assert list(runs_dir.iterdir()) == []  # the old leftover went too
+    monkeypatch.undo()
+    assert transfer.import_zip(path, runs_dir).name == "run"
