@@ -514,6 +514,25 @@ def test_two_locks_in_one_process_and_a_linked_lock_file(tmp_path):
     assert outside.read_text() == "keep me"
 
 
+def test_without_flock_the_holders_identity_still_decides(tmp_path, monkeypatch):
+    """Some network file systems refuse flock (ENOLCK): the lock then rests on who the holder is."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    run = tmp_path / "r"
+    run.mkdir()
+    first = runs.RunLock(run).acquire()
+    with pytest.raises(RunBusy, match="already training in this process"):
+        runs.RunLock(run).acquire()
+    first.release()
+    _write(run / runs.LOCK, {"host": runs.HOST, "pid": _dead_pid(), "pid_start": 5, "heartbeat": time.time()})
+    runs.RunLock(run).acquire().release()
+
+
 RACERS = r"""
 import sys, time
 from vae_core import runs

@@ -471,13 +471,16 @@ class RunLock:
                 if self.path.is_symlink():  # not a lock this program made: a link could make us write elsewhere
                     self.path.unlink()
                     continue
-                raise RunFileError(f"cannot create {self.path}: {e.strerror or e}") from None
+                raise RunFileError(f"cannot create {LOCK} in run {self.run_dir.name!r}: {e.strerror or e}") from None
+            flocked = True
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_lock_fd(fd)
                 os.close(fd)
                 raise RunBusy(_busy_message(self.run_dir, holder)) from None
+            except OSError:  # a file system without flock (some network mounts): the holder's identity decides
+                flocked = False
             try:  # a holder that released it unlinked the file we opened: lock the file now at the path instead
                 now_there = os.stat(self.path, follow_symlinks=False)
                 same = (now_there.st_ino, now_there.st_dev) == (os.fstat(fd).st_ino, os.fstat(fd).st_dev)
@@ -490,13 +493,18 @@ class RunLock:
             # We hold the flock, so no process on this host holds it: a holder named here that recorded its
             # start time (this program does) has ended. Others (another host, an older program) prove it
             # by their heartbeat.
-            stale = (holder.get("host") == HOST and _is_int(holder.get("pid_start"))) or not _holder_alive(self.run_dir, holder)
+            stale = ((flocked and holder.get("host") == HOST and _is_int(holder.get("pid_start")))
+                     or not _holder_alive(self.run_dir, holder))
             if holder and not stale:
                 os.close(fd)
                 raise RunBusy(_busy_message(self.run_dir, holder))
             me = json.dumps({**my_identity(), "heartbeat": time.time()}).encode()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, me, 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, me, 0)
+            except OSError as e:  # a full or read-only disk
+                os.close(fd)
+                raise RunFileError(f"cannot write {LOCK} in run {self.run_dir.name!r}: {e.strerror or e}") from None
             self._fd, self.held = fd, True
             clean_temp_files(self.run_dir, min_age_s=0.0, names=(CHECKPOINT, METRICS))  # no writer but us now
             clean_temp_files(self.run_dir)
