@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from vae_core import cli, runs, transfer
-from vae_core.lab import Lab, RunBusy
+from vae_core.lab import FollowedRun, Lab, RunBusy
 from vae_core.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -410,8 +410,10 @@ def test_a_second_process_is_refused_and_the_metrics_stay_whole(trained, runs_di
     try:
         before = (d / runs.METRICS).read_bytes()
         ino = os.stat(d / runs.METRICS).st_ino
+        lab = Lab(runs_dir, num_threads=1)
         with pytest.raises(RunBusy, match=f"being trained by process {holder.pid} on {runs.HOST}"):
-            Lab(runs_dir, num_threads=1).resume("good")
+            lab.resume("good")
+        assert isinstance(lab.open("good"), FollowedRun)  # the Lab follows the other process, keeps no dead copy
         t = Trainer.open(d, data=tiny_sprites)
         with pytest.raises(RunBusy, match=f"process {holder.pid}"):
             t.start()

@@ -744,7 +744,11 @@ class Lab:
                 t.add_exit_listener(self._on_exit)
                 self._listening.add(id(t))
             if self.training_count() < self.max_runs and not self._queue:
-                self._launch(t, start_kwargs)
+                try:
+                    self._launch(t, start_kwargs)
+                except RunFileError:  # e.g. RunBusy: another process took the run first; follow it, not this copy
+                    self._trainers.pop(key, None)
+                    raise
             else:
                 self._queue.append((key, start_kwargs))
                 runs.write_status(t.run_dir, "queued", "waiting for a free slot", epochs_target=t.status().epochs_target)
