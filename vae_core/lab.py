@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import threading
 import time
@@ -186,7 +185,7 @@ class FollowedRun(RunHandle):
         self.weights = Weights(config, data_dir=data_dir)
         self._lock = threading.Lock()
         self._rows: list[dict[str, Any]] = []
-        self._offset, self._inode = 0, None
+        self._offset, self._inode, self._skipping = 0, None, False
         self._ckpt_key: tuple[int, int] | None = None
         self._status: dict[str, Any] = {}
         self._owner: str | None = None
@@ -217,21 +216,13 @@ class FollowedRun(RunHandle):
             self._rows, self._offset, self._inode = [], 0, None
             return
         if st.st_ino != self._inode or st.st_size < self._offset:  # a resume rewrote it (truncate_metrics)
-            self._rows, self._offset, self._inode = [], 0, st.st_ino
+            self._rows, self._offset, self._inode, self._skipping = [], 0, st.st_ino, False
         if st.st_size == self._offset:
             return
-        with open(path, "rb") as f:
-            f.seek(self._offset)
-            chunk = f.read(st.st_size - self._offset)
-        end = chunk.rfind(b"\n") + 1  # a line still being written is read next time
-        for line in chunk[:end].splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                self._rows.append(row)
-        self._offset += end
+        with open(path, "rb") as f:  # complete, capped, checked lines; one still being written is read next time
+            lines = runs.MetricLines(f, self._offset, st.st_size, self._skipping)
+            self._rows.extend(row for row, _ in (runs.parse_row(line) for line in lines if line) if row is not None)
+        self._offset, self._skipping = lines.pos, lines.skipping
 
     def _reload_weights(self) -> None:
         path = self.run_dir / runs.CHECKPOINT
@@ -443,6 +434,7 @@ class Lab:
             if f is None:
                 if not (path / runs.CONFIG).exists():
                     raise RunFileError(f"no run named {path.name!r} in {path.parent}")
+                runs.clean_temp_files(path)  # what a kill during a write left (older than any write in progress)
                 f = FollowedRun(path, data_dir=self.data_dir)
                 self._followers[key] = f
                 while len(self._followers) > 64:
@@ -752,7 +744,11 @@ class Lab:
                 t.add_exit_listener(self._on_exit)
                 self._listening.add(id(t))
             if self.training_count() < self.max_runs and not self._queue:
-                self._launch(t, start_kwargs)
+                try:
+                    self._launch(t, start_kwargs)
+                except RunFileError:  # e.g. RunBusy: another process took the run first; follow it, not this copy
+                    self._trainers.pop(key, None)
+                    raise
             else:
                 self._queue.append((key, start_kwargs))
                 runs.write_status(t.run_dir, "queued", "waiting for a free slot", epochs_target=t.status().epochs_target)

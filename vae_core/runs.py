@@ -2,23 +2,34 @@
 
 Everything is written so that a SIGKILL at any moment leaves a run that loads:
 config, status and checkpoint are replaced atomically (temp file + rename), and
-metrics are appended a line at a time and flushed.
+metrics are appended a line at a time and flushed. Temp files a kill leaves behind
+are removed when the run is next opened or trained.
+
+Everything read from a run directory is checked before it is used (a run may come from a zip,
+another machine or a hand edit): a run with a bad field lists as "unreadable: <why>" and can be
+deleted; it never breaks the listing of the others. JSON files and metrics lines are read up to a
+size cap, so one huge file costs a bounded amount of memory.
 """
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import json
 import math
 import os
 import platform
 import re
+import secrets
+import shutil
 import socket
+import stat as stat_mod
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .config import ConfigError, RunConfig
 
@@ -28,10 +39,16 @@ CONTROL, LOCK = "control.json", "train.lock"  # steering written by any process;
 HOST = socket.gethostname()
 # The training process rewrites status.json at least this often (a heartbeat thread, not the loop, so a
 # long evaluation does not stop it). A run whose heartbeat is older than STALE_S reads as interrupted:
-# the only test that works across machines; on this host a dead PID says so at once.
+# the only test that works across machines; on this host a process that is gone (or whose PID now names
+# another process: its start time differs) says so at once.
 HEARTBEAT_S = 2.0
 STALE_S = 30.0
+FUTURE_S = 600.0  # a heartbeat further ahead of this clock than this is not believed (a forged or broken one)
 ACTIVE_STATES = ("running", "paused", "queued")
+KNOWN_STATES = ("idle", "running", "paused", "queued", "finished", "stopped", "failed", "interrupted")
+MAX_JSON_BYTES = 1 << 20  # config.json, status.json, control.json, train.lock: a few kB when written here
+MAX_METRICS_LINE = 1 << 20  # one metrics row is < 10 kB; a longer line is skipped, never parsed
+TEMP_AGE_S = 60.0  # a temp file this old is no write in progress: any reader may remove it
 _NAME_OK = re.compile(r"[^A-Za-z0-9._=+-]+")
 
 
@@ -59,11 +76,27 @@ def default_name(config: RunConfig) -> str:
 
 
 def resolve_run(runs_dir: Path, name: str) -> Path:
-    """The directory of a run by name, refusing anything that would leave runs_dir."""
-    path = (runs_dir / sanitize_name(name)).resolve()
-    if path.parent != runs_dir.resolve():
-        raise ConfigError(f"run name {name!r} would leave the runs directory")
-    return path
+    """The directory of a run by name: runs_dir / <the sanitised name>, never anything outside runs_dir.
+
+    The name is one safe path component, so the path lies in runs_dir whatever the name; its last
+    component is not resolved, so a run folder that is a link can be named (to rename or delete the
+    link itself). Training through a link that leads out of runs_dir is refused (link_problem).
+    """
+    return Path(runs_dir).resolve() / sanitize_name(name)
+
+
+def link_problem(run_dir: Path) -> str | None:
+    """Why a run folder must not be trained in: it is a link leading out of its parent folder (None: fine)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_symlink():
+        return None
+    try:
+        target = run_dir.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return "is a link that leads nowhere"
+    if target.parent != run_dir.parent.resolve():
+        return "is a link to a folder outside the runs directory"
+    return None
 
 
 def create_run_dir(runs_dir: Path, config: RunConfig, name: str | None = None) -> Path:
@@ -90,12 +123,15 @@ def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Replace `path` with `data` at once (temp file, fsync, rename); `mode`: the new file's permissions."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -111,16 +147,76 @@ def write_config(run_dir: Path, config: RunConfig, **extra: Any) -> None:
     atomic_write_json(Path(run_dir) / CONFIG, {**config.to_dict(), **extra, "versions": library_versions()})
 
 
-def read_json(path: Path) -> dict[str, Any]:
+# ------------------------------------------------------------------ reading and checking what a run holds
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _short(v: Any) -> str:
+    """A hostile value described for a message: short plain words and numbers as they are, else only its kind
+    (a message is shown in the page; what a file holds must not become markup or a long line there)."""
+    if v is None or isinstance(v, (bool, int, float)):
+        text = repr(v)
+        return text if len(text) <= 24 else f"a number of {len(text)} digits"
+    if isinstance(v, str):
+        return repr(v) if len(v) <= 24 and re.fullmatch(r"[\w .:+-]*", v) else f"a text of {len(v)} characters"
+    return f"a {'JSON object' if isinstance(v, dict) else 'list' if isinstance(v, list) else type(v).__name__}"
+
+
+def json_problem(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the JSON object in `path`, None) or (None, why not) with the file's name, not its full path."""
+    path = Path(path)
     try:
-        obj = json.loads(Path(path).read_text())
+        with open(path, "rb") as f:
+            if not stat_mod.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None, f"{path.name} is not a regular file"
+            raw = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
-        raise RunFileError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunFileError(f"{path} is not valid JSON ({e})") from None
+        return None, f"{path.name} is missing"
+    except OSError as e:
+        return None, f"{path.name} cannot be read ({e.strerror or type(e).__name__})"
+    if len(raw) > MAX_JSON_BYTES:
+        return None, f"{path.name} is larger than {MAX_JSON_BYTES // 1024} kB"
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        return None, f"{path.name} is not valid JSON (nested too deeply)"
+    except (ValueError, UnicodeDecodeError) as e:
+        return None, f"{path.name} is not valid JSON ({str(e)[:100]})"
     if not isinstance(obj, dict):
-        raise RunFileError(f"{path} must hold a JSON object")
+        return None, f"{path.name} must hold a JSON object"
+    return obj, None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    obj, why = json_problem(path)
+    if why is not None:
+        raise RunFileError(f"{Path(path).parent}{os.sep}{why}")  # the reasons start with the file's name
     return obj
+
+
+def config_problem(raw: dict[str, Any]) -> tuple[RunConfig | None, str | None]:
+    """(the run's config, None) or (None, why) for config.json's contents: its settings and every other field read."""
+    try:
+        cfg = RunConfig.from_dict({"model": raw.get("model", {}), "train": raw.get("train", {})})
+    except (ConfigError, TypeError, AttributeError, ValueError, OverflowError, RecursionError) as e:
+        return None, f"config.json: {str(e)[:200]}"
+    created = raw.get("created")
+    if created is not None and not (_is_num(created) and 0 < created < 1e11):
+        return None, f"config.json: created is {_short(created)}, not a time in seconds"
+    parent = raw.get("parent")
+    if parent is not None and not (isinstance(parent, dict) and isinstance(parent.get("run"), str)
+                                   and (parent.get("step") is None or (_is_int(parent["step"]) and parent["step"] >= 0))):
+        return None, f"config.json: parent is {_short(parent)}, not a run and a step"
+    owner = raw.get("owner")
+    if owner is not None and not isinstance(owner, str):
+        return None, f"config.json: owner is {_short(owner)}, not a session id"
+    return cfg, None
 
 
 def read_config(run_dir: Path) -> RunConfig:
@@ -130,45 +226,136 @@ def read_config(run_dir: Path) -> RunConfig:
         return RunConfig.from_dict({"model": d.get("model", {}), "train": d.get("train", {})})
     except ConfigError as e:
         raise RunFileError(f"{path}: {e}") from None
+    except (TypeError, AttributeError, ValueError, OverflowError, RecursionError) as e:
+        raise RunFileError(f"{path}: not a run config ({str(e)[:200]})") from None
+
+
+# What status.json may hold, by field: a bad value makes the run "unreadable", never a crash of the reader.
+_COUNT = ("pid_start", "step", "epochs_target", "epochs_done", "total_steps", "steps_per_epoch", "control_seq")
+_FINITE = ("heartbeat", "epoch", "samples_per_s", "beta", "beta_effective", "lr", "warmup_epochs", "free_bits")
+_TEXT = ("message", "host", "updated", "device")
+
+
+def status_problem(st: dict[str, Any]) -> str | None:
+    """Why status.json's contents cannot be used (None: every field it has is of the right kind)."""
+    state = st.get("state")
+    if "state" in st and state not in KNOWN_STATES:
+        return f"state is {_short(state)}, not one of {', '.join(KNOWN_STATES)}"
+    pid = st.get("pid")
+    if pid is not None and not (_is_int(pid) and abs(pid) < 2**63):
+        return f"pid is {_short(pid)}, not a process id"
+    for key in _COUNT:
+        v = st.get(key)
+        if v is not None and not (_is_int(v) and 0 <= v < 2**53):
+            return f"{key} is {_short(v)}, not a whole number"
+    for key in _FINITE:
+        v = st.get(key)
+        if v is not None and not (_is_num(v) and math.isfinite(v)):
+            return f"{key} is {_short(v)}, not a finite number"
+    eta = st.get("eta_s")
+    if eta is not None and not (_is_num(eta) and math.isfinite(eta)):
+        return f"eta_s is {_short(eta)}, not a number of seconds"
+    for key in _TEXT:
+        v = st.get(key)
+        if v is not None and not isinstance(v, str):
+            return f"{key} is {_short(v)}, not text"
+    return None
 
 
 def write_status(run_dir: Path, state: str, message: str = "", **extra: Any) -> None:
-    """status.json with who writes it (host, pid) and when (heartbeat, seconds since the epoch)."""
+    """status.json with who writes it (host, pid and the process's start time) and when (heartbeat, epoch seconds)."""
     now = time.time()
-    atomic_write_json(Path(run_dir) / STATUS, {"state": state, "message": message, "pid": os.getpid(), "host": HOST,
+    atomic_write_json(Path(run_dir) / STATUS, {"state": state, "message": message, **my_identity(),
                                                "heartbeat": now, "updated": dt.datetime.now().isoformat(timespec="seconds"),
                                                **extra})
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+# ------------------------------------------------------------------ is the writer alive?
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks after boot: field 22) of /proc/<pid>/stat; None if unreadable."""
     try:
+        raw = Path(f"/proc/{int(pid)}/stat").read_bytes()
+        fields = raw[raw.rindex(b")") + 2:].split()
+        return fields[0].decode(), int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot, /proc/<pid>/stat field 22); None where unknown."""
+    found = _proc_stat(pid)
+    return found[1] if found else None
+
+
+_MY_START: dict[int, int | None] = {}
+
+
+def my_identity() -> dict[str, Any]:
+    """host, pid and pid_start of this process: what tells it from a later process given the same PID."""
+    pid = os.getpid()
+    if pid not in _MY_START:
+        _MY_START[pid] = process_start_time(pid)
+    return {"pid": pid, "pid_start": _MY_START[pid], "host": HOST}
+
+
+def pid_alive(pid: Any, start: Any = None) -> bool:
+    """Whether `pid` names a live process on this host, and the same one when its start time `start` is known.
+
+    0, 1's absence, negative numbers and non-numbers are no process (os.kill(-1, 0) would succeed as
+    root); a zombie has ended; a PID now held by a process that started at another time was reused.
+    """
+    if not (_is_int(pid) and 0 < pid < 2**31):
+        return False
+    found = _proc_stat(pid)
+    if found is not None:
+        state, started = found
+        if state in ("Z", "X"):
+            return False
+        return not _is_int(start) or start == started
+    try:  # no /proc (macOS), or it hides other users' processes
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    except OSError:
+        return False
     return True
 
 
 def writer_gone(st: dict[str, Any], now: float | None = None) -> bool:
-    """Whether the process that wrote this status has ended: its PID is gone (this host) or its heartbeat is stale."""
-    host, pid = st.get("host"), int(st.get("pid", -1) or -1)
-    if host in (None, HOST) and not _pid_alive(pid):
+    """Whether the process that wrote `st` (status.json or train.lock: host, pid, pid_start, heartbeat) has ended.
+
+    On this host: its PID names no process, or a process that started at another time (reused). On
+    any host: its heartbeat is missing, older than STALE_S or implausibly far in the future.
+    """
+    now = time.time() if now is None else now
+    host = st.get("host")
+    if host is not None and not isinstance(host, str):
+        return True
+    if host in (None, HOST) and not pid_alive(st.get("pid"), st.get("pid_start")):
         return True
     beat = st.get("heartbeat")
-    if not isinstance(beat, (int, float)):
-        return host not in (None, HOST)  # an old-format status from elsewhere: nothing says it lives
-    return (now or time.time()) - beat > STALE_S
+    if not (_is_num(beat) and math.isfinite(beat)):
+        return True
+    return not -FUTURE_S <= now - beat <= STALE_S
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:
-    """status.json; an active run whose writing process has ended (writer_gone) reads as 'interrupted'."""
-    try:
-        st = read_json(Path(run_dir) / STATUS)
-    except RunFileError:
-        return {"state": "unknown", "message": "no readable status.json"}
+    """status.json, checked; an active run whose writing process has ended (writer_gone) reads as 'interrupted'.
+
+    A missing file reads as state 'unknown'; an unreadable one, or one with a bad field, as 'unknown'
+    with `problem` saying why (the listing shows such a run as unreadable).
+    """
+    st, why = json_problem(Path(run_dir) / STATUS)
+    if st is None:
+        if why == f"{STATUS} is missing":
+            return {"state": "unknown", "message": "no readable status.json"}
+        return {"state": "unknown", "message": f"unreadable: {why}", "problem": why}
+    why = status_problem(st)
+    if why is not None:
+        return {"state": "unknown", "message": f"unreadable: status.json: {why}", "problem": f"status.json: {why}"}
     if st.get("state") in ACTIVE_STATES and writer_gone(st):
         where = f" on {st.get('host')}" if st.get("host") not in (None, HOST) else ""
         st = {**st, "state": "interrupted",
@@ -180,10 +367,10 @@ def read_status(run_dir: Path) -> dict[str, Any]:
 
 def read_control(run_dir: Path) -> dict[str, Any]:
     """control.json ({} if there is none or it is unreadable): live settings and a command, with a sequence number."""
-    try:
-        return read_json(Path(run_dir) / CONTROL)
-    except RunFileError:
+    obj, _ = json_problem(Path(run_dir) / CONTROL)
+    if obj is None or not (_is_int(obj.get("seq", 0)) and obj.get("seq", 0) >= 0):
         return {}
+    return obj
 
 
 def write_control(run_dir: Path, *, command: str | None = None, **live: float) -> int:
@@ -200,7 +387,7 @@ def write_control(run_dir: Path, *, command: str | None = None, **live: float) -
     with open(run_dir / ".control.lock", "a+") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         ctl = read_control(run_dir)
-        seq = int(ctl.get("seq", 0)) + 1
+        seq = (ctl["seq"] if _is_int(ctl.get("seq")) and ctl["seq"] >= 0 else 0) + 1
         ctl.update({k: float(v) for k, v in live.items()})
         ctl.update({"seq": seq, "command": command, "written": time.time(), "by": f"{HOST}:{os.getpid()}"})
         atomic_write_json(run_dir / CONTROL, ctl)
@@ -211,48 +398,160 @@ class RunBusy(RunFileError):
     """Another live process trains this run; the message says which."""
 
 
+def _read_lock_fd(fd: int) -> dict[str, Any]:
+    try:
+        raw = os.pread(fd, MAX_JSON_BYTES + 1, 0)
+        d = json.loads(raw.decode("utf-8")) if len(raw) <= MAX_JSON_BYTES else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _holder_alive(run_dir: Path, holder: dict[str, Any]) -> bool:
+    """Whether the process named in train.lock still trains: writer_gone on it, with the newest heartbeat
+    of the lock and of status.json (which the holder rewrites every HEARTBEAT_S)."""
+    if not holder:
+        return False
+    beats = [b for b in (holder.get("heartbeat"), read_status_raw(run_dir).get("heartbeat"))
+             if _is_num(b) and math.isfinite(b)]
+    return not writer_gone({**holder, "heartbeat": max(beats) if beats else None})
+
+
+def lock_holder(run_dir: Path) -> dict[str, Any] | None:
+    """The live process that holds this run's train.lock ({host, pid, ...}), or None."""
+    path = Path(run_dir) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        holder = _read_lock_fd(fd)
+    finally:
+        os.close(fd)
+    return holder if _holder_alive(Path(run_dir), holder) else None
+
+
+def _busy_message(run_dir: Path, holder: dict[str, Any]) -> str:
+    name = Path(run_dir).name
+    if holder.get("host") == HOST and holder.get("pid") == os.getpid():
+        return f"run {name!r} is already training in this process"
+    if _is_int(holder.get("pid")):
+        return (f"run {name!r} is being trained by process {holder['pid']} on {holder.get('host')}; "
+                "stop it there first")
+    return f"run {name!r} is being trained by another process; stop it there first"
+
+
 class RunLock:
-    """train.lock: at most one process trains a run. A lock whose process has ended (writer_gone) is taken over."""
+    """train.lock: at most one process trains a run.
+
+    The holder keeps an flock on the file for as long as it trains (the kernel drops it when the
+    process dies, however it dies) and writes who it is into it: host, pid, the process's start time
+    and a heartbeat. A second process is refused while the flock is held, or while the named holder
+    lives (a holder on another machine, where an flock may not reach: its heartbeat is fresh). A lock
+    whose holder has ended is taken over; its run's leftover temp files are removed then.
+    """
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LOCK
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
         self.held = False
+        self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        me = {"host": HOST, "pid": os.getpid(), "heartbeat": time.time()}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder.get("host") == HOST and holder.get("pid") == os.getpid():
-                    raise RunBusy(f"run {self.path.parent.name!r} is already training in this process")
-                # The holder's liveness: its PID on this host, else the heartbeat of the run's status.
-                st = {**holder, "heartbeat": read_status_raw(self.path.parent).get("heartbeat", holder.get("heartbeat"))}
-                if holder and not writer_gone(st):
-                    raise RunBusy(f"run {self.path.parent.name!r} is being trained by process {holder.get('pid')} "
-                                  f"on {holder.get('host')}; stop it there first")
-                self.path.unlink(missing_ok=True)  # stale: its process ended without releasing it
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise RunBusy(f"could not take {self.path}; another process keeps creating it")
+        import fcntl
 
-    def _holder(self) -> dict[str, Any]:
-        try:
-            d = json.loads(self.path.read_text())
-            return d if isinstance(d, dict) else {}
-        except (OSError, ValueError):
-            return {}
+        why = link_problem(self.run_dir)
+        if why is not None:
+            raise RunFileError(f"run {self.run_dir.name!r} {why}; training through it would write outside the runs "
+                               "directory, so it is refused (copy the run into the runs directory instead)")
+        for _ in range(50):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                if self.path.is_symlink():  # not a lock this program made: a link could make us write elsewhere
+                    self.path.unlink()
+                    continue
+                raise RunFileError(f"cannot create {LOCK} in run {self.run_dir.name!r}: {e.strerror or e}") from None
+            flocked = True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_lock_fd(fd)
+                os.close(fd)
+                raise RunBusy(_busy_message(self.run_dir, holder)) from None
+            except OSError:  # a file system without flock (some network mounts): the holder's identity decides
+                flocked = False
+            try:  # a holder that released it unlinked the file we opened: lock the file now at the path instead
+                now_there = os.stat(self.path, follow_symlinks=False)
+                same = (now_there.st_ino, now_there.st_dev) == (os.fstat(fd).st_ino, os.fstat(fd).st_dev)
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            holder = _read_lock_fd(fd)
+            # We hold the flock, so no process on this host holds it: a holder named here that recorded its
+            # start time (this program does) has ended. Others (another host, an older program) prove it
+            # by their heartbeat.
+            stale = ((flocked and holder.get("host") == HOST and _is_int(holder.get("pid_start")))
+                     or not _holder_alive(self.run_dir, holder))
+            if holder and not stale:
+                os.close(fd)
+                raise RunBusy(_busy_message(self.run_dir, holder))
+            me = json.dumps({**my_identity(), "heartbeat": time.time()}).encode()
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, me, 0)
+            except OSError as e:  # a full or read-only disk
+                os.close(fd)
+                raise RunFileError(f"cannot write {LOCK} in run {self.run_dir.name!r}: {e.strerror or e}") from None
+            self._fd, self.held = fd, True
+            clean_temp_files(self.run_dir, min_age_s=0.0, names=(CHECKPOINT, METRICS))  # no writer but us now
+            clean_temp_files(self.run_dir)
+            return self
+        raise RunBusy(f"could not take {LOCK} of run {self.run_dir.name!r}; other processes keep replacing it")
 
     def release(self) -> None:
-        if self.held:
-            holder = self._holder()
-            if holder.get("pid") == os.getpid() and holder.get("host") == HOST:
-                self.path.unlink(missing_ok=True)
-            self.held = False
+        if not self.held or self._fd is None:
+            return
+        try:
+            here = os.stat(self.path, follow_symlinks=False)
+            mine = os.fstat(self._fd)
+            if (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
+                self.path.unlink()  # while the flock is still ours: a waiter that opened it retries on the new file
+        except OSError:
+            pass
+        finally:
+            os.close(self._fd)
+            self._fd, self.held = None, False
+
+
+def clean_temp_files(run_dir: Path, *, min_age_s: float = TEMP_AGE_S, names: tuple[str, ...] | None = None) -> int:
+    """Remove the temp files of writes a kill interrupted (.checkpoint.pt.<random>.tmp and the like).
+
+    Only files at least `min_age_s` old go (a write in progress takes far less), unless the caller
+    holds the run's lock and names the files only the trainer writes (`names`, min_age_s=0).
+    Returns how many were removed.
+    """
+    removed, now = 0, time.time()
+    try:
+        entries = list(os.scandir(run_dir))
+    except OSError:
+        return 0
+    for e in entries:
+        if not (e.name.startswith(".") and e.name.endswith(".tmp")):
+            continue
+        if names is not None and not any(e.name.startswith(f".{n}.") for n in names):
+            continue
+        try:
+            st = e.stat(follow_symlinks=False)
+            if not stat_mod.S_ISREG(st.st_mode) or now - st.st_mtime < min_age_s:
+                continue
+            os.unlink(e.path)
+            removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def file_version(path: Path) -> tuple[int, int] | None:
@@ -265,10 +564,8 @@ def file_version(path: Path) -> tuple[int, int] | None:
 
 
 def read_json_or_empty(path: Path) -> dict[str, Any]:
-    try:
-        return read_json(path)
-    except RunFileError:
-        return {}
+    obj, _ = json_problem(path)
+    return obj or {}
 
 
 def read_status_raw(run_dir: Path) -> dict[str, Any]:
@@ -290,31 +587,139 @@ class MetricsWriter:
         self._f.close()
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """All metric rows; a corrupt line (e.g. half-written at a crash) is skipped with a warning."""
-    path = Path(run_dir) / METRICS
+_ROW_NUMBERS = ("epoch", "loss", "beta", "beta_effective", "lr", "free_bits", "wall_time", "samples_per_s")
+_ROW_LISTS = ("kl_per_dim", "mu_variance")
+
+
+def row_problem(row: Any) -> str | None:
+    """Why a metrics line's value is not a usable row (None: it is one). NaN and infinities are allowed:
+    a diverged run logs them."""
+    if not isinstance(row, dict):
+        return f"a {type(row).__name__}, not an object"
+    step = row.get("step")
+    if not (_is_int(step) and 0 <= step < 2**53):
+        return f"step is {_short(step)}"
+    split = row.get("split")
+    if not isinstance(split, str):
+        return f"split is {_short(split)}"
+    for key in ("elbo", "recon", "kl") if split in ("train", "test") else ():
+        if key in row and not _is_num(row[key]):
+            return f"{key} is {_short(row[key])}"
+    for key in _ROW_NUMBERS:
+        if row.get(key) is not None and not _is_num(row[key]):
+            return f"{key} is {_short(row[key])}"
+    for key in _ROW_LISTS:
+        v = row.get(key)
+        if v is not None and not (isinstance(v, list) and all(_is_num(x) for x in v)):
+            return f"{key} is not a list of numbers"
+    if row.get("active_units") is not None and not _is_int(row["active_units"]):
+        return f"active_units is {_short(row['active_units'])}"
+    return None
+
+
+class MetricLines:
+    """The complete lines of a file between byte offsets, each read with at most MAX_METRICS_LINE + 1 bytes
+    in memory. An overlong line comes out as None, unread (it is skipped in bounded pieces); a last line
+    without its newline (being written) is left for the next read: `pos` stops before it."""
+
+    def __init__(self, f: Any, pos: int, end: int, skipping: bool = False) -> None:
+        self.f, self.pos, self.end, self.skipping = f, pos, end, skipping
+
+    def __iter__(self) -> Iterator[bytes | None]:
+        cap = MAX_METRICS_LINE
+        self.f.seek(self.pos)
+        while self.pos < self.end:
+            line = self.f.readline(min(cap + 1, self.end - self.pos))
+            if not line:
+                break
+            if self.skipping:  # the rest of an overlong line
+                self.pos += len(line)
+                self.skipping = not line.endswith(b"\n")
+                continue
+            if line.endswith(b"\n"):
+                self.pos += len(line)
+                yield line
+            elif len(line) > cap:
+                self.pos += len(line)
+                self.skipping = True
+                yield None
+            else:
+                break
+
+
+def parse_row(line: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """(the row a metrics line holds, None) or (None, why it is not one)."""
+    try:
+        row = json.loads(line)
+    except RecursionError:
+        return None, "nested too deeply"
+    except ValueError:
+        return None, "not valid JSON"
+    why = row_problem(row)
+    return (None, why) if why else (row, None)
+
+
+def _regular_size(path: Path) -> int | None:
+    """The size of `path` if it is a regular file (not a FIFO, a device or a folder); None otherwise."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size if stat_mod.S_ISREG(st.st_mode) else None
+
+
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str], bool]:
+    """(valid rows, what was skipped and why, whether the file ends in a complete line)."""
+    size = _regular_size(path)
+    if size is None:
+        return [], [], True
     rows: list[dict[str, Any]] = []
-    if not path.exists():
-        return rows
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
+    skipped: list[str] = []
+    with open(path, "rb") as f:
+        lines = MetricLines(f, 0, size)
+        for i, line in enumerate(lines, 1):
+            if line is None:
+                skipped.append(f"line {i} (longer than {MAX_METRICS_LINE} bytes)")
+                continue
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError("not an object")
-            except ValueError:
-                warnings.warn(f"{path}: skipped corrupt line {i}", RuntimeWarning, stacklevel=2)
-                continue
-            rows.append(row)
+            row, why = parse_row(line)
+            if row is None:
+                skipped.append(f"corrupt line {i} ({why})")
+            else:
+                rows.append(row)
+        whole = lines.pos >= size and not lines.skipping
+    return rows, skipped, whole
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """All metric rows; a corrupt, overlong or ill-typed line (e.g. half-written at a crash) is skipped with a warning."""
+    path = Path(run_dir) / METRICS
+    rows, skipped, whole = _read_rows(path)
+    for what in skipped[:5]:
+        warnings.warn(f"{path}: skipped {what}", RuntimeWarning, stacklevel=2)
+    if not whole:
+        warnings.warn(f"{path}: skipped corrupt line {len(rows) + len(skipped) + 1} (no end of line)",
+                      RuntimeWarning, stacklevel=2)
     return rows
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Keep only rows up to `step` (what a checkpoint covers), rewriting the file atomically."""
-    kept = [m for m in read_metrics(run_dir) if m.get("step", 0) <= step]
-    atomic_write_bytes(Path(run_dir) / METRICS, "".join(json.dumps(m) + "\n" for m in kept).encode())
+    """Keep only rows up to `step` (what a checkpoint covers).
+
+    The file is rewritten (atomically, keeping its permissions) only when something must go: rows
+    past the step, or lines that are not rows (a half-written last line would glue onto the next).
+    Callers hold the run's lock: no other process appends to it meanwhile.
+    """
+    path = Path(run_dir) / METRICS
+    if _regular_size(path) is None:
+        return
+    rows, skipped, whole = _read_rows(path)
+    kept = [m for m in rows if m["step"] <= step]
+    if len(kept) == len(rows) and not skipped and whole:
+        return
+    mode = stat_mod.S_IMODE(os.stat(path).st_mode)
+    atomic_write_bytes(path, "".join(json.dumps(m) + "\n" for m in kept).encode(), mode=mode)
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
@@ -515,88 +920,230 @@ class RunSummary:
     message: str
     created: float
     parent: dict[str, Any] | None  # {"run", "step"} of a fork's parent
-    error: str | None = None
+    error: str | None = None  # why the run cannot be used ("unreadable"): it can still be renamed or deleted
     owner: str | None = None  # the dashboard session that started it (None: the CLI or an older run)
     host: str | None = None
     beta_start: float | None = None  # config.json's β; `beta` is the one it trains with now (status.json)
 
 
-def summarize_run(run_dir: Path) -> RunSummary:
-    run_dir = Path(run_dir)
-    status = read_status(run_dir)
-    created = run_dir.stat().st_mtime
+class _Unreadable(Exception):
+    """A run file holds something the listing cannot use; the message says what (no server paths)."""
+
+
+@dataclass
+class _Scan:
+    """How far the listing read a metrics file, and what the test lines up to there say."""
+
+    ino: tuple[int, int]
+    pos: int
+    skipping: bool
+    tail: bytes  # the bytes just before pos: a file replaced by another (same inode number) shows here
+    best: float | None = None
+    last: dict[str, Any] | None = None
+    tests: int = 0
+
+
+_scans: "collections.OrderedDict[str, _Scan]" = collections.OrderedDict()
+_scans_lock = threading.Lock()
+_MAX_SCANS = 4096
+
+
+def test_rows_summary(run_dir: Path) -> tuple[float | None, dict[str, Any] | None, int]:
+    """(best finite test ELBO, the last test row, how many test rows) of a run's metrics.jsonl.
+
+    Read incrementally: a listing parses only the lines appended since the last listing in this
+    process (the test lines; train lines are most of the file and are not parsed), and a line longer
+    than MAX_METRICS_LINE is skipped unparsed.
+    """
+    path = Path(run_dir) / METRICS
+    key = str(path.absolute())
     try:
-        cfg_raw = read_json(run_dir / CONFIG)
-        cfg = read_config(run_dir)
-    except RunFileError as e:
-        return RunSummary(run_dir.name, str(run_dir), "?", "?", 0, float("nan"), 0, 0, None, None,
-                          "corrupt", str(e), created, None, error=str(e))
-    tests = [r for r in read_metrics_tail(run_dir) if r.get("split") == "test"]
-    best = max((r["elbo"] for r in tests if isinstance(r.get("elbo"), (int, float))), default=None)
-    beta_now = status.get("beta") if isinstance(status.get("beta"), (int, float)) else cfg.train.beta
-    return RunSummary(run_dir.name, str(run_dir), cfg.train.dataset, cfg.model.arch, cfg.model.latent_dim,
-                      float(beta_now), int(status.get("epochs_done", len(tests))),
-                      int(status.get("epochs_target", cfg.train.epochs)), best,
-                      tests[-1] if tests else None, status.get("state", "unknown"), status.get("message", ""),
-                      float(cfg_raw.get("created", created)), cfg_raw.get("parent"), owner=cfg_raw.get("owner"),
-                      host=status.get("host"), beta_start=cfg.train.beta)
+        st = os.stat(path)
+    except OSError:
+        return None, None, 0
+    if not stat_mod.S_ISREG(st.st_mode):
+        raise _Unreadable(f"{METRICS} is not a regular file")
+    with _scans_lock:
+        scan = _scans.get(key)
+        with open(path, "rb") as f:
+            if scan is not None and scan.ino == (st.st_dev, st.st_ino) and scan.pos <= st.st_size:
+                f.seek(max(0, scan.pos - len(scan.tail)))
+                if f.read(len(scan.tail)) != scan.tail:
+                    scan = None
+            else:
+                scan = None
+            if scan is None:
+                scan = _Scan((st.st_dev, st.st_ino), 0, False, b"")
+            lines = MetricLines(f, scan.pos, st.st_size, scan.skipping)
+            for line in lines:
+                if line is None or b'"test"' not in line:
+                    continue
+                row, _ = parse_row(line)
+                if row is None or row["split"] != "test":
+                    continue
+                scan.tests += 1
+                scan.last = row
+                elbo = row.get("elbo")
+                if _is_num(elbo) and math.isfinite(elbo) and (scan.best is None or elbo > scan.best):
+                    scan.best = float(elbo)
+            scan.pos, scan.skipping = lines.pos, lines.skipping
+            f.seek(max(0, scan.pos - 64))
+            scan.tail = f.read(min(64, scan.pos))
+        _scans[key] = scan
+        _scans.move_to_end(key)
+        while len(_scans) > _MAX_SCANS:
+            _scans.popitem(last=False)
+        return scan.best, (dict(scan.last) if scan.last else None), scan.tests
 
 
 def read_metrics_tail(run_dir: Path) -> list[dict[str, Any]]:
     """Only the per-epoch test rows, found without parsing every train row (they are most lines)."""
     path = Path(run_dir) / METRICS
-    if not path.exists():
+    size = _regular_size(path)
+    if size is None:
         return []
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if '"split": "test"' in line:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    continue
+    with open(path, "rb") as f:
+        for line in MetricLines(f, 0, size):
+            if line is not None and b'"test"' in line:
+                row, _ = parse_row(line)
+                if row is not None and row["split"] == "test":
+                    rows.append(row)
     return rows
 
 
+def _unreadable_summary(run_dir: Path, why: str, created: float) -> RunSummary:
+    return RunSummary(run_dir.name, str(run_dir), "?", "?", 0, float("nan"), 0, 0, None, None, "corrupt",
+                      f"unreadable: {why}", created, None, error=why)
+
+
+def summarize_run(run_dir: Path) -> RunSummary:
+    """The run's row of the table; a run with anything unusable in its files lists as 'unreadable: <why>'."""
+    run_dir = Path(run_dir)
+    try:
+        created = run_dir.stat().st_mtime
+    except OSError:
+        created = 0.0
+    try:
+        return _summarize(run_dir, created)
+    except _Unreadable as e:
+        why = str(e)
+    except Exception as e:  # noqa: BLE001 - whatever one run's files hold, the other runs still list
+        why = f"{type(e).__name__} while reading it"
+    return _unreadable_summary(run_dir, why, created)
+
+
+def _summarize(run_dir: Path, created: float) -> RunSummary:
+    why = link_problem(run_dir)
+    if why is not None:
+        raise _Unreadable(f"the folder {why}; it can be renamed or deleted (the link only)")
+    raw, why = json_problem(run_dir / CONFIG)
+    if why is not None:
+        raise _Unreadable(why)
+    cfg, why = config_problem(raw)
+    if why is not None:
+        raise _Unreadable(why)
+    status = read_status(run_dir)
+    if status.get("problem"):
+        raise _Unreadable(status["problem"])
+    best, last, n_tests = test_rows_summary(run_dir)
+    beta_now = status.get("beta", cfg.train.beta)
+    epochs_done = status.get("epochs_done", n_tests)
+    planned = status.get("epochs_target", cfg.train.epochs)
+    return RunSummary(run_dir.name, str(run_dir), cfg.train.dataset, cfg.model.arch, cfg.model.latent_dim,
+                      float(beta_now), int(epochs_done), int(planned), best, last, status.get("state", "unknown"),
+                      status.get("message", ""), float(raw.get("created") or created), raw.get("parent"),
+                      owner=raw.get("owner"), host=status.get("host"), beta_start=cfg.train.beta)
+
+
 def list_runs(runs_dir: Path | None = None) -> list[RunSummary]:
-    """Every run under runs_dir, newest first."""
+    """Every run under runs_dir, newest first; hidden folders (imports and deletions under way) are not runs."""
     runs_dir = Path(runs_dir or default_runs_dir())
     if not runs_dir.is_dir():
         return []
-    out = [summarize_run(p) for p in runs_dir.iterdir() if p.is_dir() and (p / CONFIG).exists()]
+    out = []
+    for p in runs_dir.iterdir():
+        if p.name.startswith("."):
+            continue
+        try:
+            if p.is_dir() and (p / CONFIG).exists():
+                out.append(summarize_run(p))
+            elif p.is_symlink() and link_problem(p) is not None:  # a link to nowhere is still listed, to delete it
+                out.append(_unreadable_summary(p, f"the folder {link_problem(p)}; it can be renamed or deleted "
+                                                  "(the link only)", 0.0))
+        except OSError:
+            continue
     return sorted(out, key=lambda r: r.created, reverse=True)
 
 
-def _is_training(run_dir: Path) -> bool:
+def training_reason(run_dir: Path) -> str | None:
+    """Why a run counts as training (its status is active, or a live process holds its lock); None if not."""
     st = read_status(run_dir)
-    return st.get("state") in ACTIVE_STATES
+    if st.get("state") in ACTIVE_STATES:
+        return f"it is {st['state']}"
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        return f"process {holder.get('pid')} on {holder.get('host')} holds its lock"
+    return None
+
+
+def _is_training(run_dir: Path) -> bool:
+    return training_reason(run_dir) is not None
 
 
 def delete_run(runs_dir: Path, name: str) -> None:
-    """Remove a run directory; a run that is training (here or in another live process) is refused."""
+    """Remove a run directory and everything in it; a run that is training (here or in another live process)
+    is refused. A run folder that is a link loses the link only, never what it points to.
+
+    The folder is first renamed to a hidden name (it leaves the listing at once, whole), then removed.
+    """
     path = resolve_run(Path(runs_dir), name)
+    if path.is_symlink():
+        path.unlink()
+        return
     if not (path / CONFIG).exists():
         raise RunFileError(f"no run named {name!r} in {runs_dir}")
     if _is_training(path):
         raise RunFileError(f"run {name!r} is training; stop it before deleting it")
-    for f in path.iterdir():
-        if f.is_file():
-            f.unlink()
-    path.rmdir()
+    trash = path.parent / f".deleting-{path.name}-{secrets.token_hex(4)}"
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    if trash.exists():
+        raise RunFileError(f"run {name!r} is gone from the list, but some of its files could not be removed "
+                           f"(they are in {trash.name})")
 
 
 def rename_run(runs_dir: Path, name: str, new_name: str) -> Path:
-    """Rename a run (the new name is sanitised and must be free); a training run is refused."""
+    """Rename a run (the new name is sanitised and must be free); a training run is refused.
+
+    A run folder that is a link is renamed as a link (what it points to stays where it is).
+    """
     src = resolve_run(Path(runs_dir), name)
     dst = resolve_run(Path(runs_dir), new_name)
-    if not (src / CONFIG).exists():
+    if not (src.is_symlink() or (src / CONFIG).exists()):
         raise RunFileError(f"no run named {name!r} in {runs_dir}")
-    if dst.exists():
+    if dst.exists() or dst.is_symlink():
         raise ConfigError(f"a run named {dst.name!r} already exists")
-    if _is_training(src):
+    if not src.is_symlink() and _is_training(src):
         raise RunFileError(f"run {name!r} is training; stop it before renaming it")
     src.rename(dst)
     return dst
+
+
+def clean_leftovers(runs_dir: Path, min_age_s: float = 3600.0) -> None:
+    """Remove hidden folders an interrupted import or delete left in runs_dir (at least `min_age_s` old)."""
+    now = time.time()
+    try:
+        entries = list(os.scandir(runs_dir))
+    except OSError:
+        return
+    for e in entries:
+        if e.name.startswith((".import-", ".deleting-")):
+            try:
+                if e.is_dir(follow_symlinks=False) and now - e.stat(follow_symlinks=False).st_mtime >= min_age_s:
+                    shutil.rmtree(e.path, ignore_errors=True)
+            except OSError:
+                continue
 
 
 def metrics_csv(rows: list[dict[str, Any]]) -> str:
