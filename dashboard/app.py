@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts dashboard/ on the path, no
 
 import streamlit as st  # noqa: E402
 
-from dashboard.common import MAIN_TAB_KEY  # noqa: E402
+from dashboard.common import MAIN_TAB_KEY, md_text  # noqa: E402
 from dashboard.panels import controls, evidence, explore, runs, training  # noqa: E402
 from dashboard.state import current_run, get_lab  # noqa: E402
 from vae_core.lab import Lab, RunHandle  # noqa: E402
@@ -50,7 +50,7 @@ def guarded(title: str, draw: Callable[[], None]) -> None:
         draw()
     except Exception as e:  # st.rerun/st.stop are BaseExceptions and pass through
         log.exception("panel %s failed", title)
-        st.error(f"The {title} panel failed: {type(e).__name__}: {e}")
+        st.error(f"The {title} panel failed: {type(e).__name__}: {md_text(e)}")
 
 
 def needs_model(lab: Lab, draw: Callable[[RunHandle], None]) -> Callable[[], None]:

@@ -5,13 +5,18 @@ would see or what would keep running.
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from vae_core import runs
+from vae_core.config import RunConfig
 from vae_core.lab import Lab, UserError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def poll_until(predicate, timeout: float = 120.0, what: str = "condition", every: float = 0.1):
@@ -110,3 +115,94 @@ def test_resume_pressed_in_four_tabs_at_once_trains_the_run_once(lab, tiny_confi
             assert restarted.open(first.name).status().state == "stopped"
     finally:
         restarted.shutdown()
+
+
+# ------------------------------------------------------------------ item 14: untrusted strings render as text
+
+HOSTILE = "![t](http://attacker.invalid/x.png) :red[**Session expired, sign in again**] $x^2$"
+HOSTILE_DIR = "![n](x.png) :blue[**Named**]"  # a folder name: anything but '/'
+# What Markdown or Streamlit would turn into an image, a link, colour or maths if it reached a page unescaped.
+ACTIVE = ("![", "](http", ":red[", ":blue[", "**Session", "**Named", "$x^2$")
+
+
+def page_markdown(at) -> list[str]:
+    """The source of every element the page renders as Markdown."""
+    kinds = ("markdown", "caption", "info", "warning", "error", "success", "subheader", "header", "title")
+    return [e.value for kind in kinds for e in getattr(at, kind)]
+
+
+def assert_shown_as_text(at, *payloads: str) -> None:
+    from dashboard.common import md_text
+
+    bodies = page_markdown(at)
+    live = [b for b in bodies if any(a in re.sub(r"\\.", "", b) for a in ACTIVE)]  # escaped marks are text
+    assert not live, live
+    for p in payloads:  # the strings do reach the page, as text
+        assert any(md_text(p) in b for b in bodies), (p, bodies)
+
+
+@pytest.fixture
+def app_session(runs_dir):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard.state import get_lab
+
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=30)
+    at.query_params["sid"] = "attacker01"
+    yield at
+    get_lab().shutdown()
+    st.cache_resource.clear()
+
+
+def test_hostile_url_values_show_as_text(app_session):
+    at = app_session
+    at.query_params["beta"] = HOSTILE
+    at.query_params["dataset"] = HOSTILE_DIR
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert_shown_as_text(at, "beta=" + HOSTILE, "dataset=" + HOSTILE_DIR)
+
+
+def test_hostile_run_files_show_as_text(app_session, runs_dir, tiny_sprites, monkeypatch):
+    """A run whose status.json message and host, and config.json parent, are hostile; and a run folder whose
+    name is: the Runs tab, its actions, the comparison and the status line show them as text."""
+    import json
+    import shutil
+
+    from vae_core import inference
+
+    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None), tiny_sprites)
+    lab = Lab(runs_dir, num_threads=1)
+    tiny = RunConfig().replace(epochs=1, train_size=256, hidden_dim=32, batch_size=64, latent_dim=2, evidence_every=0)
+    run = lab.start(tiny, name="evil_run")
+    run.join(120)
+    assert run.status().state == "finished", run.status().message
+    lab.shutdown()
+    evil = runs_dir / "evil_run"
+    status = json.loads((evil / runs.STATUS).read_text())
+    (evil / runs.STATUS).write_text(json.dumps({**status, "message": HOSTILE, "host": HOSTILE}))
+    config = json.loads((evil / runs.CONFIG).read_text())
+    (evil / runs.CONFIG).write_text(json.dumps({**config, "parent": {"run": HOSTILE, "step": 3}}))
+    shutil.copytree(evil, runs_dir / HOSTILE_DIR)
+
+    at = app_session
+    at.run()
+    at.session_state["main_tab"] = "Runs"
+    at.run()
+    shown = list(at.dataframe(key="runs_table").value["Name"])
+    assert set(shown) == {"evil_run", HOSTILE_DIR}, shown
+    at.session_state["runs_table"] = {"selection": {"rows": [0, 1], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    for target in shown:  # the actions of each ticked run, and the comparison of both
+        at.selectbox(key="runs_target").set_value(target)
+        at.run()
+        assert not at.exception, [e.message for e in at.exception]
+        assert_shown_as_text(at, HOSTILE, HOSTILE_DIR if target == HOSTILE_DIR else "evil_run")
+    at.selectbox(key="runs_target").set_value("evil_run")
+    at.run()
+    at.button(key="runs_open").click()
+    at.run()  # the status line above the tab now shows the opened run's hostile message
+    assert not at.exception, [e.message for e in at.exception]
+    assert_shown_as_text(at, HOSTILE)
