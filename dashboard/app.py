@@ -38,9 +38,12 @@ log = logging.getLogger(__name__)
 # The progress bar's slide animation on every refresh made the browser composite frames for much
 # of each second: without it Chromium used 0.155 instead of 0.19 cores and training beside it ran
 # at 29.0k instead of 23.0k samples/s (3 alternating pairs, 2-core machine).
+# Streamlit's own Stop (top right, shown while a script runs past 0.5 s) was a second Stop beside the
+# sidebar's, and it stops only the page's script, never the run: only the sidebar's shows.
 CSS = """<style>
 [data-testid="stImage"] img, [data-testid="stFullScreenFrame"] img { image-rendering: pixelated; }
 [data-testid="stProgress"] * { transition: none !important; }
+[data-testid="stStatusWidget"] button { display: none; }
 </style>"""
 
 

@@ -442,3 +442,46 @@ def test_hostile_url_run_files_and_file_name_render_as_text(tmp_path):
         assert not outside, outside
         assert page.locator('[data-testid="stException"]').count() == 0
         browser.close()
+
+
+def test_only_the_sidebar_stop_shows_while_the_page_reruns(server):
+    """Issue 16 bug 11: while a script run lasts over 0.5 s Streamlit shows its own running man with a Stop
+    button beside the sidebar's Stop: two Stops, one of which stops only the page's script. The server's
+    answers after the one that says a rerun's script runs are held back here, as from a busy server, so the
+    page stays in its rerun long enough to show it."""
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.set_default_timeout(120_000)
+        held: list = []
+        hold = {"on": False, "running": False}
+
+        def relay(ws) -> None:
+            upstream = ws.connect_to_server()
+            ws.on_message(upstream.send)
+            def down(m) -> None:
+                if hold["on"] and hold["running"]:
+                    held.append(m)
+                    return
+                # ForwardMsg field 9, session_status_changed (b"J..."): "the script runs". Hold what follows.
+                hold["running"] = hold["on"] and isinstance(m, bytes) and m[:1] == b"J"
+                ws.send(m)
+
+            upstream.on_message(down)
+
+        page.route_web_socket(re.compile(r"/_stcore/stream"), relay)
+        page.goto(server)
+        page.wait_for_selector(IDLE, timeout=60_000)
+        stop = page.get_by_role("button", name="Stop", exact=True)
+        expect(stop).to_have_count(1)
+        hold["on"] = True
+        thumb = page.locator('.st-key-cfg_latent_dim input[type="range"]')
+        thumb.focus()
+        thumb.press("ArrowRight")  # a rerun the server will not seem to finish while its answers are held
+        expect(page.locator('[data-testid="stStatusWidget"]')).to_be_visible()
+        expect(page.get_by_test_id("stStatusWidgetRunningIcon")).to_be_visible()  # the page says it is busy
+        visible = [b for b in stop.all() if b.is_visible()]
+        assert len(visible) == 1, f"{len(visible)} Stop buttons visible"
+        assert visible[0].locator("xpath=ancestor::*[@data-testid='stSidebar']").count() == 1
+        assert held, "no server message was held back: the page never waited"
+        browser.close()
