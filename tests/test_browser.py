@@ -485,3 +485,43 @@ def test_only_the_sidebar_stop_shows_while_the_page_reruns(server):
         assert visible[0].locator("xpath=ancestor::*[@data-testid='stSidebar']").count() == 1
         assert held, "no server message was held back: the page never waited"
         browser.close()
+
+
+def test_quick_arrow_presses_on_beta_all_count_while_training(tmp_path):
+    """Issue 16 bug 12: arrow presses on the β slider a fraction of a second apart, while a run trained, were
+    partly lost (4 → 1.15 instead of 1): the server sent each applied β back to the browser, and the echo
+    arrived after the next presses, moving the slider back under them. 14 presses 0.15 s apart lost 5."""
+    from dashboard.settings import BETAS
+
+    runs_dir = tmp_path / "runs"
+    presses = BETAS.index(4.0) - BETAS.index(1.0)
+    with streamlit_server(tmp_path) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.set_default_timeout(120_000)
+        page.goto(f"{url}/?{SMALL}&beta=4.0")
+        page.wait_for_selector(IDLE, timeout=60_000)
+        thumb = page.locator('.st-key-cfg_beta input[type="range"]')
+        expect(thumb).to_have_attribute("aria-valuetext", "4")
+        page.get_by_role("button", name="Train", exact=True).click()
+        panel = page.frame_locator('iframe[title*="live_panel"]')
+        expect(panel.locator("#progress-text")).to_contain_text("samples/s", timeout=120_000)
+        name = panel.locator("#message b").first.inner_text()
+
+        thumb.focus()
+        for _ in range(presses):  # a person tapping the key: each press's rerun is still on its way
+            page.keyboard.press("ArrowLeft")
+            page.wait_for_timeout(150)
+        expect(thumb).to_have_attribute("aria-valuetext", "1")
+
+        def live_beta() -> float | None:
+            status = json.loads((runs_dir / name / "status.json").read_text())
+            return status.get("beta") if status.get("state") == "running" else -1.0
+
+        deadline = time.monotonic() + 120
+        while live_beta() != 1.0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert live_beta() == 1.0, "the run's β did not follow the slider"
+        expect(thumb).to_have_attribute("aria-valuetext", "1")  # and nothing moved it back since
+        page.get_by_role("button", name="Stop", exact=True).click()
+        browser.close()

@@ -92,7 +92,9 @@ def reconcile(run: RunHandle | None, status: Status | None) -> None:
         seen = st.session_state.get("_cfg_live", {})
         changed = {k: v for k, v in live.items() if seen.get(k) != v}
     for name, value in changed.items():
-        if name in DEFAULTS:
+        # Only a value the control does not show yet is sent: every assignment sends it to the browser, and
+        # the echo of a β this session just applied landed after the person's next arrow presses, undoing them.
+        if name in DEFAULTS and st.session_state.get(PREFIX + name) != value:
             st.session_state[PREFIX + name] = value
     st.session_state["_cfg_run"], st.session_state["_cfg_live"] = run.token, live
 
@@ -106,9 +108,15 @@ def _reassert() -> None:
     and number boxes in Advanced arrived after the first rerun) has no copy and starts from
     its widget default, which the next rerun sends back: the seeded value is silently lost.
     Assigning the current value before the widget is drawn makes every run send it.
+
+    Except the control the person just moved (it has the value: the browser sent it). Sent back, it
+    arrived after the person's next quick presses and moved the slider back under them: 14 arrow
+    presses on β 0.08-0.3 s apart while a run trained ended 2-7 values short of where they led.
     """
+    moved = st.session_state.pop("_cfg_moved", None)
     for k, d in DEFAULTS.items():
-        st.session_state[PREFIX + k] = st.session_state.get(PREFIX + k, d)
+        if k != moved:
+            st.session_state[PREFIX + k] = st.session_state.get(PREFIX + k, d)
 
 
 def sync_url(values: dict[str, Any]) -> None:
@@ -262,6 +270,7 @@ def _on_reset(lab: Lab) -> None:
 
 def _on_live_change(lab: Lab, name: str) -> None:
     """β, lr, warm-up and free bits go straight to an active run this session steers."""
+    st.session_state["_cfg_moved"] = name  # the browser has this value: do not send it back (_reassert)
     run = current_run(lab)
     if run is None or run.status().state not in STEERABLE:
         return
