@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts dashboard/ on the path, no
 
 import streamlit as st  # noqa: E402
 
-from dashboard.common import MAIN_TAB_KEY  # noqa: E402
+from dashboard.common import MAIN_TAB_KEY, md_text  # noqa: E402
 from dashboard.panels import controls, evidence, explore, runs, training  # noqa: E402
 from dashboard.state import current_run, get_lab  # noqa: E402
 from vae_core.lab import Lab, RunHandle  # noqa: E402
@@ -38,9 +38,12 @@ log = logging.getLogger(__name__)
 # The progress bar's slide animation on every refresh made the browser composite frames for much
 # of each second: without it Chromium used 0.155 instead of 0.19 cores and training beside it ran
 # at 29.0k instead of 23.0k samples/s (3 alternating pairs, 2-core machine).
+# Streamlit's own Stop (top right, shown while a script runs past 0.5 s) was a second Stop beside the
+# sidebar's, and it stops only the page's script, never the run: only the sidebar's shows.
 CSS = """<style>
 [data-testid="stImage"] img, [data-testid="stFullScreenFrame"] img { image-rendering: pixelated; }
 [data-testid="stProgress"] * { transition: none !important; }
+[data-testid="stStatusWidget"] button { display: none; }
 </style>"""
 
 
@@ -50,7 +53,7 @@ def guarded(title: str, draw: Callable[[], None]) -> None:
         draw()
     except Exception as e:  # st.rerun/st.stop are BaseExceptions and pass through
         log.exception("panel %s failed", title)
-        st.error(f"The {title} panel failed: {type(e).__name__}: {e}")
+        st.error(f"The {title} panel failed: {type(e).__name__}: {md_text(e)}")
 
 
 def needs_model(lab: Lab, draw: Callable[[RunHandle], None]) -> Callable[[], None]:

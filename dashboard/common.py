@@ -4,6 +4,8 @@ Panels never import each other; what they share lives here (and in dashboard/sta
 """
 from __future__ import annotations
 
+import html
+import re
 import uuid
 from typing import NoReturn
 
@@ -15,6 +17,39 @@ from vae_core.lab import RunConfig, RunHandle
 MAIN_TAB_KEY = "main_tab"  # app.py's st.tabs key: its value is the open tab's title
 MAX_POINTS = 300  # per train curve; Plotly redraws the whole figure on every refresh
 SMOOTHING = 0.6  # EMA weight of the past for train curves (rows are already 20-step averages)
+
+
+# What Markdown or Streamlit could read as markup anywhere in a line: emphasis, code, links and images, HTML
+# and entities, maths ($), strikethrough (~), Streamlit's :red[...] and :material/...:; an underscore only
+# where it could open or close emphasis (not in my_run_2).
+_MD_INLINE = re.compile(r"[\\`*\[\]<&$~]|:(?=[^\W\d_])|(?<![^\W_])_|_(?![^\W_])")
+# ...and at the start of a line: headings, quotes, lists, rules.
+_MD_BLOCK = re.compile(r"^(?:([#>+=-])|(\d+)([.)]))")
+# Bare http://, www. and e-mail addresses become links after the escapes are read (GFM's autolinks), so a
+# backslash cannot stop them: an invisible word joiner inside breaks the pattern and shows nothing.
+_AUTOLINK = re.compile(r"(?<=:)(?=//)|(?i:(?<=www))(?=\.)|(?<=@)")
+
+
+def md_text(value: object) -> str:
+    """An untrusted string (a run or file name, a message read from a file, a URL value, an error) for an
+    element that renders Markdown: it shows as the text itself, on one line, with no links, images or styling."""
+    text = _MD_INLINE.sub(lambda m: "\\" + m.group(0), re.sub(r"[\r\n\t]+", " ", str(value)))
+    text = _AUTOLINK.sub("\u2060", text)
+    return _MD_BLOCK.sub(lambda m: f"\\{m.group(1)}" if m.group(1) else f"{m.group(2)}\\{m.group(3)}", text.lstrip())
+
+
+def md_code(value: object) -> str:
+    """An untrusted string as a Markdown code span (backslashes do not escape inside one: the fence outgrows
+    any run of backticks in the text instead)."""
+    text = re.sub(r"[\r\n\t]+", " ", str(value))
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
+
+
+def plotly_text(value: object) -> str:
+    """An untrusted string for a Plotly label, legend or hover text: Plotly reads <b>, <span style=...> and
+    <a href=...> in them, and shows &lt; as <."""
+    return html.escape(str(value), quote=False)
 
 
 def poll_interval(state: str | None) -> float | None:

@@ -329,3 +329,199 @@ def test_leaving_explore_while_training_raises_nothing(page):
         page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]')
         assert page.locator('[data-testid="stException"]').all_inner_texts() == [], other
     page.get_by_role("button", name="Stop", exact=True).click()
+
+
+# ------------------------------------------------------------------ untrusted strings (issue 21, item 14)
+
+HOSTILE = "![t](http://attacker.invalid/x.png) :red[**Session expired, sign in again**]"
+HOSTILE_DIR = "![n](x.png) :blue[**Named**]"  # a run folder's name: anything but '/'
+
+# Every text node that holds one of the hostile strings' words, with what styles it: a tag other than a
+# paragraph or heading around it, or a colour other than its paragraph's, is the attacker's styling.
+STYLED = """(words) => {
+  const out = [];
+  for (const root of document.querySelectorAll('[data-testid="stMarkdownContainer"]')) {
+    const walk = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+    for (let n = walk.nextNode(); n; n = walk.nextNode()) {
+      if (!words.some((w) => n.textContent.includes(w))) continue;
+      const el = n.parentElement, block = el.closest('p, h1, h2, h3, h4, h5, h6, li') || root;
+      if (!['P', 'H1', 'H2', 'H3', 'H4', 'H5', 'H6'].includes(el.tagName) && !(el.tagName === 'SPAN' &&
+          getComputedStyle(el).color === getComputedStyle(block).color && !el.closest('strong, em, a')))
+        out.push(el.tagName + ': ' + n.textContent);
+    }
+    for (const bad of root.querySelectorAll('img, a[href*="attacker"], .katex'))
+      out.push(bad.outerHTML.slice(0, 120));
+  }
+  return out;
+}"""
+
+
+def text(locator) -> str:
+    """What a person reads (the page puts an invisible word joiner into untrusted http:// to keep it a text)."""
+    return locator.inner_text().replace("\u2060", "")
+
+
+def _hostile_run(runs_dir: Path) -> None:
+    """A finished tiny run whose status.json message and config.json parent are hostile, and a copy of it
+    in a folder with a hostile name."""
+    from vae_core import runs
+    from vae_core.lab import Lab, RunConfig
+
+    lab = Lab(runs_dir, num_threads=1)
+    try:
+        run = lab.start(RunConfig().replace(epochs=1, train_size=256, hidden_dim=32, batch_size=64,
+                                            evidence_every=0), name="evil_run")
+        run.join(120)
+        assert run.status().state == "finished", run.status().message
+    finally:
+        lab.shutdown()
+    d = runs_dir / "evil_run"
+    status = json.loads((d / runs.STATUS).read_text())
+    (d / runs.STATUS).write_text(json.dumps({**status, "message": HOSTILE}))
+    config = json.loads((d / runs.CONFIG).read_text())
+    (d / runs.CONFIG).write_text(json.dumps({**config, "parent": {"run": HOSTILE, "step": 3}}))
+    shutil.copytree(d, runs_dir / HOSTILE_DIR)
+
+
+def test_hostile_url_run_files_and_file_name_render_as_text(tmp_path):
+    """The attack of issue 21: `/?beta=![t](http://attacker/x.png) :red[**…**]` made the page fetch from the
+    attacker's host and show their styled text. URL values, a run's status message and parent, a run folder's
+    name and an uploaded file's name must all show as the text they are, and nothing may leave for outside."""
+    from urllib.parse import quote
+
+    _hostile_run(tmp_path / "runs")
+    words = ["Session expired", "Named", "attacker"]
+    with streamlit_server(tmp_path) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.set_default_timeout(120_000)
+        outside: list[str] = []
+        page.on("request", lambda r: outside.append(r.url)  # blob: and data: URLs are the page's own
+                if not r.url.startswith("data:") and urlparse(r.url.removeprefix("blob:")).hostname != "127.0.0.1"
+                else None)
+        page.goto(f"{url}/?beta={quote(HOSTILE)}&dataset={quote(HOSTILE_DIR)}")
+        page.wait_for_selector(IDLE, timeout=60_000)
+        warning = page.locator('[data-testid="stAlert"]', has_text="Ignored invalid settings")
+        expect(warning).to_contain_text("Session expired")
+        for shown in ("beta=" + HOSTILE, "dataset=" + HOSTILE_DIR):  # the very characters, brackets and stars
+            assert shown in text(warning), text(warning)
+        assert page.evaluate(STYLED, words) == []
+
+        page.get_by_role("tab", name="Runs").click()
+        expect(page.get_by_text("2 runs in")).to_be_visible()
+        grid = page.locator('[data-testid="stDataFrame"]').first.bounding_box()
+        for row in (1, 2):  # tick both: the actions of the first, the comparison of both
+            page.mouse.click(grid["x"] + 15, grid["y"] + 35 * row + 17)
+            page.wait_for_timeout(300)
+            page.wait_for_selector(IDLE)
+        expect(page.get_by_text("Left out of the comparison")).to_be_visible()  # the hostile folder: unreadable
+        assert "forked from " + HOSTILE in text(page.locator("body"))
+        assert page.get_by_text(HOSTILE_DIR).count() >= 2
+        assert page.evaluate(STYLED, words) == []
+
+        upload = page.get_by_text("Import a run (.zip)")
+        upload.click()
+        page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(
+            files=[{"name": HOSTILE_DIR + ".zip", "mimeType": "application/zip", "buffer": b"not a zip"}])
+        expect(page.get_by_text("Could not import " + HOSTILE_DIR + ".zip")).to_be_visible()
+        assert page.evaluate(STYLED, words) == []
+
+        grid = page.locator('[data-testid="stDataFrame"]').first.bounding_box()  # moved down by the message
+        page.mouse.click(grid["x"] + 15, grid["y"] + 35 + 17)  # untick the hostile folder (row 1: no Open)
+        page.wait_for_timeout(300)
+        page.wait_for_selector(IDLE)
+        page.locator(".st-key-runs_open button").first.click()
+        page.wait_for_timeout(300)
+        page.wait_for_selector(IDLE)
+        page.get_by_role("tab", name="Training").click()
+        panel = page.frame_locator('iframe[title*="live_panel"]')
+        expect(panel.locator("#message")).to_contain_text("Session expired")
+        assert "Finished: " + HOSTILE in text(panel.locator("#message"))  # as text, stars and all
+        assert panel.locator("#message b").all_inner_texts() == ["evil_run"]
+        assert page.evaluate(STYLED, words) == []
+        assert not outside, outside
+        assert page.locator('[data-testid="stException"]').count() == 0
+        browser.close()
+
+
+def test_only_the_sidebar_stop_shows_while_the_page_reruns(server):
+    """Issue 16 bug 11: while a script run lasts over 0.5 s Streamlit shows its own running man with a Stop
+    button beside the sidebar's Stop: two Stops, one of which stops only the page's script. The server's
+    answers after the one that says a rerun's script runs are held back here, as from a busy server, so the
+    page stays in its rerun long enough to show it."""
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.set_default_timeout(120_000)
+        held: list = []
+        hold = {"on": False, "running": False}
+
+        def relay(ws) -> None:
+            upstream = ws.connect_to_server()
+            ws.on_message(upstream.send)
+            def down(m) -> None:
+                if hold["on"] and hold["running"]:
+                    held.append(m)
+                    return
+                # ForwardMsg field 9, session_status_changed (b"J..."): "the script runs". Hold what follows.
+                hold["running"] = hold["on"] and isinstance(m, bytes) and m[:1] == b"J"
+                ws.send(m)
+
+            upstream.on_message(down)
+
+        page.route_web_socket(re.compile(r"/_stcore/stream"), relay)
+        page.goto(server)
+        page.wait_for_selector(IDLE, timeout=60_000)
+        stop = page.get_by_role("button", name="Stop", exact=True)
+        expect(stop).to_have_count(1)
+        hold["on"] = True
+        thumb = page.locator('.st-key-cfg_latent_dim input[type="range"]')
+        thumb.focus()
+        thumb.press("ArrowRight")  # a rerun the server will not seem to finish while its answers are held
+        expect(page.locator('[data-testid="stStatusWidget"]')).to_be_visible()
+        expect(page.get_by_test_id("stStatusWidgetRunningIcon")).to_be_visible()  # the page says it is busy
+        visible = [b for b in stop.all() if b.is_visible()]
+        assert len(visible) == 1, f"{len(visible)} Stop buttons visible"
+        assert visible[0].locator("xpath=ancestor::*[@data-testid='stSidebar']").count() == 1
+        assert held, "no server message was held back: the page never waited"
+        browser.close()
+
+
+def test_quick_arrow_presses_on_beta_all_count_while_training(tmp_path):
+    """Issue 16 bug 12: arrow presses on the β slider a fraction of a second apart, while a run trained, were
+    partly lost (4 → 1.15 instead of 1): the server sent each applied β back to the browser, and the echo
+    arrived after the next presses, moving the slider back under them. 14 presses 0.15 s apart lost 5."""
+    from dashboard.settings import BETAS
+
+    runs_dir = tmp_path / "runs"
+    presses = BETAS.index(4.0) - BETAS.index(1.0)
+    with streamlit_server(tmp_path) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page.set_default_timeout(120_000)
+        page.goto(f"{url}/?{SMALL}&beta=4.0")
+        page.wait_for_selector(IDLE, timeout=60_000)
+        thumb = page.locator('.st-key-cfg_beta input[type="range"]')
+        expect(thumb).to_have_attribute("aria-valuetext", "4")
+        page.get_by_role("button", name="Train", exact=True).click()
+        panel = page.frame_locator('iframe[title*="live_panel"]')
+        expect(panel.locator("#progress-text")).to_contain_text("samples/s", timeout=120_000)
+        name = panel.locator("#message b").first.inner_text()
+
+        thumb.focus()
+        for _ in range(presses):  # a person tapping the key: each press's rerun is still on its way
+            page.keyboard.press("ArrowLeft")
+            page.wait_for_timeout(150)
+        expect(thumb).to_have_attribute("aria-valuetext", "1")
+
+        def live_beta() -> float | None:
+            status = json.loads((runs_dir / name / "status.json").read_text())
+            return status.get("beta") if status.get("state") == "running" else -1.0
+
+        deadline = time.monotonic() + 120
+        while live_beta() != 1.0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert live_beta() == 1.0, "the run's β did not follow the slider"
+        expect(thumb).to_have_attribute("aria-valuetext", "1")  # and nothing moved it back since
+        page.get_by_role("button", name="Stop", exact=True).click()
+        browser.close()

@@ -736,6 +736,12 @@ class Lab:
         with self._lock:
             if self._closed:
                 raise RunFileError("the lab is shut down")
+            # Two clicks resuming one run each built a trainer before taking the lock; the second one replaced
+            # the first in this registry while the first trained on, out of reach of Stop. One trainer per run:
+            # the later click gets the run that already trains (or waits) here, as resume() does for a live one.
+            held = self._trainers.get(key)
+            if held is not None and held is not t and (held.is_alive() or any(k == key for k, _ in self._queue)):
+                return LocalRun(held, self)
             self._trainers[key] = t
             self._trainers.move_to_end(key)
             self._owners[key] = owner

@@ -19,6 +19,7 @@ import streamlit as st
 from plotly.colors import qualitative
 
 from dashboard.common import beta_set, downsample, reconstructions_mosaic, samples_mosaic, smooth, units
+from dashboard.common import md_text, plotly_text
 from vae_core.images import png_bytes
 from vae_core.lab import Lab, RunConfig, UserError
 
@@ -128,15 +129,15 @@ def curves_figure(data: list[RunData], *, x: str = "step", show_train: bool = Tr
                 xs, ys = series(run.split("train"), key, x)
                 if len(ys):
                     keep = downsample(len(ys))
-                    fig.add_trace(go.Scatter(x=xs[keep], y=smooth(list(ys))[keep], mode="lines", name=run.name,
+                    fig.add_trace(go.Scatter(x=xs[keep], y=smooth(list(ys))[keep], mode="lines", name=plotly_text(run.name),
                                              legendgroup=run.name, showlegend=False, opacity=0.45,
                                              line={"color": color, "width": 1}, xaxis=f"x{suffix}",
-                                             yaxis=f"y{suffix}", hovertemplate=f"{run.name} train: %{{y:.2f}}<extra></extra>"))
+                                             yaxis=f"y{suffix}", hovertemplate=f"{plotly_text(run.name)} train: %{{y:.2f}}<extra></extra>"))
             xs, ys = series(run.split("test"), key, x)
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=run.name, legendgroup=run.name,
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=plotly_text(run.name), legendgroup=run.name,
                                      showlegend=p == 1, line={"color": color, "width": 2}, marker={"size": 6},
                                      xaxis=f"x{suffix}", yaxis=f"y{suffix}",
-                                     hovertemplate=f"{run.name} test: %{{y:.2f}}<extra></extra>"))
+                                     hovertemplate=f"{plotly_text(run.name)} test: %{{y:.2f}}<extra></extra>"))
     gap, width = 0.06, (1 - 2 * 0.06) / 3
     layout: dict[str, Any] = {}
     for p in range(3):
@@ -165,14 +166,14 @@ def rd_figure(data: list[RunData]) -> go.Figure:
         if not len(rate):
             continue
         color = COLORS[i % len(COLORS)]
-        fig.add_trace(go.Scatter(x=rate, y=dist, mode="lines+markers", name=run.name, legendgroup=run.name,
+        fig.add_trace(go.Scatter(x=rate, y=dist, mode="lines+markers", name=plotly_text(run.name), legendgroup=run.name,
                                  line={"color": color, "width": 1.5}, marker={"size": 5}, opacity=0.6,
-                                 hovertemplate=f"{run.name}<br>rate %{{x:.2f}}, distortion %{{y:.2f}}<extra></extra>",
+                                 hovertemplate=f"{plotly_text(run.name)}<br>rate %{{x:.2f}}, distortion %{{y:.2f}}<extra></extra>",
                                  showlegend=False))
-        fig.add_trace(go.Scatter(x=rate[-1:], y=dist[-1:], mode="markers+text", name=run.name, legendgroup=run.name,
+        fig.add_trace(go.Scatter(x=rate[-1:], y=dist[-1:], mode="markers+text", name=plotly_text(run.name), legendgroup=run.name,
                                  text=[f"β={run.beta:g}"], textposition="top right",
                                  marker={"color": color, "size": 13, "symbol": "star", "line": {"width": 1}},
-                                 hovertemplate=(f"{run.name} (last epoch)<br>rate %{{x:.2f}}, distortion %{{y:.2f}}"
+                                 hovertemplate=(f"{plotly_text(run.name)} (last epoch)<br>rate %{{x:.2f}}, distortion %{{y:.2f}}"
                                                 f"<br>ELBO {-(rate[-1] + dist[-1]):.2f}<extra></extra>")))
         finals.append((rate[-1], dist[-1]))
     if finals:
@@ -205,7 +206,7 @@ def render(lab: Lab, names: list[str]) -> None:
         except UserError as e:
             problems.append(f"{name}: {e}")
     for msg in problems:
-        st.error(f"Left out of the comparison: {msg}")
+        st.error(f"Left out of the comparison: {md_text(msg)}")
     if not data:
         return
     st.subheader(f"Compare {len(data)} runs")
@@ -255,11 +256,11 @@ def _images(lab: Lab, data: list[RunData]) -> None:
         cols = st.columns(per_row)
         for col, run in zip(cols, data[start:start + per_row]):
             with col:
-                st.markdown(f"**{run.name}** · β={run.beta:g}, D={run.config.model.latent_dim}")
+                st.markdown(f"**{md_text(run.name)}** · β={run.beta:g}, D={run.config.model.latent_dim}")
                 try:
                     art = images(lab, run.name)
                 except Exception as e:  # a missing dataset or unreadable checkpoint: say so in this column only
-                    st.error(f"No images: {e}")
+                    st.error(f"No images: {md_text(e)}")
                     continue
                 if not art:
                     st.info("No weights yet.")

@@ -17,6 +17,7 @@ from typing import Any
 
 import streamlit as st
 
+from dashboard.common import md_text
 from dashboard.settings import (ARCH_NAMES, BATCH_SIZES, BETAS, DATASET_NAMES, DEFAULTS, LABELS, LIKELIHOOD_NAMES, LRS,
                                 PREFIX, changed_fields, config_from_values, field_errors, query_from_values,
                                 values_from_config, values_from_query, with_value)
@@ -59,7 +60,7 @@ def init_state(run: RunHandle | None) -> None:
     if params:
         values, ignored = values_from_query(params)
         if ignored:
-            _notice("warning", "Ignored invalid settings in the URL: " + ", ".join(ignored))
+            _notice("warning", "Ignored invalid settings in the URL: " + ", ".join(md_text(i) for i in ignored))
     elif run is not None:
         values = {**DEFAULTS, **values_from_config(run.config)}
     else:
@@ -91,7 +92,9 @@ def reconcile(run: RunHandle | None, status: Status | None) -> None:
         seen = st.session_state.get("_cfg_live", {})
         changed = {k: v for k, v in live.items() if seen.get(k) != v}
     for name, value in changed.items():
-        if name in DEFAULTS:
+        # Only a value the control does not show yet is sent: every assignment sends it to the browser, and
+        # the echo of a β this session just applied landed after the person's next arrow presses, undoing them.
+        if name in DEFAULTS and st.session_state.get(PREFIX + name) != value:
             st.session_state[PREFIX + name] = value
     st.session_state["_cfg_run"], st.session_state["_cfg_live"] = run.token, live
 
@@ -105,9 +108,15 @@ def _reassert() -> None:
     and number boxes in Advanced arrived after the first rerun) has no copy and starts from
     its widget default, which the next rerun sends back: the seeded value is silently lost.
     Assigning the current value before the widget is drawn makes every run send it.
+
+    Except the control the person just moved (it has the value: the browser sent it). Sent back, it
+    arrived after the person's next quick presses and moved the slider back under them: 14 arrow
+    presses on β 0.08-0.3 s apart while a run trained ended 2-7 values short of where they led.
     """
+    moved = st.session_state.pop("_cfg_moved", None)
     for k, d in DEFAULTS.items():
-        st.session_state[PREFIX + k] = st.session_state.get(PREFIX + k, d)
+        if k != moved:
+            st.session_state[PREFIX + k] = st.session_state.get(PREFIX + k, d)
 
 
 def sync_url(values: dict[str, Any]) -> None:
@@ -183,11 +192,11 @@ def _on_train(lab: Lab) -> None:
                 stopped = before.name
         run = lab.start(config, owner=sid)
     except UserError as e:
-        _notice("error", f"Could not start the run: {e}")
+        _notice("error", f"Could not start the run: {md_text(e)}")
         return
     lab.show(sid, run.name)
     if stopped:
-        _notice("info", f"Your previous run {stopped} was stopped and checkpointed to make room (this server "
+        _notice("info", f"Your previous run {md_text(stopped)} was stopped and checkpointed to make room (this server "
                         f"trains {lab.max_runs} at once); Resume it from the Runs tab.")
 
 
@@ -195,7 +204,7 @@ def _steerable(lab: Lab) -> RunHandle | None:
     """This session's current run if it may steer it; else None (and a message when there is a run)."""
     run = current_run(lab)
     if run is not None and not can_steer(lab, run):
-        _notice("warning", f"Run {run.name} belongs to another session; it is read-only here.")
+        _notice("warning", f"Run {md_text(run.name)} belongs to another session; it is read-only here.")
         return None
     return run
 
@@ -210,7 +219,7 @@ def _on_pause_resume(lab: Lab) -> None:
         else:
             lab.resume(run.name, owner=session_id(), live={k: current_values()[k] for k in LIVE_FIELDS})
     except UserError as e:
-        _notice("error", f"Could not {'pause' if run.status().state == 'running' else 'resume'}: {e}")
+        _notice("error", f"Could not {'pause' if run.status().state == 'running' else 'resume'}: {md_text(e)}")
 
 
 def _on_step(lab: Lab) -> None:
@@ -223,7 +232,7 @@ def _on_step(lab: Lab) -> None:
         try:
             lab.show(sid, lab.start(config, owner=sid, step_only=True).name)
         except UserError as e:
-            _notice("error", f"Could not step: {e}")
+            _notice("error", f"Could not step: {md_text(e)}")
         return
     run = _steerable(lab)
     if run is None:
@@ -231,7 +240,7 @@ def _on_step(lab: Lab) -> None:
     try:
         lab.step(run.name, owner=sid)
     except UserError as e:
-        _notice("error", f"Could not step: {e}")
+        _notice("error", f"Could not step: {md_text(e)}")
 
 
 def _on_stop(lab: Lab) -> None:
@@ -241,7 +250,7 @@ def _on_stop(lab: Lab) -> None:
     try:
         lab.stop(run.name, owner=session_id())
     except UserError as e:
-        _notice("error", f"Could not stop: {e}")
+        _notice("error", f"Could not stop: {md_text(e)}")
 
 
 def _on_reset(lab: Lab) -> None:
@@ -254,25 +263,26 @@ def _on_reset(lab: Lab) -> None:
             try:
                 lab.stop(run.name, owner=sid)
             except UserError as e:
-                _notice("error", f"Could not stop: {e}")
+                _notice("error", f"Could not stop: {md_text(e)}")
                 return
     lab.show(sid, None)
 
 
 def _on_live_change(lab: Lab, name: str) -> None:
     """β, lr, warm-up and free bits go straight to an active run this session steers."""
+    st.session_state["_cfg_moved"] = name  # the browser has this value: do not send it back (_reassert)
     run = current_run(lab)
     if run is None or run.status().state not in STEERABLE:
         return
     value = st.session_state[PREFIX + name]
     if not can_steer(lab, run):
-        _notice("info", f"{LABELS[name]} = {value:g} was not applied: run {run.name} belongs to another session "
+        _notice("info", f"{LABELS[name]} = {value:g} was not applied: run {md_text(run.name)} belongs to another session "
                         "and is read-only here. Press **Train** to start your own run with it.")
         return
     try:
         lab.update(run.name, owner=session_id(), **{name: value})
     except UserError as e:
-        _notice("error", str(e))
+        _notice("error", md_text(e))
         return
     _notice("success", f"{LABELS[name]} = {value:g} applied to the running run from its next step.")
 

@@ -17,6 +17,7 @@ from plotly.subplots import make_subplots
 
 from dashboard.panels.evidence_series import (ELBO_COLOR, GAP_FILL, GRID_COLOR, IWAE_COLOR, JOB_COLOR, K, axis_unit,
                                               best_bound, caveat, elbo_name, finished_job, live_interval, split_rows)
+from dashboard.common import md_text
 from dashboard.state import get_lab
 from vae_core.lab import (DEFAULT_EXAMPLES, DEFAULT_K, EXAMPLE_CHOICES, K_CHOICES, DatasetUnavailable, JobSnapshot,
                           RunHandle, UserError)
@@ -174,7 +175,7 @@ def _start(run: RunHandle) -> None:
     try:
         get_lab().submit_bounds(run.name, k=int(k), n=int(n))
     except (*UserError, RuntimeError, ValueError) as e:
-        st.session_state[K + "job_notice"] = f"Could not start the estimate: {e}"
+        st.session_state[K + "job_notice"] = f"Could not start the estimate: {md_text(e)}"
 
 
 def _cancel(run: RunHandle) -> None:
@@ -227,7 +228,7 @@ def job_summary(snap: JobSnapshot, unit: str) -> None:
         st.caption(f"Cancelled after {snap.done} of {snap.n} images.")
         return
     if snap.state == "failed":
-        st.error(f"The estimate failed: {snap.error}")
+        st.error(f"The estimate failed: {md_text(snap.error)}")
         return
     r = snap.result
     k, bound, se = best_bound(r)

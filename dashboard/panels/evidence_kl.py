@@ -19,6 +19,7 @@ import streamlit as st
 
 from dashboard.panels.evidence_series import (COLLAPSE_KL_NATS, ELBO_COLOR, IWAE_COLOR, K, RECENT_TRAIN_ROWS,
                                               axis_unit, collapse_signs, kl_matrix, live_interval, split_rows)
+from dashboard.common import md_text
 from dashboard.settings import LABELS
 from dashboard.state import can_steer, get_lab, session_id
 from vae_core.lab import ACTIVE_THRESHOLD, RunHandle, Status, UserError
@@ -210,7 +211,7 @@ def _apply(run: RunHandle, name: str) -> None:
     try:
         get_lab().update(run.name, owner=session_id(), **r.changes)
     except UserError as e:
-        st.session_state[K + "remedy_notice"] = ("error", str(e))
+        st.session_state[K + "remedy_notice"] = ("error", md_text(e))
         return
     st.session_state[K + "remedy_notice"] = ("success", "Applied from the next step: " + ", ".join(
         f"{LABELS[f]} = {v:g}" for f, v in r.changes.items()) + ". " + r.effect)

@@ -20,6 +20,7 @@ import streamlit as st
 from plotly.colors import qualitative
 
 from dashboard.common import MAIN_TAB_KEY, run_token, weights_step
+from dashboard.common import md_text
 from vae_core import latent
 from vae_core.images import tile, to_uint8, upscale
 from vae_core.lab import DatasetUnavailable, RunHandle
@@ -265,7 +266,7 @@ def codes_or_none(run: RunHandle, say_why: bool) -> tuple[np.ndarray, np.ndarray
         return codes(run)
     except DatasetUnavailable as e:
         if say_why:
-            st.info(f"The test set is not available on this machine, so there are no codes to show: {e}")
+            st.info(f"The test set is not available on this machine, so there are no codes to show: {md_text(e)}")
         return None
 
 

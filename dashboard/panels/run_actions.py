@@ -16,7 +16,7 @@ from typing import Any, Callable
 import streamlit as st
 
 from dashboard import settings
-from dashboard.common import reconstructions_mosaic, samples_mosaic
+from dashboard.common import md_code, md_text, reconstructions_mosaic, samples_mosaic
 from dashboard.state import can_steer, session_id
 from vae_core.images import png_bytes
 from vae_core.lab import (CHECKPOINT, LIMITS, UI_LIMITS, ConfigError, Lab, LocalRun, RunHandle, RunSummary,
@@ -88,9 +88,9 @@ def _attempt(action: Callable[[], str]) -> None:
     try:
         notice("success", action())
     except UserError as e:
-        notice("error", str(e))
+        notice("error", md_text(e))
     except Exception as e:  # anything else: a message, not a traceback
-        notice("error", f"{type(e).__name__}: {e}")
+        notice("error", f"{type(e).__name__}: {md_text(e)}")
 
 
 def _on_open(lab: Lab, name: str) -> None:
@@ -98,9 +98,9 @@ def _on_open(lab: Lab, name: str) -> None:
         run = lab.open(name)
         _show(lab, run)
         if run.status().followed and run.status().active:
-            return (f"Opened **{name}**, which another process is training: the Training, Explore and Evidence "
+            return (f"Opened **{md_text(name)}**, which another process is training: the Training, Explore and Evidence "
                     "tabs follow it live, from its latest checkpoint.")
-        return (f"Opened **{name}**: the Training, Explore and Evidence tabs now show it, "
+        return (f"Opened **{md_text(name)}**: the Training, Explore and Evidence tabs now show it, "
                 "from its checkpoint (nothing is retrained).")
     _attempt(act)
 
@@ -110,7 +110,7 @@ def _on_resume(lab: Lab, name: str, finished: bool) -> None:
         more = int(st.session_state.get(K + "more_epochs", 1)) if finished else None
         run = lab.resume(name, owner=session_id(), epochs=more)
         _show(lab, run)
-        return (f"Training **{run.name}** again from step {run.status().step:,}"
+        return (f"Training **{md_text(run.name)}** again from step {run.status().step:,}"
                 + (f" for {more} more epochs" if more else "") + "; the Training tab shows it live.")
     _attempt(act)
 
@@ -124,7 +124,7 @@ def _on_fork(lab: Lab, name: str) -> None:
             raise ConfigError(f"the fork failed: {child.status().message}")
         _show(lab, child)
         select([child.name, name])  # tick child and parent, so the comparison below follows the fork live
-        return (f"Forked **{name}** into **{child.name}** with β={values['beta']:g}, lr={values['lr']:g}: it "
+        return (f"Forked **{md_text(name)}** into **{md_text(child.name)}** with β={values['beta']:g}, lr={values['lr']:g}: it "
                 "continues from the parent's checkpoint and records it as its parent. Both are ticked below; the "
                 "Training tab shows the new run live.")
     _attempt(act)
@@ -138,7 +138,7 @@ def _on_rename(lab: Lab, name: str) -> None:
             lab.show(session_id(), new)
         select([new if n == name else n for n in st.session_state.get("_runs_selected", [])])
         st.session_state[K + "rename_to"] = ""
-        return f"Renamed **{name}** to **{new}**."
+        return f"Renamed **{md_text(name)}** to **{md_text(new)}**."
     _attempt(act)
 
 
@@ -151,7 +151,7 @@ def _on_delete_confirmed(lab: Lab, name: str) -> None:
 
     def act() -> str:
         lab.delete(name)  # refuses a run that trains, here or in another live process, before anything goes
-        return f"Deleted **{name}**."
+        return f"Deleted **{md_text(name)}**."
     _attempt(act)
 
 
@@ -166,7 +166,7 @@ def _handle(lab: Lab, s: RunSummary) -> RunHandle | None:
 
 def render(lab: Lab, s: RunSummary) -> None:
     """The actions for run `s`: its status line, Open / Resume, then Fork, Export, Rename or delete."""
-    st.subheader(s.name)
+    st.subheader(md_text(s.name))
     run = _handle(lab, s)
     training_here = isinstance(run, LocalRun) and (run.is_alive() or lab.queue_position(s.name) is not None)
     steer = run is not None and can_steer(lab, run)
@@ -175,9 +175,9 @@ def render(lab: Lab, s: RunSummary) -> None:
         bits.append(f"forked from {parent_text(s.parent)}")
     if s.host:
         bits.append(f"on {s.host}")
-    st.caption(" · ".join(b for b in bits if b))
+    st.caption(" · ".join(md_text(b) for b in bits if b))
     if s.error:
-        st.error(f"This run cannot be opened: {s.error}. You can still rename or delete it.")
+        st.error(f"This run cannot be opened: {md_text(s.error)}. You can still rename or delete it.")
     usable = run is not None
     finished = s.status == "finished"
     resumable = usable and steer and s.status in RESUMABLE and not training_here
@@ -244,7 +244,7 @@ def _fork(lab: Lab, run: RunHandle) -> None:
 def _exports(lab: Lab, s: RunSummary) -> None:
     with st.expander("Export"):
         st.caption("The zip holds the whole run (config.json with seed and library versions, metrics, checkpoint); "
-                   f"on another machine `python -m vae_core train --resume {s.name}.zip` continues it.")
+                   f"on another machine {md_code(f'python -m vae_core train --resume {s.name}.zip')} continues it.")
         cols = st.columns(5)
         files = [("Metrics (CSV)", metrics_csv_bytes, "-metrics.csv", "text/csv", "csv"),
                  ("Samples (PNG)", samples_png, "-samples.png", "image/png", "samples"),
@@ -269,12 +269,12 @@ def _rename_delete(lab: Lab, s: RunSummary) -> None:
             try:
                 st.caption(f"Will be saved as `{sanitize_name(typed)}`.")
             except ConfigError as e:
-                st.caption(f"⚠ {e}")
+                st.caption(f"⚠ {md_text(e)}")
         if not pending:
             st.button("Delete…", key=K + "delete", on_click=_on_delete, args=(s.name,),
                       help="Asks for confirmation first")
             return
-        st.warning(f"Delete **{s.name}**? Its checkpoint, metrics and config are removed from disk; "
+        st.warning(f"Delete **{md_text(s.name)}**? Its checkpoint, metrics and config are removed from disk; "
                    "this cannot be undone.")
         c1, c2, _ = st.columns([1, 1, 3])
         c1.button("Yes, delete", key=K + "delete_confirm", type="primary", on_click=_on_delete_confirmed,

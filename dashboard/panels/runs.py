@@ -16,6 +16,7 @@ from typing import Any
 
 import streamlit as st
 
+from dashboard.common import md_text
 from dashboard.panels import compare, run_actions
 from dashboard.panels.run_actions import K, STATUS, notice, owner_text, parent_text, select
 from dashboard.state import session_id
@@ -87,15 +88,15 @@ def _on_import(lab: Lab) -> None:
     if upload is None:
         return
     if upload.size > MAX_UPLOAD_MB * 2**20:
-        notice("error", f"{upload.name} is {upload.size / 2**20:.0f} MB; a run zip may be at most {MAX_UPLOAD_MB} MB.")
+        notice("error", f"{md_text(upload.name)} is {upload.size / 2**20:.0f} MB; a run zip may be at most {MAX_UPLOAD_MB} MB.")
         return
     try:
         name = lab.import_zip(upload.getvalue())
     except UserError as e:
-        notice("error", f"Could not import {upload.name}: {e}")
+        notice("error", f"Could not import {md_text(upload.name)}: {md_text(e)}")
         return
     select([name])
-    notice("success", f"Imported **{upload.name}** as **{name}**; it is ticked in the table below.")
+    notice("success", f"Imported **{md_text(upload.name)}** as **{md_text(name)}**; it is ticked in the table below.")
 
 
 # ------------------------------------------------------------------ drawing

@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard.common import app_rerun, beta_effective, downsample, poll_interval, smooth, units, viewer_id
+from dashboard.common import md_text
 from dashboard.live_panel import live_panel, log_scale
 from dashboard.state import current_run, current_token, get_viewers
 from vae_core.images import png_bytes, tile, upscale
@@ -113,12 +114,12 @@ def render_status(lab: Lab) -> None:
 
 def status_view(run: RunHandle, s: Status) -> dict[str, Any]:
     """What the status line says: a progress bar (or None) with its text, and a message of a kind."""
-    name = f"**{run.name}** · " if run.name else ""
+    name, message = (f"**{md_text(run.name)}** · " if run.name else ""), md_text(s.message)
     elsewhere = " (trained by another process; read from its run directory)" if s.followed and s.active else ""
     total = total_steps(s)
     bar = {"progress": min(1.0, s.step / total) if total else 0.0, "progress_text": progress_text(s)}
     if s.state == "running":
-        return {**bar, "kind": "caption", "text": f"{name}▶ {s.message}{elsewhere}"}
+        return {**bar, "kind": "caption", "text": f"{name}▶ {message}{elsewhere}"}
     if s.state == "paused":
         return {**bar, "kind": "warning", "text": f"{name}Paused at step {s.step:,}{elsewhere}. **Resume** continues, "
                                                   "**Step** does one optimisation step."}
@@ -128,23 +129,23 @@ def status_view(run: RunHandle, s: Status) -> dict[str, Any]:
                 "text": f"{name}Queued. Waiting for a free slot{place} (other runs are training on this server). "
                         "It starts by itself as soon as one ends."}
     if s.state == "finished":
-        return {**bar, "progress": 1.0, "kind": "success", "text": f"{name}Finished: {s.message}."}
+        return {**bar, "progress": 1.0, "kind": "success", "text": f"{name}Finished: {message}."}
     if s.state == "stopped":
         return {**bar, "kind": "info",
-                "text": f"{name}Stopped: {s.message}. **Resume** continues from the last checkpoint."}
+                "text": f"{name}Stopped: {message}. **Resume** continues from the last checkpoint."}
     if s.state == "interrupted":
         return {**bar, "kind": "warning",
-                "text": f"{name}Interrupted: the process that trained it ended ({s.message}). **Resume** continues "
+                "text": f"{name}Interrupted: the process that trained it ended ({message}). **Resume** continues "
                         "from the last checkpoint."}
     if s.state == "failed":
-        return {"progress": None, "kind": "error", "text": f"{name}Training failed: {s.message}"}
-    return {"progress": None, "kind": "caption", "text": f"{name}{s.message}"}
+        return {"progress": None, "kind": "error", "text": f"{name}Training failed: {message}"}
+    return {"progress": None, "kind": "caption", "text": f"{name}{message}"}
 
 
 def status_line(view: dict[str, Any]) -> None:
     """The status line as Streamlit elements, on the tabs other than Training."""
     if view["progress"] is not None:
-        st.progress(view["progress"], text=view["progress_text"])
+        st.progress(view["progress"], text=md_text(view["progress_text"]))
     getattr(st, view["kind"])(view["text"])
 
 
