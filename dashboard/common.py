@@ -30,10 +30,16 @@ _MD_BLOCK = re.compile(r"^(?:([#>+=-])|(\d+)([.)]))")
 _AUTOLINK = re.compile(r"(?<=:)(?=//)|(?i:(?<=www))(?=\.)|(?<=@)")
 
 
+_ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\"]+/)+([^\s/'\"]+)")
+
+
 def md_text(value: object) -> str:
     """An untrusted string (a run or file name, a message read from a file, a URL value, an error) for an
     element that renders Markdown: it shows as the text itself, on one line, with no links, images or styling."""
-    text = _MD_INLINE.sub(lambda m: "\\" + m.group(0), re.sub(r"[\r\n\t]+", " ", str(value)))
+    text = re.sub(r"[\r\n\t]+", " ", str(value))
+    if isinstance(value, BaseException):  # an error names files by their last part: no server paths in the page
+        text = _ABS_PATH.sub(lambda m: m.group(1), text)
+    text = _MD_INLINE.sub(lambda m: "\\" + m.group(0), text)
     text = _AUTOLINK.sub("\u2060", text)
     return _MD_BLOCK.sub(lambda m: f"\\{m.group(1)}" if m.group(1) else f"{m.group(2)}\\{m.group(3)}", text.lstrip())
 

@@ -206,3 +206,13 @@ def test_hostile_run_files_show_as_text(app_session, runs_dir, tiny_sprites, mon
     at.run()  # the status line above the tab now shows the opened run's hostile message
     assert not at.exception, [e.message for e in at.exception]
     assert_shown_as_text(at, HOSTILE)
+
+
+def test_errors_name_files_without_the_servers_paths():
+    from dashboard.common import md_text
+    from vae_core.runs import RunFileError
+
+    shown = md_text(RunFileError("no run named 'x' in /tmp/pytest-of-root/runs"))
+    assert "/tmp" not in shown and "runs" in shown
+    assert "/srv" not in md_text(OSError("[Errno 2] No such file or directory: '/srv/class/runs/b1/checkpoint.pt'"))
+    assert md_text("a URL value /tmp/x") == "a URL value /tmp/x"  # only errors are shortened; values show as given
