@@ -36,6 +36,8 @@ K = "explore_"  # every widget key starts with this
 PATH_POINTS = 41  # resolution of the paths drawn on the scatter
 FRAGMENT_SCATTER, FRAGMENT_INTERP = K + "scatter_fragment", K + "interp_fragment"
 TITLE = "Explore latent space"  # this tab's title in app.py's st.tabs
+# Paths and A/B rings on the scatter in the theme's text colour: black vanished on the dark page.
+INK = {"light": "#1f2430", "dark": "#fafafa", None: "#8a8f98"}  # None: theme not known yet, a grey seen on both
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
@@ -299,7 +301,8 @@ def scatter_section(run: RunHandle) -> None:
     a, b = stored_ends(y, store=False)
     # Drawn at a fixed resolution, so the Steps slider below need not redraw (and remount) the figure.
     paths = {"linear": latent.lerp(mu[a], mu[b], PATH_POINTS), "spherical": latent.slerp(mu[a], mu[b], PATH_POINTS)}
-    fig, note = scatter_figure(mu, y, names, LABEL_KIND.get(run.config.train.dataset, "label"), (a, b), paths)
+    kind = LABEL_KIND.get(run.config.train.dataset, "label")
+    fig, note = scatter_figure(mu, y, names, kind, (a, b), paths, ink=INK.get(st.context.theme.type, INK[None]))
     left, right = st.columns([3, 1])
     left.plotly_chart(fig, on_select=_on_pick, selection_mode="points", key=K + "scatter",
                       config={"displaylogo": False})
@@ -362,8 +365,10 @@ def strip(first: np.ndarray, path: np.ndarray, last: np.ndarray, target_px: int 
 
 
 def scatter_figure(mu: np.ndarray, y: np.ndarray, names: tuple[str, ...], kind: str, ends: tuple[int, int],
-                   paths: dict[str, np.ndarray]) -> tuple[go.Figure, str]:
+                   paths: dict[str, np.ndarray], *, ink: str = INK["light"]) -> tuple[go.Figure, str]:
     """Codes coloured by label: the codes themselves for D <= 2, their first two principal components above.
+
+    `ink` colours the paths and the A/B rings: the theme's text colour, so they show on a light or dark page.
 
     Returns the figure and a one-line note on what the axes are.
     """
@@ -398,10 +403,11 @@ def scatter_figure(mu: np.ndarray, y: np.ndarray, names: tuple[str, ...], kind: 
         for label, dash in (("linear", "dash"), ("spherical", "solid")):
             p = project(paths[label])
             fig.add_trace(go.Scatter(x=p[:, 0], y=p[:, 1], mode="lines", name=f"{label} path", hoverinfo="skip",
-                                     line={"color": "black", "dash": dash, "width": 1.5}))
+                                     line={"color": ink, "dash": dash, "width": 1.5}))
     fig.add_trace(go.Scatter(x=xy[list(ends), 0], y=xy[list(ends), 1], mode="markers+text", text=["A", "B"],
                              textposition="top center", name="ends", hoverinfo="skip",
-                             marker={"size": 13, "color": "rgba(0,0,0,0)", "line": {"color": "black", "width": 2}}))
+                             textfont={"color": ink},
+                             marker={"size": 13, "color": "rgba(0,0,0,0)", "line": {"color": ink, "width": 2}}))
     fig.update_layout(height=520, margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend_title_text=kind,
                       xaxis_title=titles[0], yaxis_title=titles[1], clickmode="event+select")
     if d == 1:
