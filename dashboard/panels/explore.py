@@ -38,6 +38,13 @@ FRAGMENT_SCATTER, FRAGMENT_INTERP = K + "scatter_fragment", K + "interp_fragment
 TITLE = "Explore latent space"  # this tab's title in app.py's st.tabs
 # Paths and A/B rings on the scatter in the theme's text colour: black vanished on the dark page.
 INK = {"light": "#1f2430", "dark": "#fafafa", None: "#8a8f98"}  # None: theme not known yet, a grey seen on both
+# At 800 px with the sidebar open the main column is ~470 px: rows of controls wrap instead of squeezing their
+# labels, and the scatter's column keeps a usable width (it stood at ~120 px of plot beside its text).
+CSS = """<style>
+.st-key-explore_body [data-testid="stHorizontalBlock"] { flex-wrap: wrap; }
+.st-key-explore_body [data-testid="stColumn"] { min-width: min(100%, 8.5rem); }
+.st-key-explore_scatter_row [data-testid="stColumn"]:first-child { min-width: min(100%, 22rem); }
+</style>"""
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
@@ -72,6 +79,12 @@ def render(run: RunHandle) -> None:
     if run.weights_version() == 0:
         st.info("This run has no weights yet: they appear a moment after training starts.")
         return
+    st.html(CSS)
+    with st.container(key=K + "body"):
+        sections(run)
+
+
+def sections(run: RunHandle) -> None:
     d = run.config.model.latent_dim
     left, right = st.columns([5, 1], vertical_alignment="center")
     left.caption(f"Latent size {d}. Everything here is decoded with the run's latest published weights (a copy "
@@ -303,7 +316,7 @@ def scatter_section(run: RunHandle) -> None:
     paths = {"linear": latent.lerp(mu[a], mu[b], PATH_POINTS), "spherical": latent.slerp(mu[a], mu[b], PATH_POINTS)}
     kind = LABEL_KIND.get(run.config.train.dataset, "label")
     fig, note = scatter_figure(mu, y, names, kind, (a, b), paths, ink=INK.get(st.context.theme.type, INK[None]))
-    left, right = st.columns([3, 1])
+    left, right = st.container(key=K + "scatter_row").columns([3, 1])
     left.plotly_chart(fig, on_select=_on_pick, selection_mode="points", key=K + "scatter",
                       config={"displaylogo": False})
     right.markdown(f"{note} Codes from the weights at step {weights_step(run):,}.\n\n**Click a point** to make "
@@ -408,7 +421,9 @@ def scatter_figure(mu: np.ndarray, y: np.ndarray, names: tuple[str, ...], kind: 
                              textposition="top center", name="ends", hoverinfo="skip",
                              textfont={"color": ink},
                              marker={"size": 13, "color": "rgba(0,0,0,0)", "line": {"color": ink, "width": 2}}))
+    # The legend above the plot, not beside it: beside, it took a third of a narrow column's width.
     fig.update_layout(height=520, margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend_title_text=kind,
+                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
                       xaxis_title=titles[0], yaxis_title=titles[1], clickmode="event+select")
     if d == 1:
         fig.update_yaxes(tickvals=list(range(len(names))), ticktext=list(names))

@@ -255,8 +255,8 @@ def curves_figure(train: list[dict[str, Any]], test: list[dict[str, Any]], confi
                   "BCE (reconstruction loss)" if log_y else "Reconstruction term −BCE")
     else:
         titles = ("−ELBO (loss)" if log_y else "ELBO (higher is better)",
-                  "−E[log p(x|z)] (reconstruction loss)" if log_y else "Reconstruction term E[log p(x|z)]")
-    titles += ("KL(q(z|x) ‖ p(z)) and β·KL",)
+                  "−E[log p(x|z)] (loss)" if log_y else "Reconstruction E[log p(x|z)]")
+    titles += ("KL(q‖p) and β·KL",)  # short: three titles share one row of a narrow chart
     traces: list[dict[str, Any]] = []
     steps = np.array([r["step"] for r in train], dtype=float)
     keep = downsample(len(train))
