@@ -68,3 +68,30 @@ def test_a_new_runs_curves_autorange_after_a_long_run_on_the_same_chart(tmp_path
                     assert lo <= min(ys) and hi >= max(ys), (name, len(rows), [lo, hi], (min(ys), max(ys)))
         finally:
             browser.close()
+
+
+def test_live_setting_changes_are_read_off_the_rows_and_marked_on_each_panel():
+    """A run moved live (β 1→4 at step 100, free bits 0→0.5 at 380): a dotted line in each panel and a label."""
+    import plotly.graph_objects as go
+
+    rows = [{**r, "beta": 1.0 if r["step"] < 100 else 4.0, "lr": 1e-3,
+             "free_bits": 0.0 if r["step"] < 380 else 0.5} for r in _rows(30, -200.0)]
+    rows[0].pop("free_bits")  # rows of older runs lack some settings: no change is read from a missing value
+    assert training.setting_changes(rows) == [(100.0, {"β": (1.0, 4.0)}), (380.0, {"free bits": (0.0, 0.5)})]
+    assert training.setting_changes(_rows(30, -200.0)) == []  # nothing moved, nothing marked
+    spec = training.curves_figure(rows, [], RunConfig()).to_dict()
+    go.Figure(spec)  # Plotly accepts every property of the marks (the live figure skips its validators)
+    lines = [(s["xref"], s["x0"]) for s in spec["layout"]["shapes"]]
+    assert sorted(lines) == [("x", 100.0), ("x", 380.0), ("x2", 100.0), ("x2", 380.0), ("x3", 100.0), ("x3", 380.0)]
+    labels = [a["text"] for a in spec["layout"]["annotations"] if a["xref"] == "x"]
+    assert labels == ["β 1→4", "free bits 0→0.5"]
+
+
+def test_changes_close_together_share_one_label():
+    """Three arrow-key presses on the β slider land in three log rows: three lines, one label, first→last."""
+    rows = _rows(60, -200.0)
+    for r in rows:
+        r["beta"] = 1.0 if r["step"] < 600 else 1.05 if r["step"] < 620 else 1.1 if r["step"] < 640 else 1.15
+    spec = training.curves_figure(rows, [], RunConfig()).to_dict()["layout"]
+    assert len(spec["shapes"]) == 3 * 3
+    assert [a["text"] for a in spec["annotations"] if a["xref"] == "x"] == ["β 1→1.15"]

@@ -114,3 +114,28 @@ def test_at_800px_with_the_sidebar_open_charts_keep_their_room(tmp_path):
         page.get_by_role("button", name="Stop", exact=True).click()
         assert page.locator('[data-testid="stException"]').count() == 0
         browser.close()
+
+
+def test_a_live_beta_change_is_marked_on_the_curves(tmp_path):
+    """The sidebar's β moves a running run; the curves then show where, with a dotted line and 'β 1→10'."""
+    with streamlit_server(tmp_path) as url, sync_api.sync_playwright() as p:
+        browser, page = open_page(p, url, width=1500)
+        panel = train(page)
+        frame = page.locator('iframe[title*="live_panel"]').element_handle().content_frame()
+        assert frame.evaluate("() => (document.getElementById('plot').layout.shapes || []).length") == 0
+        thumb = page.locator('.st-key-cfg_beta input[type="range"]')
+        thumb.focus()
+        thumb.press("End")  # β 1 -> 10, the slider's last value
+        expect(page.locator(".st-key-cfg_beta")).to_contain_text("10")
+        label = panel.locator("#plot .annotation-text", has_text="β 1→10")
+        expect(label).to_be_visible(timeout=120_000)
+        lines = frame.evaluate("""() => document.getElementById('plot')._fullLayout.shapes
+            .filter(s => s.type === 'line').map(s => [s.xref, s.x0])""")
+        assert sorted(ref for ref, _ in lines) == ["x", "x2", "x3"], lines  # one line in each of the three panels
+        step = lines[0][1]
+        assert step > 0 and all(x0 == step for _, x0 in lines), lines
+        assert panel.locator("#plot .shapelayer path").count() >= 3  # drawn, not only in the layout
+        page.screenshot(path=str(tmp_path / "marker.png"))
+        page.get_by_role("button", name="Stop", exact=True).click()
+        assert page.locator('[data-testid="stException"]').count() == 0
+        browser.close()
