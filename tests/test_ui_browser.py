@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 from test_browser import CHROMIUM, CHROMIUM_ARGS, IDLE, SMALL, expect, streamlit_server, sync_api
@@ -112,6 +113,48 @@ def test_at_800px_with_the_sidebar_open_charts_keep_their_room(tmp_path):
                                  ), resample.bounding_box()
         page.screenshot(path=str(tmp_path / "explore-800.png"))
         page.get_by_role("button", name="Stop", exact=True).click()
+        assert page.locator('[data-testid="stException"]').count() == 0
+        browser.close()
+
+
+def test_hovering_a_scatter_point_shows_its_test_image(tmp_path):
+    """Plotly's hover label holds text only: the preview beside the scatter draws the hovered point's image."""
+    from vae_core.images import to_uint8
+    from vae_core.lab import Lab
+
+    with streamlit_server(tmp_path) as url, sync_api.sync_playwright() as p:
+        browser, page = open_page(p, url, width=1500)
+        panel = train(page)
+        name = panel.locator("#message b").first.inner_text()
+        page.get_by_role("button", name="Stop", exact=True).click()
+        expect(panel.locator("#message")).to_contain_text("Stopped")
+        open_explore(page)
+        assert_paths_and_rings_stand_out(page)  # the page is light: the paths must not be white
+        preview = page.frame_locator('iframe[title*="scatter_preview"]')
+        expect(preview.locator("#caption")).to_contain_text("Hover a point")
+        frame = page.locator('iframe[title*="scatter_preview"]').element_handle().content_frame()
+        x = Lab(tmp_path / "runs").open(name).test_set(2000)[0]  # the images the scatter's points stand for
+
+        page.locator(SCATTER).scroll_into_view_if_needed()
+        shown = []
+        for trace in (0, 1):  # a point of two labels (one trace per label)
+            point = page.locator(f"{SCATTER} .scatterlayer .trace").nth(trace).locator("path.point").nth(3)
+            box = point.bounding_box()
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            hover = page.locator(f"{SCATTER} .hoverlayer")
+            expect(hover).to_contain_text("test image")
+            index = int(re.search(r"test image (\d+)", hover.text_content()).group(1))
+            frame.wait_for_function("i => document.body.dataset.shown === String(i)", arg=index)
+            expect(preview.locator("#caption")).to_contain_text(f"test image {index}")
+            pixels = np.array(frame.evaluate("""() => Array.from(document.getElementById('thumb').getContext('2d')
+                .getImageData(0, 0, 112, 112).data)"""), dtype=np.uint8).reshape(112, 112, 4)
+            drawn = pixels[::4, ::4, 0]  # 4x nearest-neighbour: every 4th pixel is one of the image's 28
+            assert np.array_equal(drawn, to_uint8(x[index])), index
+            shown.append(index)
+            page.mouse.move(5, 5)  # off the chart: its label goes, so the next one read is the next point's
+            expect(hover).to_have_text("")
+        assert shown[0] != shown[1]
+        page.screenshot(path=str(tmp_path / "hover.png"))
         assert page.locator('[data-testid="stException"]').count() == 0
         browser.close()
 

@@ -20,6 +20,7 @@ import streamlit as st
 from plotly.colors import qualitative
 
 from dashboard.common import MAIN_TAB_KEY, run_token, weights_step
+from dashboard.scatter_preview import scatter_preview, sheet
 from vae_core import latent
 from vae_core.images import tile, to_uint8, upscale
 from vae_core.lab import DatasetUnavailable, RunHandle
@@ -45,6 +46,12 @@ CSS = """<style>
 .st-key-explore_body [data-testid="stColumn"] { min-width: min(100%, 8.5rem); }
 .st-key-explore_scatter_row [data-testid="stColumn"]:first-child { min-width: min(100%, 22rem); }
 </style>"""
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def image_sheet(_run: RunHandle, token: int) -> bytes:
+    """The first N_CODES test images as one PNG sheet for the scatter's hover preview (once per run)."""
+    return sheet(to_uint8(_run.test_set(N_CODES)[0]))
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
@@ -319,9 +326,13 @@ def scatter_section(run: RunHandle) -> None:
     left, right = st.container(key=K + "scatter_row").columns([3, 1])
     left.plotly_chart(fig, on_select=_on_pick, selection_mode="points", key=K + "scatter",
                       config={"displaylogo": False})
-    right.markdown(f"{note} Codes from the weights at step {weights_step(run):,}.\n\n**Click a point** to make "
-                   "it the end **B** of the interpolation below; the previous B becomes A. The lines are the two "
-                   "paths between them: dashed straight, solid spherical.")
+    with right:
+        token = run_token(run)
+        scatter_preview(key=K + "preview", chart_key=K + "scatter", png=image_sheet(run, token), n=len(y),
+                        labels=[names[k] for k in y], kind=kind, version=str(token))
+        st.markdown(f"{note} Codes from the weights at step {weights_step(run):,}.\n\n**Click a point** to make "
+                    "it the end **B** of the interpolation below; the previous B becomes A. The lines are the two "
+                    "paths between them: dashed straight, solid spherical.")
 
 
 @st.fragment(key=FRAGMENT_INTERP)
