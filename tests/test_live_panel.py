@@ -1,6 +1,7 @@
 """The live panel component's files: built once, reused, and never half-built."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import plotly.io as pio
@@ -95,3 +96,30 @@ def test_changes_close_together_share_one_label():
     spec = training.curves_figure(rows, [], RunConfig()).to_dict()["layout"]
     assert len(spec["shapes"]) == 3 * 3
     assert [a["text"] for a in spec["annotations"] if a["xref"] == "x"] == ["β 1→1.15"]
+
+
+def test_the_status_line_and_the_progress_bar_name_one_thread_count(tmp_path):
+    """The bar said 'cpu (1 thread)' (the count the CPU-sharing tuner chose) while the message beside it said
+    'training on cpu (2 threads)' (torch's count when training began). Watched through the first epoch."""
+    import time
+
+    from vae_core.lab import Lab
+
+    lab = Lab(tmp_path / "runs", shares_cpu_with_server=True)  # as the dashboard's Lab: the tuner picks the count
+    cfg = RunConfig().replace(epochs=1, train_size=4096, batch_size=16, hidden_dim=64, latent_dim=2, evidence_every=0)
+    run = lab.start(cfg, name="threads")
+    seen = []
+    try:
+        deadline = time.monotonic() + 120
+        while run.status().state in ("queued", "running") and time.monotonic() < deadline:
+            s = run.status()
+            view = training.status_view(run, s)
+            counts = {m for text in (view["text"], view["progress_text"])
+                      for m in re.findall(r"\((\d+) threads?", text)}
+            seen.append((view["text"], view["progress_text"]))
+            assert len(counts) <= 1, seen[-1]
+            time.sleep(0.005)
+    finally:
+        lab.stop("threads", wait=10)
+        lab.shutdown()
+    assert any("thread" in bar for _, bar in seen)  # the bar did name a count while it trained
