@@ -80,6 +80,9 @@ def test_live_setting_changes_are_read_off_the_rows_and_marked_on_each_panel():
     rows[0].pop("free_bits")  # rows of older runs lack some settings: no change is read from a missing value
     assert training.setting_changes(rows) == [(100.0, {"β": (1.0, 4.0)}), (380.0, {"free bits": (0.0, 0.5)})]
     assert training.setting_changes(_rows(30, -200.0)) == []  # nothing moved, nothing marked
+    # Rows written before beta_effective existed kept the set value in beta_set and the warm-up's weight in beta.
+    warming = [{"step": 20 * i, "split": "train", "beta": i / 10, "beta_set": 1.0} for i in range(1, 11)]
+    assert training.setting_changes(warming) == []
     spec = training.curves_figure(rows, [], RunConfig()).to_dict()
     go.Figure(spec)  # Plotly accepts every property of the marks (the live figure skips its validators)
     lines = [(s["xref"], s["x0"]) for s in spec["layout"]["shapes"]]

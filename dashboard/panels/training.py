@@ -18,7 +18,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from dashboard.common import app_rerun, beta_effective, downsample, poll_interval, smooth, units, viewer_id
+from dashboard.common import app_rerun, beta_effective, beta_set, downsample, poll_interval, smooth, units, viewer_id
 from dashboard.live_panel import live_panel, log_scale
 from dashboard.state import current_run, current_token, get_viewers
 from vae_core.images import png_bytes, tile, upscale
@@ -323,7 +323,7 @@ def setting_changes(train: list[dict[str, Any]]) -> list[tuple[float, dict[str, 
     for r in train:
         changed = {}
         for key, name in LIVE_SETTINGS:
-            v = r.get(key)
+            v = beta_set(r) if key == "beta" else r.get(key)  # older rows' 'beta' was the warm-up's weight
             if not isinstance(v, (int, float)):
                 continue
             old = before.get(key)
