@@ -109,7 +109,8 @@ def test_the_status_line_and_the_progress_bar_name_one_thread_count(tmp_path):
     from vae_core.lab import Lab
 
     lab = Lab(tmp_path / "runs", shares_cpu_with_server=True)  # as the dashboard's Lab: the tuner picks the count
-    cfg = RunConfig().replace(epochs=1, train_size=4096, batch_size=16, hidden_dim=64, latent_dim=2, evidence_every=0)
+    cfg = RunConfig().replace(epochs=1, train_size=4096, batch_size=16, hidden_dim=64, latent_dim=2, evidence_every=0,
+                              device="cpu")  # threads are a CPU run's (a GPU machine would pick CUDA)
     run = lab.start(cfg, name="threads")
     seen = []
     try:
