@@ -109,6 +109,18 @@ def test_scatter_points_carry_test_indices_and_labels(trained):
     assert sum(len(t["x"]) if isinstance(t["x"], list) else 1 for t in traces) > 0
 
 
+def test_paths_and_ends_take_the_ink_they_are_given():
+    """Black paths and rings vanished on the dark page: they are drawn in the colour the theme asks for."""
+    mu = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
+    y = np.arange(50) % 2
+    paths = {"linear": mu[:2], "spherical": mu[:2]}
+    for ink in (explore.INK["dark"], explore.INK["light"]):
+        fig, _ = explore.scatter_figure(mu, y, ("a", "b"), "label", (0, 1), paths, ink=ink)
+        drawn = {t.name: t for t in fig.data}
+        assert drawn["linear path"].line.color == drawn["spherical path"].line.color == ink
+        assert drawn["ends"].marker.line.color == ink and drawn["ends"].textfont.color == ink
+
+
 def test_sampling_controls_change_the_samples(trained):
     at = app(trained[2])
     first = images(at)[0][0]

@@ -1,6 +1,7 @@
 """The live panel component's files: built once, reused, and never half-built."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import plotly.io as pio
@@ -68,3 +69,61 @@ def test_a_new_runs_curves_autorange_after_a_long_run_on_the_same_chart(tmp_path
                     assert lo <= min(ys) and hi >= max(ys), (name, len(rows), [lo, hi], (min(ys), max(ys)))
         finally:
             browser.close()
+
+
+def test_live_setting_changes_are_read_off_the_rows_and_marked_on_each_panel():
+    """A run moved live (β 1→4 at step 100, free bits 0→0.5 at 380): a dotted line in each panel and a label."""
+    import plotly.graph_objects as go
+
+    rows = [{**r, "beta": 1.0 if r["step"] < 100 else 4.0, "lr": 1e-3,
+             "free_bits": 0.0 if r["step"] < 380 else 0.5} for r in _rows(30, -200.0)]
+    rows[0].pop("free_bits")  # rows of older runs lack some settings: no change is read from a missing value
+    assert training.setting_changes(rows) == [(100.0, {"β": (1.0, 4.0)}), (380.0, {"free bits": (0.0, 0.5)})]
+    assert training.setting_changes(_rows(30, -200.0)) == []  # nothing moved, nothing marked
+    # Rows written before beta_effective existed kept the set value in beta_set and the warm-up's weight in beta.
+    warming = [{"step": 20 * i, "split": "train", "beta": i / 10, "beta_set": 1.0} for i in range(1, 11)]
+    assert training.setting_changes(warming) == []
+    spec = training.curves_figure(rows, [], RunConfig()).to_dict()
+    go.Figure(spec)  # Plotly accepts every property of the marks (the live figure skips its validators)
+    lines = [(s["xref"], s["x0"]) for s in spec["layout"]["shapes"]]
+    assert sorted(lines) == [("x", 100.0), ("x", 380.0), ("x2", 100.0), ("x2", 380.0), ("x3", 100.0), ("x3", 380.0)]
+    labels = [a["text"] for a in spec["layout"]["annotations"] if a["xref"] == "x"]
+    assert labels == ["β 1→4", "free bits 0→0.5"]
+
+
+def test_changes_close_together_share_one_label():
+    """Three arrow-key presses on the β slider land in three log rows: three lines, one label, first→last."""
+    rows = _rows(60, -200.0)
+    for r in rows:
+        r["beta"] = 1.0 if r["step"] < 600 else 1.05 if r["step"] < 620 else 1.1 if r["step"] < 640 else 1.15
+    spec = training.curves_figure(rows, [], RunConfig()).to_dict()["layout"]
+    assert len(spec["shapes"]) == 3 * 3
+    assert [a["text"] for a in spec["annotations"] if a["xref"] == "x"] == ["β 1→1.15"]
+
+
+def test_the_status_line_and_the_progress_bar_name_one_thread_count(tmp_path):
+    """The bar said 'cpu (1 thread)' (the count the CPU-sharing tuner chose) while the message beside it said
+    'training on cpu (2 threads)' (torch's count when training began). Watched through the first epoch."""
+    import time
+
+    from vae_core.lab import Lab
+
+    lab = Lab(tmp_path / "runs", shares_cpu_with_server=True)  # as the dashboard's Lab: the tuner picks the count
+    cfg = RunConfig().replace(epochs=1, train_size=4096, batch_size=16, hidden_dim=64, latent_dim=2, evidence_every=0,
+                              device="cpu")  # threads are a CPU run's (a GPU machine would pick CUDA)
+    run = lab.start(cfg, name="threads")
+    seen = []
+    try:
+        deadline = time.monotonic() + 120
+        while run.status().state in ("queued", "running") and time.monotonic() < deadline:
+            s = run.status()
+            view = training.status_view(run, s)
+            counts = {m for text in (view["text"], view["progress_text"])
+                      for m in re.findall(r"\((\d+) threads?", text)}
+            seen.append((view["text"], view["progress_text"]))
+            assert len(counts) <= 1, seen[-1]
+            time.sleep(0.005)
+    finally:
+        lab.stop("threads", wait=10)
+        lab.shutdown()
+    assert any("thread" in bar for _, bar in seen)  # the bar did name a count while it trained

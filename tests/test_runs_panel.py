@@ -216,7 +216,7 @@ def test_compare_two_runs(runs_dir):
     assert labels == {"β=2", "β=0.5"}
     final = {r["Run"]: r for r in at.dataframe[1].value.to_dict("records")}
     last = [m for m in runs.read_metrics(runs_dir / "b2") if m["split"] == "test"][-1]
-    assert final["b2"]["Test ELBO"] == pytest.approx(last["elbo"]) and final["b2"]["KL"] == pytest.approx(last["kl"])
+    assert final["b2"]["Test ELBO"] == f"{last['elbo']:.2f}" and final["b2"]["KL"] == f"{last['kl']:.2f}"  # as shown
     assert len(at.get("image")) == 4  # samples and reconstructions for each run
     at.segmented_control(key="runs_cmp_x").set_value("epoch")
     at.toggle(key="runs_cmp_train").set_value(False)

@@ -474,7 +474,8 @@ class Trainer:
     def _train(self) -> None:
         m = self._prepare()
         spe = m.steps_per_epoch
-        self._set(message=f"training on {describe_device(self.device)}")
+        # The device only: its thread count is the progress bar's (Status.device), which follows the tuner.
+        self._set(message=f"training on {self.device.type}")
         acc = torch.zeros(5, device=self.device)  # loss, recon, kl, beta, n: summed between log points
         last_publish = time.monotonic()
         while self._step // spe < self._epochs_target:

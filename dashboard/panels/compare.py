@@ -8,6 +8,7 @@ pure so tests can check the alignment.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,17 @@ from plotly.colors import qualitative
 from dashboard.common import beta_set, downsample, reconstructions_mosaic, samples_mosaic, smooth, units
 from dashboard.common import md_text, plotly_text
 from vae_core.images import png_bytes
-from vae_core.lab import Lab, RunConfig, UserError
+from vae_core.lab import ConfigError, DatasetUnavailable, Lab, RunConfig, RunFileError, UserError
+
+log = logging.getLogger(__name__)
 
 K = "runs_cmp_"  # every widget key starts with this
 COLORS = qualitative.D3
 MAX_IMAGE_RUNS = 8  # columns of samples and reconstructions; more runs would make each tiny
+MISSING = "–"  # a number not measured yet (no test epoch, no evidence): never 'None' in the table
+# How each column of the final-numbers table is written: a format for a number, None for text as it is.
+CELLS = {"β": "g", "Latent D": "d", "Epochs": "g", "Steps": ",d", "Test ELBO": ".2f", "Reconstruction": ".2f",
+         "KL": ".2f", "Best IWAE bound": ".2f", "IWAE k": "d"}
 METRICS = (("elbo", "ELBO (higher is better)"), ("recon", "Reconstruction E[log p(x|z)]"), ("kl", "KL(q(z|x) ‖ p(z))"))
 
 
@@ -102,6 +109,31 @@ def final_numbers(run: RunData) -> dict[str, Any]:
             "Active units": (f"{last['active_units']} / {run.config.model.latent_dim}"
                              if "active_units" in last else None),
             "Best IWAE bound": iw[0] if iw else None, "IWAE k": iw[1] if iw else None}
+
+
+def table_cells(numbers: dict[str, Any]) -> dict[str, str]:
+    """final_numbers as the table shows them: formatted text, MISSING where a number is not there (yet)."""
+    out = {}
+    for column, value in numbers.items():
+        fmt = CELLS.get(column)
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            out[column] = MISSING
+        elif fmt is None or not isinstance(value, (int, float)):
+            out[column] = str(value)
+        else:
+            out[column] = format(int(value) if fmt.endswith("d") else value, fmt)
+    return out
+
+
+def problem(e: Exception) -> str:
+    """One line on why a run's files gave nothing, for the page: no exception text (it holds server paths)."""
+    if isinstance(e, DatasetUnavailable):
+        return "its dataset is not on this machine"
+    if isinstance(e, ConfigError):
+        return "its settings could not be read"
+    if isinstance(e, (OSError, RunFileError)):
+        return "its files could not be read yet (a new run or fork writes its first checkpoint after a moment)"
+    return "they could not be made (the server's log says why)"
 
 
 def rd_points(run: RunData) -> tuple[np.ndarray, np.ndarray]:
@@ -204,7 +236,8 @@ def render(lab: Lab, names: list[str]) -> None:
         try:
             data.append(load(lab, name))
         except UserError as e:
-            problems.append(f"{name}: {e}")
+            log.warning("compare: %s left out: %s", name, e)
+            problems.append(f"{name}: {problem(e)}")
     for msg in problems:
         st.error(f"Left out of the comparison: {md_text(msg)}")
     if not data:
@@ -225,15 +258,18 @@ def render(lab: Lab, names: list[str]) -> None:
                "All in nats per example unless the axis says otherwise.")
 
     st.markdown("##### Final numbers")
-    st.dataframe([final_numbers(d) for d in data], hide_index=True, key=K + "table", column_config={
-        "β": st.column_config.NumberColumn(format="%g"),
-        "Test ELBO": st.column_config.NumberColumn(format="%.2f", help="Nats per example; higher is better"),
-        "Reconstruction": st.column_config.NumberColumn(format="%.2f", help="E[log p(x|z)], nats per example"),
-        "KL": st.column_config.NumberColumn(format="%.2f", help="KL(q(z|x) ‖ p(z)), nats per example"),
-        "Best IWAE bound": st.column_config.NumberColumn(
-            format="%.2f", help="Importance-weighted bound log p_k(x) ≤ log p(x) with the largest k recorded "
-                                "(on a fixed held-out batch); empty if the run never estimated it"),
+    # Text cells: Streamlit writes a missing number as 'None' (a fork before its first test epoch; any run
+    # without evidence), so the numbers are formatted here and a missing one is MISSING.
+    st.dataframe([table_cells(final_numbers(d)) for d in data], hide_index=True, key=K + "table", column_config={
+        "Test ELBO": st.column_config.TextColumn(help="Nats per example; higher is better"),
+        "Reconstruction": st.column_config.TextColumn(help="E[log p(x|z)], nats per example"),
+        "KL": st.column_config.TextColumn(help="KL(q(z|x) ‖ p(z)), nats per example"),
+        "Best IWAE bound": st.column_config.TextColumn(
+            help="Importance-weighted bound log p_k(x) ≤ log p(x) with the largest k recorded "
+                 "(on a fixed held-out batch)"),
     })
+    st.caption(f"{MISSING}: not measured yet (a run shows test numbers after its first epoch) or never estimated "
+               "(the IWAE bound needs the Evidence option while training).")
 
     st.markdown("##### Rate–distortion plane")
     st.plotly_chart(rd_figure(data), key=K + "rd", config={"displaylogo": False})
@@ -260,7 +296,8 @@ def _images(lab: Lab, data: list[RunData]) -> None:
                 try:
                     art = images(lab, run.name)
                 except Exception as e:  # a missing dataset or unreadable checkpoint: say so in this column only
-                    st.error(f"No images: {md_text(e)}")
+                    log.warning("compare: no images for %s", run.name, exc_info=True)
+                    st.info(f"No images: {problem(e)}.")
                     continue
                 if not art:
                     st.info("No weights yet.")

@@ -21,6 +21,7 @@ from plotly.colors import qualitative
 
 from dashboard.common import MAIN_TAB_KEY, run_token, weights_step
 from dashboard.common import md_text
+from dashboard.scatter_preview import scatter_preview, sheet
 from vae_core import latent
 from vae_core.images import tile, to_uint8, upscale
 from vae_core.lab import DatasetUnavailable, RunHandle
@@ -37,6 +38,21 @@ K = "explore_"  # every widget key starts with this
 PATH_POINTS = 41  # resolution of the paths drawn on the scatter
 FRAGMENT_SCATTER, FRAGMENT_INTERP = K + "scatter_fragment", K + "interp_fragment"
 TITLE = "Explore latent space"  # this tab's title in app.py's st.tabs
+# Paths and A/B rings on the scatter in the theme's text colour: black vanished on the dark page.
+INK = {"light": "#1f2430", "dark": "#fafafa", None: "#8a8f98"}  # None: theme not known yet, a grey seen on both
+# At 800 px with the sidebar open the main column is ~470 px: rows of controls wrap instead of squeezing their
+# labels, and the scatter's column keeps a usable width (it stood at ~120 px of plot beside its text).
+CSS = """<style>
+.st-key-explore_body [data-testid="stHorizontalBlock"] { flex-wrap: wrap; }
+.st-key-explore_body [data-testid="stColumn"] { min-width: min(100%, 8.5rem); }
+.st-key-explore_scatter_row [data-testid="stColumn"]:first-child { min-width: min(100%, 22rem); }
+</style>"""
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def image_sheet(_run: RunHandle, token: int) -> bytes:
+    """The first N_CODES test images as one PNG sheet for the scatter's hover preview (once per run)."""
+    return sheet(to_uint8(_run.test_set(N_CODES)[0]))
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
@@ -71,6 +87,12 @@ def render(run: RunHandle) -> None:
     if run.weights_version() == 0:
         st.info("This run has no weights yet: they appear a moment after training starts.")
         return
+    st.html(CSS)
+    with st.container(key=K + "body"):
+        sections(run)
+
+
+def sections(run: RunHandle) -> None:
     d = run.config.model.latent_dim
     left, right = st.columns([5, 1], vertical_alignment="center")
     left.caption(f"Latent size {d}. Everything here is decoded with the run's latest published weights (a copy "
@@ -300,13 +322,18 @@ def scatter_section(run: RunHandle) -> None:
     a, b = stored_ends(y, store=False)
     # Drawn at a fixed resolution, so the Steps slider below need not redraw (and remount) the figure.
     paths = {"linear": latent.lerp(mu[a], mu[b], PATH_POINTS), "spherical": latent.slerp(mu[a], mu[b], PATH_POINTS)}
-    fig, note = scatter_figure(mu, y, names, LABEL_KIND.get(run.config.train.dataset, "label"), (a, b), paths)
-    left, right = st.columns([3, 1])
+    kind = LABEL_KIND.get(run.config.train.dataset, "label")
+    fig, note = scatter_figure(mu, y, names, kind, (a, b), paths, ink=INK.get(st.context.theme.type, INK[None]))
+    left, right = st.container(key=K + "scatter_row").columns([3, 1])
     left.plotly_chart(fig, on_select=_on_pick, selection_mode="points", key=K + "scatter",
                       config={"displaylogo": False})
-    right.markdown(f"{note} Codes from the weights at step {weights_step(run):,}.\n\n**Click a point** to make "
-                   "it the end **B** of the interpolation below; the previous B becomes A. The lines are the two "
-                   "paths between them: dashed straight, solid spherical.")
+    with right:
+        token = run_token(run)
+        scatter_preview(key=K + "preview", chart_key=K + "scatter", png=image_sheet(run, token), n=len(y),
+                        labels=[names[k] for k in y], kind=kind, version=str(token))
+        st.markdown(f"{note} Codes from the weights at step {weights_step(run):,}.\n\n**Click a point** to make "
+                    "it the end **B** of the interpolation below; the previous B becomes A. The lines are the two "
+                    "paths between them: dashed straight, solid spherical.")
 
 
 @st.fragment(key=FRAGMENT_INTERP)
@@ -363,8 +390,10 @@ def strip(first: np.ndarray, path: np.ndarray, last: np.ndarray, target_px: int 
 
 
 def scatter_figure(mu: np.ndarray, y: np.ndarray, names: tuple[str, ...], kind: str, ends: tuple[int, int],
-                   paths: dict[str, np.ndarray]) -> tuple[go.Figure, str]:
+                   paths: dict[str, np.ndarray], *, ink: str = INK["light"]) -> tuple[go.Figure, str]:
     """Codes coloured by label: the codes themselves for D <= 2, their first two principal components above.
+
+    `ink` colours the paths and the A/B rings: the theme's text colour, so they show on a light or dark page.
 
     Returns the figure and a one-line note on what the axes are.
     """
@@ -399,11 +428,14 @@ def scatter_figure(mu: np.ndarray, y: np.ndarray, names: tuple[str, ...], kind: 
         for label, dash in (("linear", "dash"), ("spherical", "solid")):
             p = project(paths[label])
             fig.add_trace(go.Scatter(x=p[:, 0], y=p[:, 1], mode="lines", name=f"{label} path", hoverinfo="skip",
-                                     line={"color": "black", "dash": dash, "width": 1.5}))
+                                     line={"color": ink, "dash": dash, "width": 1.5}))
     fig.add_trace(go.Scatter(x=xy[list(ends), 0], y=xy[list(ends), 1], mode="markers+text", text=["A", "B"],
                              textposition="top center", name="ends", hoverinfo="skip",
-                             marker={"size": 13, "color": "rgba(0,0,0,0)", "line": {"color": "black", "width": 2}}))
+                             textfont={"color": ink},
+                             marker={"size": 13, "color": "rgba(0,0,0,0)", "line": {"color": ink, "width": 2}}))
+    # The legend above the plot, not beside it: beside, it took a third of a narrow column's width.
     fig.update_layout(height=520, margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend_title_text=kind,
+                      legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
                       xaxis_title=titles[0], yaxis_title=titles[1], clickmode="event+select")
     if d == 1:
         fig.update_yaxes(tickvals=list(range(len(names))), ticktext=list(names))

@@ -10,6 +10,7 @@ sidebar and the polling interval catch up.
 from __future__ import annotations
 
 import collections
+import math
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from dashboard.common import app_rerun, beta_effective, downsample, poll_interval, smooth, units, viewer_id
+from dashboard.common import app_rerun, beta_effective, beta_set, downsample, poll_interval, smooth, units, viewer_id
 from dashboard.common import md_text
 from dashboard.live_panel import live_panel, log_scale
 from dashboard.state import current_run, current_token, get_viewers
@@ -32,6 +33,9 @@ FIRST_POINT_POLL = 0.25  # seconds between looks while a new run has no metrics 
 ROOM_S = 0.15
 PANEL_KEY = "live_panel"  # the component's key; its value holds the Log scale switch
 TRAIN_COLOR, TEST_COLOR, BETA_COLOR = "#4c78a8", "#e45756", "#54a24b"
+CHANGE_COLOR = "rgba(136, 140, 150, 0.9)"  # the markers of live setting changes: a grey seen on light and dark
+# The live settings each train row records, with the short name a change marker shows.
+LIVE_SETTINGS = (("beta", "β"), ("lr", "lr"), ("free_bits", "free bits"))
 
 
 # ------------------------------------------------------------------ the one polling fragment of a tab
@@ -256,8 +260,8 @@ def curves_figure(train: list[dict[str, Any]], test: list[dict[str, Any]], confi
                   "BCE (reconstruction loss)" if log_y else "Reconstruction term −BCE")
     else:
         titles = ("−ELBO (loss)" if log_y else "ELBO (higher is better)",
-                  "−E[log p(x|z)] (reconstruction loss)" if log_y else "Reconstruction term E[log p(x|z)]")
-    titles += ("KL(q(z|x) ‖ p(z)) and β·KL",)
+                  "−E[log p(x|z)] (loss)" if log_y else "Reconstruction E[log p(x|z)]")
+    titles += ("KL(q‖p) and β·KL",)  # short: three titles share one row of a narrow chart
     traces: list[dict[str, Any]] = []
     steps = np.array([r["step"] for r in train], dtype=float)
     keep = downsample(len(train))
@@ -296,14 +300,72 @@ def curves_figure(train: list[dict[str, Any]], test: list[dict[str, Any]], confi
             layout[f"yaxis{suffix}"].update(range=_robust_range(traces, i + 1), autorange=False)
         else:
             layout[f"yaxis{suffix}"]["autorange"] = True
+    marks = change_marks(setting_changes(train), float(train[-1]["step"]) if train else 0.0)
     layout.update(
         annotations=[{"text": f"<b>{t}</b>", "x": i * (width + gap) + width / 2, "y": 1.0, "xref": "paper",
                       "yref": "paper", "xanchor": "center", "yanchor": "bottom", "showarrow": False}
-                     for i, t in enumerate(titles)],
+                     for i, t in enumerate(titles)] + marks["annotations"],
+        shapes=marks["shapes"],
         height=350, margin={"l": 70, "r": 10, "t": 40, "b": 80, "autoexpand": False},
         legend={"orientation": "h", "y": -0.24, "yanchor": "top", "x": 1, "xanchor": "right"},
         hovermode="x unified", uirevision=f"curves {revision}")
     return go.Figure({"data": traces, "layout": layout}, _validate=False)
+
+
+def setting_changes(train: list[dict[str, Any]]) -> list[tuple[float, dict[str, tuple[float, float]]]]:
+    """Where a live setting changed during the run, read off the train rows: [(step, {name: (old, new)})].
+
+    Each row records the settings in force when it was logged, so a change shows at the first row
+    that has the new value (within one log interval of the moment it was made). Rows without a
+    setting (older runs) are skipped for it.
+    """
+    out: list[tuple[float, dict[str, tuple[float, float]]]] = []
+    before: dict[str, float] = {}
+    for r in train:
+        changed = {}
+        for key, name in LIVE_SETTINGS:
+            v = beta_set(r) if key == "beta" else r.get(key)  # older rows' 'beta' was the warm-up's weight
+            if not isinstance(v, (int, float)):
+                continue
+            old = before.get(key)
+            if old is not None and not math.isclose(v, old, rel_tol=1e-9, abs_tol=1e-12):
+                changed[name] = (old, float(v))
+            before[key] = float(v)
+        if changed:
+            out.append((float(r["step"]), changed))
+    return out
+
+
+def change_marks(changes: list[tuple[float, dict[str, tuple[float, float]]]],
+                 span: float) -> dict[str, list[dict[str, Any]]]:
+    """A dotted vertical line per change on each of the three panels, and short labels on the ELBO panel.
+
+    Changes closer than 1/15 of `span` (the steps drawn) share one label (first value → last), so a slider
+    moved with a few key presses reads "β 1→4" instead of four labels on top of each other.
+    """
+    shapes: list[dict[str, Any]] = []
+    groups: list[tuple[float, dict[str, tuple[float, float]]]] = []
+    for step, changed in changes:
+        for i in range(3):
+            suffix = "" if i == 0 else str(i + 1)
+            shapes.append({"type": "line", "xref": f"x{suffix}", "yref": f"y{suffix} domain", "x0": step, "x1": step,
+                           "y0": 0, "y1": 1, "line": {"color": CHANGE_COLOR, "width": 1.5, "dash": "dot"},
+                           "layer": "below", "name": "setting change"})
+        if groups and step - groups[-1][0] < span / 15:
+            merged = groups[-1][1]
+            for name, (old, new) in changed.items():
+                merged[name] = (merged[name][0] if name in merged else old, new)
+        else:
+            groups.append((step, dict(changed)))
+    annotations = []
+    for step, changed in groups:
+        label = ", ".join(f"{name} {old:g}→{new:g}" for name, (old, new) in changed.items())
+        side = "right" if step > 0.6 * span else "left"  # the label stays inside the ELBO panel
+        annotations.append({"text": label, "x": step, "y": 0.98, "xref": "x", "yref": "y domain", "xanchor": side,
+                            "yanchor": "top", "showarrow": False, "font": {"size": 11}, "name": "setting change",
+                            "bgcolor": "rgba(136, 140, 150, 0.18)", "borderpad": 2,
+                            "hovertext": f"changed live at step {step:,.0f}: {label}"})
+    return {"shapes": shapes, "annotations": annotations}
 
 
 def _robust_range(traces: list[dict[str, Any]], panel: int) -> list[float]:
