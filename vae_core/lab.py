@@ -380,6 +380,13 @@ class Lab:
         return "cuda" if have.get("cuda") else "mps" if have.get("mps") else "cpu"
 
     @staticmethod
+    def default_dataset() -> str:
+        """The dataset a first run uses: MNIST or Fashion-MNIST when on this machine, else sprites (no torch)."""
+        from . import sources
+
+        return sources.default_dataset()
+
+    @staticmethod
     def dataset_availability(*, wait: bool = True) -> dict[str, tuple[bool, str]]:
         """Each built-in dataset: (usable here, where it comes from or why not); kept for ten minutes.
 
