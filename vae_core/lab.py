@@ -651,6 +651,13 @@ class Lab:
         return import_zip(source, self.runs_dir, name).name
 
     @staticmethod
+    def examples() -> list[Any]:
+        """The ready-made example runs shipped as zips in examples/ (vae_core.examples.Example; no torch)."""
+        from .examples import list_examples
+
+        return list_examples()
+
+    @staticmethod
     def metrics_csv(rows: list[dict[str, Any]]) -> str:
         return runs.metrics_csv(rows)
 

@@ -344,6 +344,8 @@ def reconstructions_view(run: RunHandle) -> tuple[dict[str, Any], bytes | None]:
     """The reconstructions' caption (and the weights' step) and their picture, or None before the model exists."""
     art = run.artifacts()
     if "originals" not in art:
+        if art.get("missing"):  # the run's dataset is not on this machine (an example, a copied run)
+            return {"caption": f"No reconstructions here: {art['missing']}", "step": None}, None
         return {"caption": "Reconstructions appear once the model is built.", "step": None}, None
     step = int(art.get("step", 0))
     return {"caption": "Top: fixed test images. Bottom: their reconstructions, the decoder's mean at z = μ(x), "
