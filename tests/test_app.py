@@ -245,7 +245,7 @@ def test_progress_text_never_counts_past_its_total():
     cards = training.metrics_view(test, RunConfig())
     assert [(c["label"], c["value"], c["delta"]) for c in cards] == [
         ("Test ELBO (nats)", "-85.50", "+4.50"), ("Reconstruction E[log p(x|z)]", "-76.00", "+4.00"),
-        ("KL(q(z|x) ‖ p(z))", "9.50", "-0.50"), ("Active latent units", "2 / 2", None)]
+        ("KL(q(z|x) ‖ p(z))", "9.50", "-0.50"), ("Active latent units", f"2 / {RunConfig().model.latent_dim}", None)]
     assert cards[2]["delta_color"] == "off" and "after epoch 2" in cards[0]["help"]
     assert training.metrics_view(test[:1], RunConfig())[0]["delta"] is None  # nothing to compare with yet
     assert training.metrics_view([], RunConfig()) == []

@@ -246,7 +246,8 @@ def test_comparison_data_is_aligned(runs_dir):
     assert compare.best_iwae(rows) == (-87.9, 100)
     assert compare.best_iwae([{"split": "evidence", "iwae": {"1": -3.0, "50": -2.0}}]) == (-2.0, 50)
     n = compare.final_numbers(run)
-    assert (n["Steps"], n["Test ELBO"], n["Best IWAE bound"], n["Active units"]) == (10, -90.0, -87.9, "2 / 2")
+    assert (n["Steps"], n["Test ELBO"], n["Best IWAE bound"], n["Active units"]) == \
+        (10, -90.0, -87.9, f"2 / {RunConfig().model.latent_dim}")
 
 
 # ------------------------------------------------------------------ export and import
