@@ -223,3 +223,16 @@ def test_the_default_sprites_run_learns_the_shapes_in_a_few_hundred_steps():
     x = sprites.test_x[:, 0].numpy()
     assert data.shape_kept(f_test, x_hat) > 0.8  # 2 latents at lr 1e-3 (the old default): 0.5, near chance
     assert data.shape_iou(x, x_hat) > 0.7  # the old default: 0.6
+
+
+def test_the_servers_warm_up_loads_the_default_dataset(monkeypatch, tmp_path):
+    """The first Train should not wait for the dataset the sidebar offers first (Fashion-MNIST takes seconds)."""
+    from dashboard import state
+    from vae_core.lab import Lab
+
+    loaded = []
+    monkeypatch.setattr(Lab, "warm_up", lambda self, dataset="sprites": loaded.append(dataset))
+    monkeypatch.setattr(state, "_frozen", True)  # no gc.freeze in a test process
+    monkeypatch.setenv("VAE_DEFAULT_DATASET", "fashion-mnist")
+    state._warm_up(Lab(tmp_path / "runs", max_runs=1))
+    assert loaded == ["fashion-mnist"]
