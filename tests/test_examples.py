@@ -102,6 +102,9 @@ def every_tab_draws(at: AppTest) -> None:
 
 
 def test_a_first_page_offers_the_examples_and_one_click_opens_one(page, runs_dir):
+    from dashboard.panels import training
+
+    assert "example in the **Runs** tab" in training.panel_view(None, None, False)[0]["notice"]
     offered = [b.key for b in page.button if b.key and b.key.startswith("runs_example_")]
     assert offered == [f"runs_example_{e.name}" for e in SHIPPED]
     open_example(page, "sprites-z8-b1")

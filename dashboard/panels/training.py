@@ -200,8 +200,9 @@ def panel_view(t: RunHandle | None, s: Status | None, log_y: bool) -> tuple[dict
     """Everything the live panel shows, as live_panel's arguments, and how many metric rows the run has."""
     if t is None:  # empty axes show what will be plotted, and the browser has plotly.js before the first point
         return {"fig": curves_figure([], [], RunConfig()),
-                "notice": "No run yet. Choose settings in the sidebar and press **Train** (the built-in sprites "
-                          "train in seconds on a CPU). The curves will appear here."}, 0
+                "notice": "No run yet. Choose settings in the sidebar and press **Train** (the shapes show within "
+                          "a minute on a CPU), or open a ready-made example in the **Runs** tab. The curves will "
+                          "appear here."}, 0
     rows = t.metrics()
     train = [r for r in rows if r.get("split") == "train"]
     test = [r for r in rows if r.get("split") == "test"]
