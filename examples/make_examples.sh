@@ -3,7 +3,8 @@
 # `python -m vae_core train` per recipe (vae_core/examples.py lists them; `--print` shows the
 # commands), each exported as a zip without the optimizer's state. The Fashion-MNIST ones need the
 # dataset on this machine (Debian: apt-get install dataset-fashion-mnist, or --data-dir DIR).
-# About 15 minutes on a quiet 2-core machine. Extra arguments go to every `train`.
+# Extra arguments go to every `train`. The shipped zips were made with `--threads 1`, one process per
+# example (--only NAME), a few minutes in all: beside other work on 2 cores a 2-thread run was ~10x slower.
 set -e
 cd "$(dirname "$0")/.."
 exec python -m vae_core.examples --out examples "$@"

@@ -31,6 +31,7 @@ from .records import (ACTIVE_THRESHOLD, DEFAULT_EXAMPLES, DEFAULT_K, EXAMPLE_CHO
 from .runs import CHECKPOINT, RunBusy, RunFileError, RunSummary, sanitize_name
 
 if TYPE_CHECKING:
+    from .examples import Example
     from .inference import PosteriorResult, Weights
     from .trainer import Trainer
 
@@ -651,7 +652,7 @@ class Lab:
         return import_zip(source, self.runs_dir, name).name
 
     @staticmethod
-    def examples() -> list[Any]:
+    def example_runs() -> list["Example"]:
         """The ready-made example runs shipped as zips in examples/ (vae_core.examples.Example; no torch)."""
         from .examples import list_examples
 

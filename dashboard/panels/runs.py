@@ -102,7 +102,7 @@ def _on_import(lab: Lab) -> None:
 
 def _on_example(lab: Lab, name: str) -> None:
     """Copy a shipped example into the runs folder (Lab.import_zip: checked like any upload) and show it."""
-    example = next((e for e in lab.examples() if e.name == name), None)
+    example = next((e for e in lab.example_runs() if e.name == name), None)
     if example is None:
         notice("error", f"The example {name} is no longer in the examples folder.")
         return
@@ -123,7 +123,7 @@ def _on_example(lab: Lab, name: str) -> None:
 
 def _examples(lab: Lab, *, first: bool) -> None:
     """The shipped example runs, one click each; prominent on a first page, folded away once runs exist."""
-    examples = lab.examples()
+    examples = lab.example_runs()
     if not examples:
         return
     with st.container(border=True) if first else st.expander("Try an example run"):
