@@ -61,7 +61,8 @@ def needs_model(lab: Lab, draw: Callable[[RunHandle], None]) -> Callable[[], Non
     def inner() -> None:
         run = current_run(lab)
         if run is None:
-            st.info("Train a model (sidebar) or open a saved run (Runs tab) to use this panel.")
+            st.info("Train a model (sidebar), or open a saved run or a ready-made example (Runs tab), to use "
+                    "this panel.")
         elif run.weights_version() == 0:
             st.info("Waiting for the model's first weights…")
         else:

@@ -20,6 +20,8 @@ BATCH_SIZES = (16, 32, 64, 100, 128, 256, 512, 1024, 2048)
 _defaults = RunConfig()
 DEFAULTS: dict[str, Any] = {**dataclasses.asdict(_defaults.model), **dataclasses.asdict(_defaults.train)}
 DEFAULTS["train_size"] = 0  # the widget's "all images"; config_from_values maps 0 to None
+# A first page offers the best dataset on this machine (a real one beats sprites), found once per server.
+DEFAULTS["dataset"] = Lab.default_dataset()
 
 LABELS = {
     "dataset": "Dataset", "arch": "Architecture", "latent_dim": "Latent size D", "hidden_dim": "Hidden units",

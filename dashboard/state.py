@@ -93,10 +93,10 @@ _frozen = False  # gc.freeze() once per process
 
 
 def _warm_up(lab: Lab) -> None:
-    """One-off costs of a process's first run (torch, the sprites), paid before anyone presses Train."""
+    """One-off costs of a process's first run (torch, the default dataset), paid before anyone presses Train."""
     global _frozen
     try:
-        lab.warm_up("sprites")
+        lab.warm_up(Lab.default_dataset())  # what the sidebar offers first (settings.DEFAULTS)
     except Exception:  # a warm-up only; the run reports any real problem itself
         log.exception("warm-up failed")
     if not _frozen and lab.training_count() == 0:

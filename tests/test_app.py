@@ -245,7 +245,7 @@ def test_progress_text_never_counts_past_its_total():
     cards = training.metrics_view(test, RunConfig())
     assert [(c["label"], c["value"], c["delta"]) for c in cards] == [
         ("Test ELBO (nats)", "-85.50", "+4.50"), ("Reconstruction E[log p(x|z)]", "-76.00", "+4.00"),
-        ("KL(q(z|x) ‖ p(z))", "9.50", "-0.50"), ("Active latent units", "2 / 2", None)]
+        ("KL(q(z|x) ‖ p(z))", "9.50", "-0.50"), ("Active latent units", f"2 / {RunConfig().model.latent_dim}", None)]
     assert cards[2]["delta_color"] == "off" and "after epoch 2" in cards[0]["help"]
     assert training.metrics_view(test[:1], RunConfig())[0]["delta"] is None  # nothing to compare with yet
     assert training.metrics_view([], RunConfig()) == []
@@ -343,9 +343,9 @@ def test_live_setting_reaches_the_running_run(app):
     app.session_state["_app_rerun"] = True  # what common.app_rerun sets before st.rerun()
     app.run()
     assert applied()
-    app.slider(key="cfg_latent_dim").set_value(5).run()  # not live: the run keeps D = 2 and the UI says so
+    app.slider(key="cfg_latent_dim").set_value(5).run()  # not live: the run keeps its D and the UI says so
     assert not applied()
-    assert run_of(app).config.model.latent_dim == 2
+    assert run_of(app).config.model.latent_dim == settings.DEFAULTS["latent_dim"] != 5
     assert any("Changed since this run started" in i.value for i in app.info)
 
 
@@ -540,9 +540,9 @@ def test_a_run_opened_after_a_restart_counts_its_steps_right(app):
 
 def test_url_parameters_round_trip_settings(app):
     app.run()
-    configure(app, cfg_latent_dim=8, cfg_beta=2.5, cfg_lr=3e-4, cfg_binarize=False).run()
+    configure(app, cfg_latent_dim=6, cfg_beta=2.5, cfg_lr=3e-4, cfg_binarize=False).run()
     params = {k: v for k, v in app.query_params.items() if k != "sid"}
-    assert {"latent_dim": ["8"], "beta": ["2.5"], "lr": ["0.0003"], "binarize": ["false"]}.items() <= \
+    assert {"latent_dim": ["6"], "beta": ["2.5"], "lr": ["0.0003"], "binarize": ["false"]}.items() <= \
         {k: (v if isinstance(v, list) else [v]) for k, v in params.items()}.items()
     assert "dataset" not in params  # defaults stay out of the URL
 
@@ -552,7 +552,7 @@ def test_url_parameters_round_trip_settings(app):
     shared.query_params["epochs"] = "lots"
     shared.run()
     assert not shared.exception
-    assert shared.slider(key="cfg_latent_dim").value == 8 and shared.select_slider(key="cfg_beta").value == 2.5
+    assert shared.slider(key="cfg_latent_dim").value == 6 and shared.select_slider(key="cfg_beta").value == 2.5
     assert shared.checkbox(key="cfg_binarize").value is False
     assert shared.number_input(key="cfg_epochs").value == settings.DEFAULTS["epochs"]
     assert any("epochs=lots" in w.value for w in shared.warning)

@@ -22,6 +22,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+from vae_core.config import ModelConfig
+
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,8 +221,8 @@ def test_settings_survive_widget_code_that_loads_late(server):
         page.wait_for_selector(idle, timeout=60_000)
         thumb = page.locator('.st-key-cfg_latent_dim input[type="range"]')
         thumb.focus()
-        thumb.press("ArrowRight")  # 2 -> 3: a rerun while the held widgets have no code yet
-        expect(thumb).to_have_value("3")
+        thumb.press("ArrowRight")  # 8 -> 9 (the default + 1): a rerun while the held widgets have no code yet
+        expect(thumb).to_have_value(str(ModelConfig().latent_dim + 1))
         page.wait_for_selector(idle)
         assert held, "the widget scripts were not requested: the test no longer holds anything back"
         for route in held:
@@ -230,7 +232,7 @@ def test_settings_survive_widget_code_that_loads_late(server):
         expect(page.locator(".st-key-cfg_hidden_dim input")).to_have_value("400")
         thumb.focus()
         thumb.press("ArrowLeft")  # another rerun: it sends whatever the late widgets now hold
-        expect(thumb).to_have_value("2")
+        expect(thumb).to_have_value(str(ModelConfig().latent_dim))
         # The URL follows the run's settings: once it has dropped latent_dim (back at its default), any
         # parameter left is a setting that changed by itself. (The idle selector can match before the
         # slider's rerun begins, so a fixed wait after it was too short on a loaded machine.)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +113,126 @@ def test_index_batcher_covers_the_epoch_once():
     assert len(batches) == 3 and all(len(i) == 32 for i in batches)
     flat = torch.cat(batches)
     assert len(set(flat.tolist())) == 96
+
+
+@pytest.fixture
+def no_local_datasets(tmp_path, monkeypatch):
+    """A machine with no MNIST anywhere: no data dir, an empty cache, no Debian package, no pinned default."""
+    from vae_core import sources
+
+    monkeypatch.delenv("VAE_DATA_DIR", raising=False)
+    monkeypatch.delenv(sources.DEFAULT_ENV, raising=False)
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sources, "DEBIAN_DIRS", {})
+    return sources
+
+
+def test_default_dataset_is_sprites_without_local_files(no_local_datasets):
+    assert no_local_datasets.default_dataset() == "sprites"
+
+
+def test_default_dataset_prefers_a_real_set_found_locally(tmp_path, no_local_datasets, monkeypatch):
+    sources = no_local_datasets
+    write_idx(tmp_path / "fashion" / "FashionMNIST" / "raw", gz=True)
+    monkeypatch.setattr(sources, "DEBIAN_DIRS", {"fashion-mnist": tmp_path / "fashion"})  # as Debian's package
+    assert sources.default_dataset() == "fashion-mnist"
+    write_idx(tmp_path / "idx")  # MNIST in a --data-dir folder wins: the classic VAE example's set
+    assert sources.default_dataset(tmp_path / "idx") == "mnist"
+    monkeypatch.setenv(sources.DEFAULT_ENV, "sprites")  # a teacher's pin beats both
+    assert sources.default_dataset(tmp_path / "idx") == "sprites"
+
+
+class _Started(Exception):
+    pass
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_cli_train_defaults_to_the_best_local_dataset(tmp_path, no_local_datasets, monkeypatch, capsys, local):
+    from vae_core import cli
+    from vae_core.lab import Lab
+
+    started = []
+
+    def start(self, config, **kw):  # stop at the config the CLI built: the choice is what is tested
+        started.append(config)
+        raise _Started
+
+    monkeypatch.setattr(Lab, "start", start)
+    args = ["train", "--runs-dir", str(tmp_path / "runs")]
+    if local:
+        write_idx(tmp_path / "idx")
+        args += ["--data-dir", str(tmp_path / "idx")]
+    with pytest.raises(_Started):
+        cli.main(args)
+    want = "mnist" if local else "sprites"
+    assert started[0].train.dataset == want
+    assert f"dataset: {want}" in capsys.readouterr().err
+    with pytest.raises(_Started):  # a dataset named on the command line is kept
+        cli.main(args + ["--dataset", "sprites"])
+    assert started[1].train.dataset == "sprites"
+
+
+def test_the_dashboard_first_page_defaults_to_a_local_dataset(tmp_path):
+    """The sidebar's default is found once per server process (settings.DEFAULTS), so ask a fresh one."""
+    import os
+    import subprocess
+    import sys
+
+    write_idx(tmp_path / "idx")
+    env = {k: v for k, v in os.environ.items() if k != "VAE_DEFAULT_DATASET"}
+    code = "from dashboard import settings; print(settings.DEFAULTS['dataset'])"
+    root = str(Path(__file__).resolve().parents[1])
+    found = subprocess.run([sys.executable, "-c", code], cwd=root, env={**env, "VAE_DATA_DIR": str(tmp_path / "idx")},
+                           capture_output=True, text=True, timeout=120)
+    assert found.stdout.strip() == "mnist", found.stderr
+    pinned = subprocess.run([sys.executable, "-c", code], cwd=root, env={**env, "VAE_DEFAULT_DATASET": "sprites"},
+                            capture_output=True, text=True, timeout=120)
+    assert pinned.stdout.strip() == "sprites", pinned.stderr
+
+
+def test_shape_measures_tell_a_kept_shape_from_a_blob():
+    _, f = data.make_sprites(n_train=16, n_test=64, seed=5)
+    x = data.render_sprites(f)
+    assert data.shape_iou(x, x) == 1.0 and data.shape_kept(f, x) == 1.0
+    blob = np.stack([data.render_sprites(np.array([[1, s, 0.0, u, v]]))[0] for _, s, _, u, v in f])  # ellipses
+    assert data.shape_kept(f, blob) < 0.5  # right only where the shape was an ellipse anyway
+    assert data.shape_iou(x, np.zeros_like(x)) == 0.0
+
+
+@pytest.mark.slow  # ~10 s on a quiet 2-core machine, minutes on a loaded one
+def test_the_default_sprites_run_learns_the_shapes_in_a_few_hundred_steps():
+    """The first run must teach: after 400 steps (about ten seconds on 2 cores) the reconstructions keep
+    each sprite's shape, not just a blob where it was. Steps, not seconds, so machine load cannot matter."""
+    from vae_core.config import RunConfig
+    from vae_core.run_math import RunMath
+
+    sprites, f_test = data.make_sprites(n_train=4096, n_test=300, seed=11)
+    cfg = RunConfig()
+    assert cfg.train.dataset == "sprites"
+    m = RunMath(cfg, sprites, torch.device("cpu"), lr=cfg.train.lr)
+    step = 0
+    while step < 400:
+        for idx in m.batcher.epoch():
+            m.train_step(m.batch(idx), beta=cfg.train.beta, free_bits=cfg.train.free_bits, lr=cfg.train.lr)
+            step += 1
+            if step == 400:
+                break
+    with torch.no_grad():
+        m.model.eval()
+        x_hat = m.model.decode(m.model.encode(sprites.test_x)[0])[:, 0].numpy()
+    x = sprites.test_x[:, 0].numpy()
+    assert data.shape_kept(f_test, x_hat) > 0.8  # 2 latents at lr 1e-3 (the old default): 0.5, near chance
+    assert data.shape_iou(x, x_hat) > 0.7  # the old default: 0.6
+
+
+def test_the_servers_warm_up_loads_the_default_dataset(monkeypatch, tmp_path):
+    """The first Train should not wait for the dataset the sidebar offers first (Fashion-MNIST takes seconds)."""
+    from dashboard import state
+    from vae_core.lab import Lab
+
+    loaded = []
+    monkeypatch.setattr(Lab, "warm_up", lambda self, dataset="sprites": loaded.append(dataset))
+    monkeypatch.setattr(state, "_frozen", True)  # no gc.freeze in a test process
+    monkeypatch.setenv("VAE_DEFAULT_DATASET", "fashion-mnist")
+    state._warm_up(Lab(tmp_path / "runs", max_runs=1))
+    assert loaded == ["fashion-mnist"]

@@ -120,7 +120,8 @@ def test_table_lists_every_run_newest_first(runs_dir):
     df = table(at)
     assert list(df["Name"]) == ["cli-b1", "b2", "b0.5"]  # the CLI's run is listed like the others
     row = df.iloc[1]
-    assert (row["Dataset"], row["Arch"], row["Latent D"], row["β"], row["Epochs"]) == ("sprites", "mlp", 2, "2", "1 / 1")
+    assert (row["Dataset"], row["Arch"], row["Latent D"], row["β"], row["Epochs"]) == \
+        ("sprites", "mlp", TINY.model.latent_dim, "2", "1 / 1")
     assert row["Status"].endswith("finished") and row["When"][:2] == "20"
     best = max(m["elbo"] for m in runs.read_metrics(runs_dir / "b2") if m["split"] == "test")
     assert row["Best test ELBO"] == pytest.approx(best)
@@ -245,7 +246,8 @@ def test_comparison_data_is_aligned(runs_dir):
     assert compare.best_iwae(rows) == (-87.9, 100)
     assert compare.best_iwae([{"split": "evidence", "iwae": {"1": -3.0, "50": -2.0}}]) == (-2.0, 50)
     n = compare.final_numbers(run)
-    assert (n["Steps"], n["Test ELBO"], n["Best IWAE bound"], n["Active units"]) == (10, -90.0, -87.9, "2 / 2")
+    assert (n["Steps"], n["Test ELBO"], n["Best IWAE bound"], n["Active units"]) == \
+        (10, -90.0, -87.9, f"2 / {RunConfig().model.latent_dim}")
 
 
 # ------------------------------------------------------------------ export and import

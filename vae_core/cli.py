@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a VAE (or continue one with --resume)")
     d = RunConfig()
-    t.add_argument("--dataset", choices=DATASETS, default=None, help=f"default {d.train.dataset}")
+    t.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="default: mnist, else fashion-mnist, when found on this machine (see --data-dir), else sprites")
     t.add_argument("--arch", choices=ARCHS, default=None, help=f"default {d.model.arch}")
     t.add_argument("--latent-dim", type=int, default=None, help=f"default {d.model.latent_dim}")
     t.add_argument("--hidden-dim", type=int, default=None, help=f"default {d.model.hidden_dim}")
@@ -204,6 +205,12 @@ def _start_run(lab: Any, args: argparse.Namespace, changes: dict[str, Any], runs
         live = {k: v for k, v in changes.items() if k in LIVE_FIELDS}
         return lab.fork(parent, name=args.name, epochs=changes.get("epochs"), device=changes.get("device"),
                         seed=changes.get("seed"), check=True, **live)
+    if "dataset" not in changes:  # the best set on this machine, never a download (sources.default_dataset)
+        from .sources import default_dataset
+
+        changes["dataset"] = default_dataset(args.data_dir)
+        if not args.quiet:
+            print(f"dataset: {changes['dataset']} (the default here; --dataset chooses)", file=sys.stderr)
     return lab.start(RunConfig().replace(**changes), name=args.name, check=True)
 
 

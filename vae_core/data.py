@@ -177,3 +177,29 @@ class IndexBatcher:
     def epoch(self) -> list[torch.Tensor]:
         perm = torch.randperm(self.n, generator=self.generator, device=self.generator.device).to(self.device)
         return [perm[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.steps_per_epoch)]
+
+
+def shape_iou(x: np.ndarray, x_hat: np.ndarray, threshold: float = 0.5) -> float:
+    """Mean intersection-over-union of the shapes in x and x_hat, each thresholded at `threshold`.
+
+    1 when every reconstruction covers exactly its input's pixels; a blurred blob of the right size
+    in the right place scores ~0.5, so this tells "kept the shape" from "kept only where it was".
+    """
+    a = np.asarray(x).reshape(len(x), -1) > threshold
+    b = np.asarray(x_hat).reshape(len(x_hat), -1) > threshold
+    union = (a | b).sum(1)
+    inter = (a & b).sum(1)
+    return float(np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)))
+
+
+def shape_kept(factors: np.ndarray, x_hat: np.ndarray) -> float:
+    """Fraction of sprite reconstructions whose shape is right: of the three shapes drawn with the same
+    scale, rotation and position, the true one overlaps x_hat best (IoU). Chance is 1/3; a blob scores ~1/3."""
+    f = np.asarray(factors, dtype=np.float64)
+    b = np.asarray(x_hat).reshape(len(f), -1) > 0.5
+    ious = []
+    for s in range(len(SPRITE_SHAPES)):
+        a = render_sprites(np.concatenate([np.full((len(f), 1), s), f[:, 1:]], axis=1)).reshape(len(f), -1) > 0.5
+        union = (a | b).sum(1)
+        ious.append(np.where(union > 0, (a & b).sum(1) / np.maximum(union, 1), 0.0))
+    return float(np.mean(np.argmax(np.stack(ious), 0) == f[:, 0].astype(int)))

@@ -153,12 +153,19 @@ class Weights:
         return held_out(self.dataset(), self.config, n)[:, 0].numpy().copy()
 
     def render_artifacts(self) -> dict[str, Any]:
-        """Originals, their reconstructions and prior samples (fixed z) as uint8, from the published weights."""
-        originals = self.test_set(N_FIXED)[0]
+        """Originals, their reconstructions and prior samples (fixed z) as uint8, from the published weights.
+
+        Without the run's dataset on this machine (an example or a copied run) the samples, which need
+        no data, are still drawn, and "missing" says why there are no reconstructions.
+        """
         z = torch.randn((N_SAMPLES, self.config.model.latent_dim), generator=torch.Generator().manual_seed(0))
+        art: dict[str, Any] = {"samples": to_uint8(self.decode(z.numpy())), "step": self.step()}
+        try:
+            originals = self.test_set(N_FIXED)[0]
+        except data_mod.DatasetUnavailable as e:
+            return {**art, "missing": str(e)}
         mu, _ = self.encode(originals)
-        return {"originals": to_uint8(originals), "reconstructions": to_uint8(self.decode(mu)),
-                "samples": to_uint8(self.decode(z.numpy())), "step": self.step()}
+        return {**art, "originals": to_uint8(originals), "reconstructions": to_uint8(self.decode(mu))}
 
     def posterior(self, index: int, n: int) -> PosteriorResult:
         """Held-out image `index`'s true posterior on an n x n grid and its IWAE bounds up to k = 1000."""

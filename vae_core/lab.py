@@ -30,6 +30,7 @@ from .records import (ACTIVE_THRESHOLD, DEFAULT_EXAMPLES, DEFAULT_K, EXAMPLE_CHO
 from .runs import CHECKPOINT, RunBusy, RunFileError, RunSummary, sanitize_name
 
 if TYPE_CHECKING:
+    from .examples import Example
     from .inference import PosteriorResult, Weights
     from .trainer import Trainer
 
@@ -371,6 +372,13 @@ class Lab:
         return "cuda" if have.get("cuda") else "mps" if have.get("mps") else "cpu"
 
     @staticmethod
+    def default_dataset() -> str:
+        """The dataset a first run uses: MNIST or Fashion-MNIST when on this machine, else sprites (no torch)."""
+        from . import sources
+
+        return sources.default_dataset()
+
+    @staticmethod
     def dataset_availability(*, wait: bool = True) -> dict[str, tuple[bool, str]]:
         """Each built-in dataset: (usable here, where it comes from or why not); kept for ten minutes.
 
@@ -634,6 +642,13 @@ class Lab:
         from .transfer import import_zip
 
         return import_zip(source, self.runs_dir, name).name
+
+    @staticmethod
+    def example_runs() -> list["Example"]:
+        """The ready-made example runs shipped as zips in examples/ (vae_core.examples.Example; no torch)."""
+        from .examples import list_examples
+
+        return list_examples()
 
     @staticmethod
     def metrics_csv(rows: list[dict[str, Any]]) -> str:

@@ -99,6 +99,50 @@ def _on_import(lab: Lab) -> None:
     notice("success", f"Imported **{md_text(upload.name)}** as **{md_text(name)}**; it is ticked in the table below.")
 
 
+# ------------------------------------------------------------------ ready-made examples
+
+def _on_example(lab: Lab, name: str) -> None:
+    """Copy a shipped example into the runs folder (Lab.import_zip: checked like any upload) and show it."""
+    example = next((e for e in lab.example_runs() if e.name == name), None)
+    if example is None:
+        notice("error", f"The example {name} is no longer in the examples folder.")
+        return
+    try:
+        run = lab.import_zip(example.path, name=example.name)
+    except UserError as e:
+        notice("error", f"Could not open the example {name}: {e}")
+        return
+    lab.show(session_id(), run)  # the sidebar follows the shown run by itself (controls.reconcile)
+    select([run])
+    text = (f"Opened the example **{run}**, a copy in the runs folder: the Training, Explore and Evidence tabs "
+            "show it. It is ticked below to resume or fork.")
+    if example.note:
+        notice("warning", f"{text} {example.note}")
+    else:
+        notice("success", text)
+
+
+def _examples(lab: Lab, *, first: bool) -> None:
+    """The shipped example runs, one click each; prominent on a first page, folded away once runs exist."""
+    examples = lab.example_runs()
+    if not examples:
+        return
+    with st.container(border=True) if first else st.expander("Try an example run"):
+        if first:
+            st.markdown("**Try an example** — explore a trained run before anything trains.")
+        st.caption("Small runs made with this project's own command line (`examples/make_examples.sh`) and shipped "
+                   "with it. Open copies one into the runs folder, where it can be explored, resumed or forked.")
+        for ex in examples:
+            c1, c2 = st.columns([5, 1], vertical_alignment="center")
+            # Names are [a-z0-9-] (examples.SAFE_NAME) and the descriptions are the project's own.
+            c1.markdown(f"**{ex.name}** · {ex.about}")
+            if ex.note:
+                c1.caption(f"⚠ Needs {ex.dataset}, not on this machine.")
+            c2.button("Open", key=f"{K}example_{ex.name}", on_click=_on_example, args=(lab, ex.name),
+                      width="stretch", help=f"{ex.dataset}, {ex.latent_dim} latents, β {ex.beta:g}, "
+                                            f"{ex.epochs} epochs; {ex.size_bytes / 2**20:.1f} MB")
+
+
 # ------------------------------------------------------------------ drawing
 
 def render(lab: Lab) -> None:
@@ -118,7 +162,9 @@ def render(lab: Lab) -> None:
     summaries = [s for s in everyone if s.owner == me] if mine_only else everyone
     if not summaries:
         st.info("You have started no runs in this tab yet: untick **Only mine** to see everyone's." if everyone else
-                f"No runs in `{runs_dir}` yet. Train one (sidebar), run `python -m vae_core train`, or import a zip.")
+                f"No runs in `{runs_dir}` yet. Train one (sidebar), run `python -m vae_core train`, open an "
+                "example, or import a zip.")
+        _examples(lab, first=not everyone)
         _import(lab)
         return
     picked = _table(summaries)
@@ -129,6 +175,7 @@ def render(lab: Lab) -> None:
                "The table refreshes when you act; training progress shows live in the Training tab.")
     c2.button("Refresh", key=K + "refresh", icon=":material/refresh:", width="stretch")
     _import(lab)
+    _examples(lab, first=False)
     if not picked:
         return
     target = picked[0]

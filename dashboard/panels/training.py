@@ -205,8 +205,9 @@ def panel_view(t: RunHandle | None, s: Status | None, log_y: bool) -> tuple[dict
     """Everything the live panel shows, as live_panel's arguments, and how many metric rows the run has."""
     if t is None:  # empty axes show what will be plotted, and the browser has plotly.js before the first point
         return {"fig": curves_figure([], [], RunConfig()),
-                "notice": "No run yet. Choose settings in the sidebar and press **Train** (the built-in sprites "
-                          "train in seconds on a CPU). The curves will appear here."}, 0
+                "notice": "No run yet. Choose settings in the sidebar and press **Train** (the shapes show within "
+                          "a minute on a CPU), or open a ready-made example in the **Runs** tab. The curves will "
+                          "appear here."}, 0
     rows = t.metrics()
     train = [r for r in rows if r.get("split") == "train"]
     test = [r for r in rows if r.get("split") == "test"]
@@ -407,6 +408,8 @@ def reconstructions_view(run: RunHandle) -> tuple[dict[str, Any], bytes | None]:
     """The reconstructions' caption (and the weights' step) and their picture, or None before the model exists."""
     art = run.artifacts()
     if "originals" not in art:
+        if art.get("missing"):  # the run's dataset is not on this machine (an example, a copied run)
+            return {"caption": f"No reconstructions here: {art['missing']}", "step": None}, None
         return {"caption": "Reconstructions appear once the model is built.", "step": None}, None
     step = int(art.get("step", 0))
     return {"caption": "Top: fixed test images. Bottom: their reconstructions, the decoder's mean at z = μ(x), "
