@@ -174,3 +174,17 @@ def test_cli_run_is_followed_steered_stopped_and_resumed(runs_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
         lab.shutdown()
+
+
+def test_a_fork_lists_where_it_continues_from_before_it_trains(lab, tiny_config):
+    parent = lab.start(tiny_config.replace(epochs=2), owner="a")
+    poll_until(lambda: parent.status().state == "finished", what="the parent to finish")
+    busy = lab.start(tiny_config.replace(epochs=500), owner="b")  # takes the one slot: the fork waits in the queue
+    fork = lab.fork(parent.name, owner="a", epochs=3, beta=2.0)
+    assert fork.status().state == "queued"
+    # Before it has loaded anything it already says where it stands: the parent's 2 epochs of 5.
+    assert (fork.status().epoch, fork.status().epochs_target) == (2.0, 5)
+    row = next(r for r in lab.list_runs() if r.name == fork.name)
+    assert (row.status, row.epochs_done, row.epochs_planned) == ("queued", 2, 5)
+    lab.stop(fork.name, owner="a")
+    lab.stop(busy.name, owner="b", wait=10)

@@ -454,8 +454,17 @@ class Lab:
         """Every run under runs_dir, newest first (queued runs of this process say so)."""
         out = runs.list_runs(self.runs_dir)
         with self._lock:
-            queued = {name: i + 1 for i, (name, _) in enumerate(self._queue)}
-        return [dataclasses.replace(r, status="queued") if Path(r.path).name in queued else r for r in out]
+            queued = {Path(name).name for name, _ in self._queue}
+            local = dict(self._trainers)
+        rows = []
+        for r in out:
+            t = local.get(str(Path(r.path).resolve())) if r.error is None else None
+            if t is not None and (t.is_alive() or Path(r.path).name in queued):  # this process knows better than its files
+                s = t.status()
+                r = dataclasses.replace(r, epochs_done=int(s.epoch), epochs_planned=s.epochs_target,
+                                        status=s.state if s.state != "idle" else r.status)
+            rows.append(dataclasses.replace(r, status="queued") if Path(r.path).name in queued else r)
+        return rows
 
     def owner(self, run: str | Path) -> str | None:
         key = str(self.path(run).resolve())
@@ -547,7 +556,7 @@ class Lab:
         if bad:
             raise ConfigError(f"a fork keeps its parent's {', '.join(sorted(bad))}; start a new run to change them")
         parent = self.path(run)
-        runs.load_checkpoint(parent / runs.CHECKPOINT)  # fail here, not later in the thread
+        ckpt = runs.load_checkpoint(parent / runs.CHECKPOINT)  # fail here, not later in the thread
         changes: dict[str, Any] = dict(live)
         if epochs:
             changes["epochs"] = epochs
@@ -557,6 +566,7 @@ class Lab:
             changes["seed"] = seed
         config = runs.read_config(parent).replace(**changes)
         t = Trainer(config, runs_dir=self.runs_dir, name=name, init_from=parent, **self._trainer_kwargs())
+        t.starts_at(int(ckpt["step"]), float(ckpt.get("epoch", 0)))
         if check:
             t.check()
         t.create_run_dir()

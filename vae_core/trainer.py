@@ -191,6 +191,17 @@ class Trainer:
                 pass
             self.sync.follow(self._thread)
 
+    def starts_at(self, step: int, epoch: float) -> None:
+        """A fork continues its parent's count: say so from the start, not once the thread has loaded the
+        weights (until then the Runs table read "0 / 3" beside a Training tab at "epoch 10.7 / 13")."""
+        with self._lock:
+            self._step, self._epoch = int(step), float(epoch)
+            if epoch > 0:  # the checkpoint's epoch is step / steps_per_epoch
+                self._steps_per_epoch = max(1, round(step / epoch))
+            self._epochs_target = math.ceil(self._epoch) + self.config.train.epochs
+            if self.init_from is not None:
+                self.parent = {"run": self.init_from.name, "step": int(step)}
+
     def add_exit_listener(self, fn: Callable[["Trainer"], None]) -> None:
         """fn(trainer) is called from the training thread as it ends (finished, stopped or failed)."""
         self._on_exit.append(fn)
