@@ -205,13 +205,15 @@ def _start_run(lab: Any, args: argparse.Namespace, changes: dict[str, Any], runs
         live = {k: v for k, v in changes.items() if k in LIVE_FIELDS}
         return lab.fork(parent, name=args.name, epochs=changes.get("epochs"), device=changes.get("device"),
                         seed=changes.get("seed"), check=True, **live)
-    if "dataset" not in changes:  # the best set on this machine, never a download (sources.default_dataset)
+    chosen = "dataset" not in changes
+    if chosen:  # the best set on this machine, never a download (sources.default_dataset)
         from .sources import default_dataset
 
         changes["dataset"] = default_dataset(args.data_dir)
-        if not args.quiet:
-            print(f"dataset: {changes['dataset']} (the default here; --dataset chooses)", file=sys.stderr)
-    return lab.start(RunConfig().replace(**changes), name=args.name, check=True)
+    run = lab.start(RunConfig().replace(**changes), name=args.name, check=True)
+    if chosen and not args.quiet:  # said once the settings passed: a bad one is the only line
+        print(f"dataset: {changes['dataset']} (the default here; --dataset chooses)", file=sys.stderr)
+    return run
 
 
 def _watch(run: Any, args: argparse.Namespace, signals: _StopOnSignal) -> int:
