@@ -210,10 +210,10 @@ def _start_run(lab: Any, args: argparse.Namespace, changes: dict[str, Any], runs
         from .sources import default_dataset
 
         changes["dataset"] = default_dataset(args.data_dir)
-    run = lab.start(RunConfig().replace(**changes), name=args.name, check=True)
+    config = RunConfig().replace(**changes)
     if chosen and not args.quiet:  # said once the settings passed: a bad one is the only line
         print(f"dataset: {changes['dataset']} (the default here; --dataset chooses)", file=sys.stderr)
-    return run
+    return lab.start(config, name=args.name, check=True)
 
 
 def _watch(run: Any, args: argparse.Namespace, signals: _StopOnSignal) -> int:
