@@ -210,10 +210,10 @@ def _start_run(lab: Any, args: argparse.Namespace, changes: dict[str, Any], runs
         from .sources import default_dataset
 
         changes["dataset"] = default_dataset(args.data_dir)
-    config = RunConfig().replace(**changes)
+    run = lab.start(RunConfig().replace(**changes), name=args.name, check=True)
     if chosen and not args.quiet:  # said once the settings passed: a bad one is the only line
         print(f"dataset: {changes['dataset']} (the default here; --dataset chooses)", file=sys.stderr)
-    return lab.start(config, name=args.name, check=True)
+    return run
 
 
 def _watch(run: Any, args: argparse.Namespace, signals: _StopOnSignal) -> int:
