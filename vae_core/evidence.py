@@ -2,9 +2,12 @@
 
 log p(x) = ELBO(x) + KL(q(z|x) || p(z|x))  (Kingma & Welling 2019, eq. 2.8), so the gap between
 the bound and the evidence is exactly how wrong the encoder's posterior is. The importance-weighted
-bound log p_k(x) closes the gap as k grows (Burda et al. 2016, eq. 8 and Theorem 1). With two
-latents the true posterior can be evaluated on a grid, which gives log p(x), the ELBO and the KL
-by quadrature, each from the same numbers, so the identity can be checked term by term.
+bound log p_k(x) rises with k toward log p(x) (Burda et al. 2016, eq. 8 and Theorem 1), but only
+as fast as q's samples find the posterior's mass: where q sits far from a posterior with several
+modes, even k = 5000 can stay many nats below. With two latents the true posterior can be
+evaluated on a grid, which gives log p(x), the ELBO and the KL by quadrature. Those three satisfy
+log p(x) = ELBO + KL by construction, so that identity proves nothing; grid_checks instead
+compares the grid's ELBO and log p(x) with estimates that do not use the grid.
 
 Everything here runs under torch.no_grad and returns floats, numpy arrays or small dataclasses,
 never live tensors. All values are nats per example.
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 
 from .models import VAE
-from .records import ACTIVE_THRESHOLD  # lives there so that the dashboard reads it without torch
+from .records import ACTIVE_THRESHOLD, IWAE_FAR_NATS, active_mask  # they live there so that the dashboard reads them without torch
 from .objectives import importance_log_weights, kl_per_dim, log_normal, log_px_given_z, log_standard_normal
 
 DEFAULT_KS = (1, 10, 100, 1000)
@@ -38,6 +41,16 @@ Q_HALF_WIDTH_MAX = 8.0  # ... but no wider than this, so a diffuse untrained q c
 COARSE_N = 48  # points per axis of each search pass; each zooms in up to ~16x
 MAX_SEARCH_PASSES = 6
 GAUSS_HERMITE_NODES = 20  # per axis, for the grid-independent reference ELBO
+# The checks a grid must pass (grid_checks). The grid's ELBO and a 20-node Gauss-Hermite ELBO agreed
+# to 2e-3 nats on 12 test images of a trained 2-latent sprites MLP (the decoder's float32 sums set
+# that floor), so 0.01 nats is 5x the worst seen. log p(x) is checked against importance sampling
+# from a mixture of the prior, q and a 3x wider q (REFERENCE_SAMPLES draws): within
+# LOG_PX_TOL + 4 standard errors, and only when the effective sample size is at least MIN_ESS.
+ELBO_TOL = 0.01
+LOG_PX_TOL = 0.01
+LOG_PX_SE_MULT = 4.0
+MIN_ESS = 50.0
+REFERENCE_SAMPLES = 30_000
 
 
 def _check_ks(ks: Sequence[int]) -> list[int]:
@@ -59,7 +72,11 @@ def iwae_curve(model: VAE, x: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, *,
 
     - ``elbo``: E_q[log p(x|z)] averaged over all K samples minus the closed-form KL(q || p(z));
     - ``elbo_mc``: the Monte Carlo k = 1 bound, the mean of the log weights (same expectation);
-    - ``iwae`` / ``iwae_se``: mean of log p_k(x) over examples and its standard error (NaN for B = 1).
+    - ``iwae`` / ``iwae_se``: mean of log p_k(x) over examples and its standard error (NaN for B = 1);
+      that error is the spread across images, shared by every k;
+    - ``iwae_step_se``: the standard error of each rise, paired by image: of log p_k(x) minus the
+      previous k's bound (the ELBO before the first k), so it measures how sure the rise itself is;
+    - ``iwae_each`` / ``elbo_each``: the largest k's bound and the ELBO of each example.
     """
     ks_sorted = _check_ks(ks)
     K = ks_sorted[-1]
@@ -75,17 +92,21 @@ def iwae_curve(model: VAE, x: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, *,
         se = float(v.std() / math.sqrt(B)) if B > 1 else float("nan")
         return float(v.mean()), se
 
-    iwae, iwae_se = [], []
+    iwae, iwae_se, step_se = [], [], []
+    previous = elbo
     for k in ks_sorted:
         g = K // k
         bound = (torch.logsumexp(log_w[: g * k].view(g, k, B), 1) - math.log(k)).mean(0)  # (B,)
         m, s = mean_se(bound)
         iwae.append(m)
         iwae_se.append(s)
+        step_se.append(mean_se(bound - previous)[1])  # paired: the image-to-image spread cancels
+        previous = bound
     elbo_m, elbo_s = mean_se(elbo)
     elbo_mc, elbo_mc_s = mean_se(log_w.mean(0))
-    return {"ks": ks_sorted, "iwae": iwae, "iwae_se": iwae_se, "elbo": elbo_m, "elbo_se": elbo_s,
-            "elbo_mc": elbo_mc, "elbo_mc_se": elbo_mc_s, "kl": float(kl.mean()), "n": B, "samples": K}
+    return {"ks": ks_sorted, "iwae": iwae, "iwae_se": iwae_se, "iwae_step_se": step_se, "elbo": elbo_m,
+            "elbo_se": elbo_s, "elbo_mc": elbo_mc, "elbo_mc_se": elbo_mc_s, "kl": float(kl.mean()), "n": B,
+            "samples": K, "iwae_each": previous.tolist(), "elbo_each": elbo.tolist()}
 
 
 # ---------------------------------------------------------------- the true posterior on a grid (2 latents)
@@ -101,13 +122,15 @@ class PosteriorGrid:
     heatmap draws them. It is normalised numerically: sum(exp(log_density)) * cell_area = 1.
 
     log_px, elbo and kl_to_posterior are midpoint-rule integrals over the same cells, with q's
-    weights normalised on the grid, so log_px = elbo + kl_to_posterior holds to float64 rounding
-    (identity_error is typically < 1e-9 nats). elbo_reference is the ELBO computed without the grid
-    (Gauss-Hermite quadrature on q's own axes minus the closed-form KL), so |elbo - elbo_reference|
-    measures how well the grid resolves q. posterior_edge_mass (posterior mass in the outermost
-    cells) and q_grid_mass (q's mass inside the grid, ideally 1) say whether the grid covered both;
-    cells_per_std (the narrower of q's and the posterior's std per axis, in cells; the smaller
-    axis) whether it resolved them: the midpoint rule is accurate to ~1e-6 from about 2 up.
+    weights normalised on the grid, so log_px = elbo + kl_to_posterior holds to rounding whatever
+    log_px is: it checks nothing. What can fail is grid_checks: elbo_reference is the ELBO computed
+    without the grid (Gauss-Hermite quadrature on q's own axes minus the closed-form KL), and
+    log_px_reference (with its standard error and effective sample size) is log p(x) by importance
+    sampling from a wide mixture, also without the grid (NaN when reference_samples = 0).
+    posterior_edge_mass (posterior mass in the outermost cells) and q_grid_mass (q's mass inside the
+    grid, ideally 1) say whether the grid covered both; cells_per_std (the narrower of q's and the
+    posterior's std per axis, in cells; the smaller axis) whether it resolved them: the midpoint
+    rule is accurate to ~1e-6 from about 2 up.
     """
 
     z1: np.ndarray  # (n,) cell centres
@@ -118,12 +141,18 @@ class PosteriorGrid:
     log_px: float
     elbo: float
     kl_to_posterior: float
-    identity_error: float
     elbo_reference: float
+    log_px_reference: float
+    log_px_reference_se: float
+    log_px_reference_ess: float
     cell_area: float
     posterior_edge_mass: float
     q_grid_mass: float
     cells_per_std: float
+
+    def checks(self) -> list["GridCheck"]:
+        """grid_checks(self): what a reader calls without importing this module."""
+        return grid_checks(self)
 
 
 def _check_two_latents(model: VAE) -> None:
@@ -217,6 +246,36 @@ def _elbo_gauss_hermite(model: VAE, x1: torch.Tensor, mu: torch.Tensor, logvar: 
     return float(recon - kl_per_dim(mu.double(), logvar.double()).sum())
 
 
+@torch.no_grad()
+def _log_px_importance(model: VAE, x1: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, samples: int,
+                       generator: torch.Generator, max_chunk_elems: int) -> tuple[float, float, float]:
+    """log p(x) by importance sampling without the grid: (estimate, standard error, effective sample size).
+
+    The proposal is an equal mixture of the prior N(0, I), q(z|x) and q widened 3x, drawn a third
+    each and weighted by the whole mixture's density (deterministic-mixture weights, Owen & Zhou
+    2000). The prior's share bounds every weight by 3 p(x|z), so the estimate stays sound where q is
+    far from the posterior; q's shares make it efficient where q is close. The standard error is
+    the delta method's, std(w) / (mean(w) sqrt(S)); it is trustworthy only with a large enough
+    effective sample size (Kong 1992), which the check demands.
+    """
+    dtype = mu.dtype
+    mu, logvar = mu.double(), logvar.double()
+    wide = logvar + 2 * math.log(3.0)
+    m = max(1, samples // 3)
+    eps = torch.randn(3, m, 2, generator=generator, dtype=torch.float64)  # (3, m, 2)
+    z = torch.cat([eps[0], mu + eps[1] * (0.5 * logvar).exp(), mu + eps[2] * (0.5 * wide).exp()])  # (3m, 2)
+    log_mix = torch.logsumexp(torch.stack([log_standard_normal(z), log_normal(z, mu, logvar),
+                                           log_normal(z, mu, wide)]), 0) - math.log(3)  # (3m,)
+    log_joint = _log_joint(model, x1, z.to(dtype), max_chunk_elems)
+    log_w = log_joint - log_mix  # (3m,)
+    n = len(log_w)
+    w = (log_w - log_w.max()).exp()  # scaled weights, the largest is 1
+    est = float(torch.logsumexp(log_w, 0) - math.log(n))
+    se = float(w.std() / w.mean() / math.sqrt(n))
+    ess = float(w.sum() ** 2 / (w * w).sum())
+    return est, se, ess
+
+
 def _span_box(span: float | Box) -> Box:
     if isinstance(span, (int, float)):
         if not span > 0:
@@ -230,13 +289,17 @@ def _span_box(span: float | Box) -> Box:
 
 @torch.no_grad()
 def posterior_grid(model: VAE, x_single: torch.Tensor, *, n: int = 200, span: float | Box | None = None,
+                   reference_samples: int = REFERENCE_SAMPLES, seed: int = 0,
                    max_chunk_elems: int = CHUNK_ELEMS) -> PosteriorGrid:
     """The true posterior of one example on an n x n grid placed where its mass is; 2-latent models only.
 
     span=None finds the box by coarse passes (see _locate) and joins q's mean +- 6 std, so both
     the posterior and q lie inside; a number s fixes the box to [-s, s]^2, a pair of ranges to
-    those ranges. Costs about n^2 + 2 * 48^2 decoder passes.
+    those ranges. Costs about n^2 + 2 * 48^2 + 400 decoder passes, plus reference_samples for the
+    grid-free log p(x) (0 skips it; seed fixes its draws).
     """
+    if reference_samples < 0:
+        raise ValueError(f"reference_samples must be >= 0; got {reference_samples}")
     _check_two_latents(model)
     if n < 8:
         raise ValueError(f"n must be at least 8 points per axis; got {n}")
@@ -264,32 +327,98 @@ def posterior_grid(model: VAE, x_single: torch.Tensor, *, n: int = 200, span: fl
     post_std = ((p * zd.pow(2)).sum(0) - (p * zd).sum(0).pow(2)).clamp(min=0).sqrt()  # (2,)
     cell = torch.tensor([(hi - lo) / n for lo, hi in box], dtype=torch.float64, device=zd.device)
     cells_per_std = float((torch.minimum(post_std, std.double()) / cell).min())
+    nan = float("nan")
+    ref = (_log_px_importance(model, x1, mu, logvar, reference_samples, torch.Generator().manual_seed(seed),
+                              max_chunk_elems) if reference_samples else (nan, nan, 0.0))
     return PosteriorGrid(
         z1=a1.double().cpu().numpy(), z2=a2.double().cpu().numpy(),
         log_density=log_post.view(n, n).cpu().numpy(),
         q_mu=mu.double().cpu().numpy(), q_cov=np.diag(logvar.double().exp().cpu().numpy()),
         log_px=float(log_px), elbo=float(elbo), kl_to_posterior=float(kl),
-        identity_error=float(abs(log_px - (elbo + kl))),
         elbo_reference=_elbo_gauss_hermite(model, x1, mu, logvar, max_chunk_elems),
+        log_px_reference=ref[0], log_px_reference_se=ref[1], log_px_reference_ess=ref[2],
         cell_area=math.exp(log_dA), posterior_edge_mass=float(edge),
         q_grid_mass=float(torch.logsumexp(log_q, 0).add(log_dA).exp()), cells_per_std=cells_per_std,
     )
 
 
-@torch.no_grad()
-def grid_evidence(model: VAE, x_batch: torch.Tensor, *, n: int = 100) -> dict[str, float]:
-    """Mean over a batch of the grid log p(x), KL(q || p(z|x)) and ELBO, nats per example; 2 latents.
+@dataclass(frozen=True)
+class GridCheck:
+    """One number of the grid against an estimate that does not use the grid, with the tolerance it must meet."""
 
+    name: str  # what is compared, e.g. "ELBO"
+    grid: float
+    reference: float
+    tolerance: float  # nats
+    method: str  # how the reference was computed, one line for a person
+    verdict: str  # "pass", "fail", or "inconclusive" (the reference is too uncertain to judge)
+    why: str  # the verdict in words, with the numbers
+
+    @property
+    def difference(self) -> float:
+        return self.grid - self.reference
+
+
+def grid_checks(g: PosteriorGrid) -> list[GridCheck]:
+    """The checks a grid can fail: its ELBO against Gauss-Hermite, its log p(x) against importance sampling.
+
+    Pure arithmetic on the grid's fields, so a wrong log_px or ELBO (a perturbed grid) fails here.
+    """
+    out = []
+    d = g.elbo - g.elbo_reference
+    ok = abs(d) <= ELBO_TOL
+    out.append(GridCheck("ELBO", g.elbo, g.elbo_reference, ELBO_TOL,
+                         f"Gauss–Hermite quadrature ({GAUSS_HERMITE_NODES}² nodes on q's axes) minus the closed-form "
+                         "KL(q(z|x) ‖ p(z))", "pass" if ok else "fail",
+                         f"differ by {abs(d):.1e} nats, {'within' if ok else 'outside'} the tolerance of {ELBO_TOL:g}"))
+    if math.isfinite(g.log_px_reference):
+        tol = LOG_PX_TOL + LOG_PX_SE_MULT * g.log_px_reference_se
+        d = g.log_px - g.log_px_reference
+        method = (f"importance sampling from a mixture of p(z), q(z|x) and q widened 3x "
+                  f"(effective sample size {g.log_px_reference_ess:,.0f})")
+        if abs(d) > tol:
+            verdict = "fail"
+        elif g.log_px_reference_ess < MIN_ESS:
+            verdict = "inconclusive"
+        else:
+            verdict = "pass"
+        why = (f"differ by {abs(d):.1e} nats, {'within' if abs(d) <= tol else 'outside'} the tolerance of {tol:.3f} "
+               f"({LOG_PX_TOL:g} + {LOG_PX_SE_MULT:g} standard errors of {g.log_px_reference_se:.1e})")
+        if verdict == "inconclusive":
+            why += f"; but the effective sample size is under {MIN_ESS:g}, so the reference is too uncertain to judge"
+        out.append(GridCheck("log p(x)", g.log_px, g.log_px_reference, tol, method, verdict, why))
+    return out
+
+
+@torch.no_grad()
+def grid_evidence(model: VAE, x_batch: torch.Tensor, *, n: int = 100, reference_samples: int = 0) -> dict[str, Any]:
+    """The grid log p(x), KL(q || p(z|x)) and ELBO over a batch, nats per example; 2 latents.
+
+    Means over the batch, and each example's log p(x) and ELBO (``*_each``), so a reader can see
+    which examples a bound misses rather than only the mean. With reference_samples > 0 every grid
+    is also checked (grid_checks) and ``grid_checks_failed`` lists the examples that fail.
     One posterior_grid per example: each grid sits where that example's posterior is, and its
     n^2 points already make a full-size decoder batch, so stacking examples would gain little.
-    Costs ~(n^2 + 2 * 48^2 + 400) decoder passes per example; for the default MLP (hidden 400) on
-    2 CPU cores about 0.06 s at n = 64, 0.1 s at n = 100 and 0.3 s at n = 200.
+    Costs ~(n^2 + 2 * 48^2 + 400 + reference_samples) decoder passes per example; for the default
+    MLP (hidden 400) on 2 CPU cores about 0.06 s at n = 64, 0.1 s at n = 100 and 0.3 s at n = 200.
     """
     _check_two_latents(model)
-    grids = [posterior_grid(model, x_batch[i], n=n) for i in range(len(x_batch))]
-    return {"log_px_grid": float(np.mean([g.log_px for g in grids])),
-            "kl_to_posterior_grid": float(np.mean([g.kl_to_posterior for g in grids])),
-            "elbo_grid": float(np.mean([g.elbo for g in grids]))}
+    grids = [posterior_grid(model, x_batch[i], n=n, reference_samples=reference_samples, seed=i)
+             for i in range(len(x_batch))]
+    out: dict[str, Any] = {
+        "log_px_grid": float(np.mean([g.log_px for g in grids])),
+        "kl_to_posterior_grid": float(np.mean([g.kl_to_posterior for g in grids])),
+        "elbo_grid": float(np.mean([g.elbo for g in grids])),
+        "log_px_grid_each": [g.log_px for g in grids], "elbo_grid_each": [g.elbo for g in grids]}
+    if reference_samples:
+        out["grid_checks_failed"] = [i for i, g in enumerate(grids)
+                                     if any(c.verdict == "fail" for c in grid_checks(g))]
+    return out
+
+
+def far_below(log_px: Sequence[float], bound: Sequence[float], nats: float = IWAE_FAR_NATS) -> list[int]:
+    """Indices of the examples whose bound lies more than `nats` below their log p(x)."""
+    return [i for i, (a, b) in enumerate(zip(log_px, bound)) if b < a - nats]
 
 
 # ---------------------------------------------------------------- how the latent space is used
@@ -300,17 +429,17 @@ def encode_means(model: VAE, x: torch.Tensor, batch: int = 1000) -> np.ndarray:
     return torch.cat([model.encode(x[i:i + batch])[0] for i in range(0, len(x), batch)]).cpu().numpy()
 
 
-def active_units(mu: np.ndarray | torch.Tensor, threshold: float = ACTIVE_THRESHOLD) -> tuple[int, np.ndarray]:
-    """Dimension d is active when Var_x(E_q[z_d|x]) > threshold (Burda et al. 2016, sec. 5.2).
+def active_units(kl_per_dim: np.ndarray | Sequence[float], threshold: float = ACTIVE_THRESHOLD) -> tuple[int, np.ndarray]:
+    """Dimension d is active when its mean KL(q(z_d|x) || p(z_d)) exceeds `threshold` nats (records.active_mask).
 
-    mu: posterior means (N, D) over N >= 2 examples. Returns the count and the per-dimension
-    variances (D,), unbiased (N - 1), as the trainer's evaluate() reports them.
+    kl_per_dim: (D,) nats, averaged over examples (kl_per_dimension, or the trainer's test rows).
+    Returns the count and the (D,) boolean mask.
     """
-    m = mu.detach().cpu().double().numpy() if isinstance(mu, torch.Tensor) else np.asarray(mu, dtype=np.float64)
-    if m.ndim != 2 or m.shape[0] < 2:
-        raise ValueError(f"active_units needs posterior means of shape (N, D) with N >= 2; got {m.shape}")
-    variances = m.var(axis=0, ddof=1)  # (D,)
-    return int((variances > threshold).sum()), variances
+    kl = np.asarray(kl_per_dim, dtype=np.float64)
+    if kl.ndim != 1 or kl.size == 0:
+        raise ValueError(f"active_units needs the per-dimension KL, shape (D,); got {kl.shape}")
+    mask = np.array(active_mask(kl.tolist(), threshold))
+    return int(mask.sum()), mask
 
 
 @torch.no_grad()
