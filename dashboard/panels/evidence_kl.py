@@ -266,8 +266,9 @@ def remedy_buttons(run: RunHandle) -> None:
             st.session_state[K + "remedy_target"] = options[0]
         st.radio(f"This run is {status.state}: apply a remedy to", options, format_func=TARGETS.get,
                  key=K + "remedy_target", horizontal=True,
-                 help="Train on: the run continues from its checkpoint for its configured number of epochs more. "
-                      "Fork: a new run starts from this one's checkpoint, and this one stays as it is.")
+                 help="Train on: the run continues from its checkpoint (a stopped run to its planned epochs, a "
+                      "finished one for its configured number of epochs more). Fork: a new run starts from this "
+                      "one's checkpoint, and this one stays as it is.")
     cols = st.columns(3)
     for col, (name, r) in zip(cols, remedies(status).items()):
         col.button(r.label, key=K + "remedy_" + name, on_click=_apply, args=(run, name),
