@@ -19,9 +19,8 @@ from dashboard.panels.evidence_series import (ELBO_COLOR, GAP_FILL, GRID_COLOR, 
                                               best_bound, caveat, elbo_name, finished_job, live_interval, split_rows)
 from dashboard.state import get_lab
 from vae_core.config import unit_label
-from vae_core.records import IWAE_FAR_NATS
-from vae_core.lab import (DEFAULT_EXAMPLES, DEFAULT_K, EXAMPLE_CHOICES, K_CHOICES, DatasetUnavailable, JobSnapshot,
-                          RunHandle, UserError)
+from vae_core.lab import (DEFAULT_EXAMPLES, DEFAULT_K, EXAMPLE_CHOICES, IWAE_FAR_NATS, K_CHOICES, DatasetUnavailable,
+                          JobSnapshot, RunHandle, UserError)
 
 JOB_POLL = 1.0  # seconds between progress looks while a job runs
 X_AXES = {"epoch": "epoch", "step": "training step"}

@@ -22,8 +22,7 @@ from dashboard.panels.evidence_series import (COLLAPSE_KL_NATS, ELBO_COLOR, IWAE
                                               split_rows)
 from dashboard.settings import LABELS
 from dashboard.state import can_steer, get_lab, session_id
-from vae_core.lab import ACTIVE_THRESHOLD, RunHandle, Status, UserError
-from vae_core.records import active_mask
+from vae_core.lab import ACTIVE_THRESHOLD, RunHandle, Status, UserError, active_mask
 
 FREE_BITS_REMEDY = 0.5  # nats per dimension (Kingma et al. 2016 used 0.125-2 per group)
 WARMUP_REMEDY_EPOCHS = 5  # the ramp back to full β takes this many epochs from now

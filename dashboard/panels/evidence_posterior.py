@@ -23,8 +23,7 @@ from dashboard.common import run_token
 from dashboard.panels.evidence_series import K, best_bound, caveat, finished_job, live_interval, split_rows
 from vae_core.images import to_uint8, upscale
 from vae_core.config import unit_label
-from vae_core.lab import DatasetUnavailable, JobSnapshot, RunHandle
-from vae_core.records import IWAE_FAR_NATS
+from vae_core.lab import IWAE_FAR_NATS, DatasetUnavailable, JobSnapshot, RunHandle
 
 GRID_N = {"min_value": 40, "max_value": 300, "step": 20}
 # Default points per axis. n = 200 takes ~0.5 s for the MLP on 2 idle CPU cores, but the conv net's

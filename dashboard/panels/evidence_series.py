@@ -13,8 +13,7 @@ import numpy as np
 
 from dashboard.common import poll_interval, units, viewer_id
 from dashboard.state import get_lab, get_viewers
-from vae_core.lab import JobSnapshot, RunHandle
-from vae_core.records import ACTIVE_THRESHOLD, active_mask
+from vae_core.lab import ACTIVE_THRESHOLD, JobSnapshot, RunHandle, active_mask
 
 K = "evidence_"  # every widget key of the tab starts with this
 GAP_FILL = "rgba(228, 87, 86, 0.18)"
