@@ -15,8 +15,10 @@ from torch import nn
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from vae_core.config import ModelConfig
-from vae_core.evidence import (PosteriorGrid, active_units, encode_means, grid_evidence, iwae_curve,
-                               kl_per_dimension, posterior_grid)
+import dataclasses
+
+from vae_core.evidence import (ELBO_TOL, MIN_ESS, PosteriorGrid, active_units, encode_means, far_below, grid_checks,
+                               grid_evidence, iwae_curve, kl_per_dimension, posterior_grid)
 from vae_core.models import VAE
 from vae_core.objectives import elbo_loss, elbo_terms, iwae_bound, log_px_given_z
 
@@ -108,7 +110,11 @@ def test_grid_recovers_closed_form_evidence_and_posterior_gap(case):
     assert grid.elbo == pytest.approx(exact_log_px - exact_kl, abs=1e-6, rel=1e-8)
     # Gauss-Hermite integrates this quadratic log-likelihood exactly: an independent check of the grid's ELBO.
     assert grid.elbo_reference == pytest.approx(exact_log_px - exact_kl, abs=1e-6)
-    assert grid.identity_error < 1e-8
+    # The grid-free importance-sampling log p(x) lands within its own error of the exact value, and both checks pass.
+    assert abs(grid.log_px_reference - exact_log_px) < 4 * grid.log_px_reference_se + 1e-3
+    # Even with q at the prior and the posterior 12 prior std away, the sampler's fitted second round finds it.
+    assert [c.verdict for c in grid.checks()] == ["pass", "pass"]
+    assert grid.log_px_reference_ess > 4 * MIN_ESS
     assert grid.posterior_edge_mass < 1e-8 and grid.q_grid_mass == pytest.approx(1.0, abs=1e-6)
     assert grid.cells_per_std > 2
     # The normalised density on the grid is the exact posterior's density.
@@ -221,15 +227,73 @@ def test_grid_gap_is_the_kl_to_the_true_posterior(trained, grids):
     for g in grids:
         assert g.kl_to_posterior >= 0
         assert g.log_px - g.elbo == pytest.approx(g.kl_to_posterior, rel=1e-3, abs=1e-9)
-        assert g.identity_error < 1e-8
         assert g.elbo == pytest.approx(g.elbo_reference, abs=0.05)  # the grid resolves q
         assert g.posterior_edge_mass < 1e-6 and g.q_grid_mass == pytest.approx(1.0, abs=1e-3)
         assert g.log_density.shape == (150, 150) and np.exp(g.log_density).sum() * g.cell_area == pytest.approx(1.0)
     summary = grid_evidence(model, x[:2], n=150)
-    assert set(summary) == {"log_px_grid", "kl_to_posterior_grid", "elbo_grid"}
-    assert all(isinstance(v, float) for v in summary.values())
+    assert set(summary) == {"log_px_grid", "kl_to_posterior_grid", "elbo_grid", "log_px_grid_each", "elbo_grid_each"}
+    assert summary["log_px_grid_each"] == pytest.approx([g.log_px for g in grids[:2]], abs=1e-9)
     assert summary["log_px_grid"] == pytest.approx(np.mean([g.log_px for g in grids[:2]]), abs=1e-9)
     assert summary["kl_to_posterior_grid"] == pytest.approx(np.mean([g.kl_to_posterior for g in grids[:2]]), abs=1e-9)
+
+
+def test_grid_checks_pass_on_a_trained_model_and_fail_on_wrong_numbers(trained, grids):
+    """The checks shown to a user can fail: a grid whose log p(x) or ELBO is off by a little fails its check."""
+    for g in grids:
+        checks = grid_checks(g)
+        assert [c.name for c in checks] == ["ELBO", "log p(x)"]
+        assert [c.verdict for c in checks] == ["pass", "pass"], [c.why for c in checks]
+        assert g.log_px_reference_ess > MIN_ESS and 0 < g.log_px_reference_se < 0.1
+        # log p(x) = ELBO + KL holds for any log_px on the grid; the checks do not.
+        wrong_px = dataclasses.replace(g, log_px=g.log_px + 0.3, kl_to_posterior=g.kl_to_posterior + 0.3)
+        assert [c.verdict for c in grid_checks(wrong_px)] == ["pass", "fail"]
+        assert g.elbo_reference_error < 0.005  # on a trained model the tolerance is tight: under 0.015 nats
+        wrong_elbo = dataclasses.replace(g, elbo=g.elbo - 3 * ELBO_TOL)
+        assert grid_checks(wrong_elbo)[0].verdict == "fail" and "outside the tolerance" in grid_checks(wrong_elbo)[0].why
+        starved = dataclasses.replace(g, log_px_reference_ess=MIN_ESS / 2)
+        assert grid_checks(starved)[1].verdict == "inconclusive"
+
+
+def test_a_grid_that_misses_mass_fails_its_check(trained, grids):
+    """A real failure, not a perturbed number: a fixed box cutting the posterior in half underestimates log p(x)."""
+    model, x = trained
+    g = grids[0]
+    p = np.exp(g.log_density) * g.cell_area
+    mean_z1 = float((p.sum(0) * g.z1).sum())
+    cut = posterior_grid(model, x[0], n=150, span=((mean_z1, g.z1[-1]), (g.z2[0], g.z2[-1])))
+    assert cut.log_px < g.log_px - 0.3  # about half the mass is outside
+    verdicts = {c.name: c.verdict for c in cut.checks()}
+    assert verdicts["log p(x)"] == "fail"
+
+
+def test_reference_can_be_skipped_and_is_seeded(trained):
+    model, x = trained
+    g = posterior_grid(model, x[1], n=40, reference_samples=0)
+    assert math.isnan(g.log_px_reference) and math.isnan(g.elbo_reference) and g.checks() == []
+    a = posterior_grid(model, x[1], n=40, reference_samples=3000, seed=3)
+    b = posterior_grid(model, x[1], n=40, reference_samples=3000, seed=3)
+    c = posterior_grid(model, x[1], n=40, reference_samples=3000, seed=4)
+    assert a.log_px_reference == b.log_px_reference != c.log_px_reference
+    with pytest.raises(ValueError, match="reference_samples"):
+        posterior_grid(model, x[1], n=40, reference_samples=-1)
+
+
+def test_step_errors_are_paired_by_image(trained):
+    """The k chart's error bars: each rise's standard error over images of the paired differences, far below
+    the spread of the mean across images that every k shares."""
+    model, x = trained
+    one = iwae_curve(model, x, ks=(50,), generator=torch.Generator().manual_seed(3))
+    d = np.array(one["iwae_each"]) - np.array(one["elbo_each"])
+    assert one["iwae_step_se"][0] == pytest.approx(d.std(ddof=1) / math.sqrt(len(d)), rel=1e-9)
+    assert np.mean(one["iwae_each"]) == pytest.approx(one["iwae"][0], abs=1e-9)
+    curve = iwae_curve(model, x, ks=(1, 10, 100, 1000), generator=torch.Generator().manual_seed(4))
+    assert len(curve["iwae_step_se"]) == 4
+    assert all(s < se / 3 for s, se in zip(curve["iwae_step_se"][1:], curve["iwae_se"][1:]))
+
+
+def test_far_below_flags_each_example():
+    assert far_below([-80.0, -70.0, -60.0], [-80.5, -75.0, -59.0]) == [1]
+    assert far_below([-80.0, -70.0], [-80.5, -70.6], nats=0.4) == [0, 1]
 
 
 def test_results_are_plain_values(trained):
@@ -240,6 +304,7 @@ def test_results_are_plain_values(trained):
     assert isinstance(g, PosteriorGrid) and isinstance(g.log_density, np.ndarray)
     assert g.z1[0] > -3 and g.z1[-1] < 3 and len(g.z1) == 20  # a fixed span is honoured
     assert all(isinstance(getattr(g, f), (float, np.ndarray)) for f in g.__dataclass_fields__)
+    assert all(not isinstance(v, torch.Tensor) for c in g.checks() for v in dataclasses.asdict(c).values())
 
 
 def test_grid_refuses_other_latent_sizes_and_bad_arguments():
@@ -314,20 +379,39 @@ class TemplateEncoder(VAE):
         return mu, torch.tensor([[0.0, -1.0, math.log(0.25), 0.5]]).expand_as(mu)
 
 
-def test_active_units_count_only_dimensions_that_follow_the_data():
+class MostlyCollapsed(VAE):
+    """16 latents as a beta = 8 run left them: 4 carry the image, 12 sit at the prior with means that wobble
+    (Var_x(mu) ~ 0.02, above Burda et al.'s 0.01) but carry ~0.01 nats each."""
+
+    def encode(self, x):
+        s = x.flatten(1)[:, :16] * 2 - 1  # (B, 16) per-example numbers in [-1, 1]
+        mu = torch.cat([3 * s[:, :4], 0.25 * s[:, 4:]], 1)
+        logvar = torch.cat([torch.full_like(s[:, :4], -3.0), torch.zeros_like(s[:, 4:])], 1)
+        return mu, logvar
+
+
+def test_active_units_count_only_dimensions_that_carry_information():
     model = TemplateEncoder(ModelConfig(latent_dim=4, hidden_dim=16))
     x = torch.rand(200, 1, 1, 1, generator=torch.Generator().manual_seed(0)).expand(200, 1, 28, 28)
-    mu = encode_means(model, x, batch=64)
-    assert mu.shape == (200, 4) and isinstance(mu, np.ndarray)
-    s = x.flatten(1).mean(1).double().numpy()
-    count, var = active_units(mu)
-    assert count == 2
-    v = s.var(ddof=1)
-    np.testing.assert_allclose(var, [16 * v, 0.0, 9 * v, 0.0025 * v], rtol=1e-4, atol=1e-12)
-    assert var[3] < 0.01 < var[0]
-    assert active_units(torch.from_numpy(mu), threshold=1e-5)[0] == 3  # tensors too; the threshold matters
+    kl = kl_per_dimension(model, x, batch=64)
+    count, mask = active_units(kl)
+    # mu_1 = 1.5 with var e^-1 carries nothing about x but sits off the prior: 1.32 nats, so it counts;
+    # mu_3 varies by 0.05 with var e^0.5 (KL 0.07 nats): collapsed.
+    assert count == 3 and mask.tolist() == [True, True, True, False]
+    assert active_units(kl, threshold=1e-3)[0] == 4  # the threshold matters
     with pytest.raises(ValueError):
-        active_units(mu[:1])
+        active_units(np.zeros((2, 3)))
+
+
+def test_a_mostly_collapsed_code_is_counted_as_collapsed():
+    """The beta = 8 case: the variance rule said 16 of 16 active; the KL rule, which the heatmap draws, says 4."""
+    model = MostlyCollapsed(ModelConfig(latent_dim=16, hidden_dim=16))
+    x = torch.rand(500, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    mu = encode_means(model, x)
+    assert (mu.var(0, ddof=1) > 0.01).all()  # Burda et al.'s rule would count all 16
+    kl = kl_per_dimension(model, x)
+    assert (kl[4:] < 0.02).all() and (kl[:4] > 1).all()
+    assert active_units(kl)[0] == 4
 
 
 def test_kl_per_dimension_has_the_closed_form_value():

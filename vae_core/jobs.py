@@ -159,6 +159,9 @@ class IwaeJob:
     def _evaluate(self) -> dict[str, Any] | None:
         gen = torch.Generator().manual_seed(self.seed)  # consumed chunk after chunk, so a seed fixes the numbers
         pools = {name: [_Pool() for _ in self.ks] if name == "iwae" else _Pool() for name in POOLED}
+        steps = [_Pool() for _ in self.ks]  # each rise in k, paired by image: pooled like any mean
+        iwae_each: list[float] = []
+        elbo_each: list[float] = []
         kl_sum, first = 0.0, None
         for start in range(0, len(self.x), self.chunk):
             if self._cancel.is_set():
@@ -168,6 +171,12 @@ class IwaeJob:
             first = first or r
             for pool, m, s in zip(pools["iwae"], r["iwae"], r["iwae_se"]):
                 pool.add(b, m, s)
+            previous = r["elbo"]
+            for pool, m, s in zip(steps, r["iwae"], r["iwae_step_se"]):
+                pool.add(b, m - previous, s)
+                previous = m
+            iwae_each += r["iwae_each"]
+            elbo_each += r["elbo_each"]
             pools["elbo"].add(b, r["elbo"], r["elbo_se"])
             pools["elbo_mc"].add(b, r["elbo_mc"], r["elbo_mc_se"])
             kl_sum += r["kl"] * b
@@ -180,6 +189,7 @@ class IwaeJob:
             return first
         iw, el, mc = pools["iwae"], pools["elbo"], pools["elbo_mc"]
         return {"ks": list(self.ks), "iwae": [p.mean for p in iw], "iwae_se": [p.se for p in iw],
+                "iwae_step_se": [p.se for p in steps], "iwae_each": iwae_each, "elbo_each": elbo_each,
                 "elbo": el.mean, "elbo_se": el.se, "elbo_mc": mc.mean, "elbo_mc_se": mc.se, "kl": kl_sum / n,
                 "n": n, "samples": self.k}
 

@@ -25,8 +25,8 @@ import numpy as np
 from . import runs
 from .config import (ARCHS, DATASETS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS, UI_LIMITS, ConfigError,
                      RunConfig)
-from .records import (ACTIVE_THRESHOLD, DEFAULT_EXAMPLES, DEFAULT_K, EXAMPLE_CHOICES, K_CHOICES, DatasetUnavailable,
-                      JobSnapshot, Status)
+from .records import (ACTIVE_THRESHOLD, DEFAULT_EXAMPLES, DEFAULT_K, EXAMPLE_CHOICES, IWAE_FAR_NATS, K_CHOICES,
+                      DatasetUnavailable, JobSnapshot, Status, active_mask)
 from .runs import CHECKPOINT, RunBusy, RunFileError, RunSummary, sanitize_name
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .inference import PosteriorResult, Weights
     from .trainer import Trainer
 
-__all__ = ["ACTIVE_THRESHOLD", "ARCHS", "CHECKPOINT", "DATASETS", "DEFAULT_EXAMPLES", "DEFAULT_K", "DEVICES",
+__all__ = ["ACTIVE_THRESHOLD", "IWAE_FAR_NATS", "active_mask", "ARCHS", "CHECKPOINT", "DATASETS", "DEFAULT_EXAMPLES", "DEFAULT_K", "DEVICES",
            "EXAMPLE_CHOICES", "K_CHOICES", "LIKELIHOODS", "LIMITS", "LIVE_FIELDS", "UI_LIMITS", "ConfigError",
            "DatasetUnavailable", "FollowedRun", "JobSnapshot", "Lab", "LocalRun", "RunBusy", "RunConfig",
            "RunFileError", "RunHandle", "RunSummary", "Status", "UserError", "default_max_runs", "sanitize_name"]

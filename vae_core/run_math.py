@@ -103,7 +103,8 @@ class RunMath:
             mus.append(t.mu)
         recon, kl, n = sums.tolist()
         per_dim = (torch.stack(kl_dims).sum(0) / n).cpu().numpy()
-        active, variances = active_units(torch.cat(mus), ACTIVE_THRESHOLD)
+        active, _ = active_units(per_dim, ACTIVE_THRESHOLD)
+        variances = torch.cat(mus).double().var(0).cpu().numpy()  # Var_x(E_q[z_d|x]), Burda et al.'s measure
         return {"elbo": (recon - kl) / n, "recon": recon / n, "kl": kl / n, "kl_per_dim": per_dim.tolist(),
                 "active_units": int(active), "mu_variance": np.asarray(variances).tolist()}
 

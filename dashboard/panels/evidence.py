@@ -2,12 +2,14 @@
 
     log p(x) = ELBO(x) + KL(q(z|x) ‖ p(z|x)),  so  ELBO ≤ log p(x)  (Kingma & Welling 2019, eq. 2.8)
 
-Four sections in three modules: the bounds over training and on demand
-(evidence_bounds), the true posterior for 2 latents and the derivation with numbers
-(evidence_posterior), and what the KL term is doing (evidence_kl). Live parts are fragments
-that poll only while the run is active; everything reads the run's published metrics and CPU
-weights (a RunHandle: trained here, or followed from another process's files), so the tab works
-during training, after it, and for a run opened from disk.
+Drawn cheapest first, so the page fills at once even while a run trains: the bounds over
+training and what the KL term does (both only read the run's metric rows; evidence_bounds,
+evidence_kl), then the true posterior of one test image, which costs a grid of decoder passes
+and is computed only when asked (evidence_posterior), and last the derivation and the note on
+the course's inequality, folded in expanders. Live parts are fragments that poll only while the
+run is active; everything reads the run's published metrics and CPU weights (a RunHandle:
+trained here, or followed from another process's files), so the tab works during training,
+after it, and for a run opened from disk.
 """
 from __future__ import annotations
 
@@ -27,6 +29,6 @@ def render(run: RunHandle) -> None:
                 "gap is exactly how far q(z|x) is from the true posterior p(z|x). This tab measures both sides.")
     st.subheader("ELBO vs log p(x) during training")
     evidence_bounds.render(run)
-    evidence_posterior.render(run)
     st.subheader("What the KL term is doing")
     evidence_kl.render(run)
+    evidence_posterior.render(run)

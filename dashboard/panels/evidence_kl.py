@@ -18,11 +18,12 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard.panels.evidence_series import (COLLAPSE_KL_NATS, ELBO_COLOR, IWAE_COLOR, K, RECENT_TRAIN_ROWS,
-                                              axis_unit, collapse_signs, kl_matrix, live_interval, split_rows)
+                                              active_count, axis_unit, collapse_signs, kl_matrix, live_interval,
+                                              split_rows)
 from dashboard.common import md_text
 from dashboard.settings import LABELS
 from dashboard.state import can_steer, get_lab, session_id
-from vae_core.lab import ACTIVE_THRESHOLD, RunHandle, Status, UserError
+from vae_core.lab import ACTIVE_THRESHOLD, RunHandle, Status, UserError, active_mask
 
 FREE_BITS_REMEDY = 0.5  # nats per dimension (Kingma et al. 2016 used 0.125-2 per group)
 WARMUP_REMEDY_EPOCHS = 5  # the ramp back to full β takes this many epochs from now
@@ -30,10 +31,11 @@ CHART = {"displaylogo": False}
 
 
 def render(run: RunHandle) -> None:
-    st.markdown("The KL(q(z|x) ‖ p(z)) term is the **rate**: how many nats the code carries about x. A dimension "
-                f"whose KL stays near 0 is unused; it is **active** when its code mean varies across images, "
-                f"Var_x(E_q[z_d|x]) > {ACTIVE_THRESHOLD:g} (Burda et al. 2016). When the KL falls to 0 the "
-                "decoder ignores z altogether: **posterior collapse**.")
+    st.markdown("The KL(q(z|x) ‖ p(z)) term is the **rate**: an upper bound on how many nats the code carries about "
+                "x. A dimension whose KL, averaged over the test images, stays under "
+                f"{ACTIVE_THRESHOLD:g} nats carries next to nothing: it is **collapsed** (pale in the heatmap), and "
+                "the others are **active**; the count and the heatmap use that one rule. When the total KL falls "
+                "to 0 the decoder ignores z altogether: **posterior collapse**.")
 
     interval = live_interval(run)
 
@@ -84,13 +86,21 @@ def render(run: RunHandle) -> None:
 
 def kl_heatmap(test: list[dict[str, Any]]) -> go.Figure:
     epochs, z = kl_matrix(test)
-    labels = [f"z{d + 1}" for d in range(z.shape[0])]
-    top = float(np.nanmax(z)) if np.isfinite(z).any() else 0.0
-    # Pinned at 0 (zmin needs zmax too), so a collapsed dimension is white whatever the others do.
-    fig = go.Figure(go.Heatmap(x=epochs, y=labels, z=z, colorscale="Blues", zmin=0, zmax=max(top, 0.01),
-                               colorbar={"title": {"text": "nats"}},
+    d = z.shape[0]
+    latest = z[:, -1] if z.size else np.zeros(0)
+    off = [not a for a in active_mask(np.nan_to_num(latest).tolist())]
+    labels = [f"z{i + 1}" + (" (off)" if off[i] else "") for i in range(d)]
+    top = max(float(np.nanmax(z)) if np.isfinite(z).any() else 0.0, 2 * ACTIVE_THRESHOLD)
+    cut = ACTIVE_THRESHOLD / top
+    # Pinned at 0 (zmin needs zmax too); below the active threshold one pale grey, so the collapsed cells are the
+    # ones the active count leaves out, whatever scale the busiest dimension sets.
+    scale = [[0.0, "#f2f2f2"], [cut, "#f2f2f2"], [cut, "#c6dbef"], [1.0, "#08306b"]]
+    fig = go.Figure(go.Heatmap(x=epochs, y=labels, z=z, colorscale=scale, zmin=0, zmax=top,
+                               colorbar={"title": {"text": "nats"}, "tickvals": [0, ACTIVE_THRESHOLD, top],
+                                         "ticktext": ["0", f"{ACTIVE_THRESHOLD:g} (active above)", f"{top:.2g}"]},
                                hovertemplate="epoch %{x}, %{y}: %{z:.3f} nats<extra></extra>"))
-    fig.update_layout(title={"text": "KL(q(z_d|x) ‖ p(z_d)) per dimension", "font": {"size": 14}}, height=320,
+    fig.update_layout(title={"text": f"KL(q(z_d|x) ‖ p(z_d)) per dimension; grey: under {ACTIVE_THRESHOLD:g} nats, "
+                                     "collapsed", "font": {"size": 14}}, height=320,
                       xaxis={"title": {"text": "epoch"}}, yaxis={"title": {"text": "latent dimension"},
                                                                  "autorange": "reversed"},
                       margin={"l": 60, "r": 10, "t": 40, "b": 50})
@@ -98,12 +108,13 @@ def kl_heatmap(test: list[dict[str, Any]]) -> go.Figure:
 
 
 def active_figure(test: list[dict[str, Any]], latent_dim: int) -> go.Figure:
-    rows = [r for r in test if "active_units" in r]
-    epochs = [r["epoch"] for r in rows]
-    fig = go.Figure(go.Scatter(x=epochs, y=[r["active_units"] for r in rows], mode="lines+markers",
-                               name="active units", line={"color": ELBO_COLOR, "shape": "hv"},
+    rows = [(r, c) for r in test if (c := active_count(r)) is not None]
+    epochs = [r["epoch"] for r, _ in rows]
+    fig = go.Figure(go.Scatter(x=epochs, y=[c for _, c in rows], mode="lines+markers",
+                               name=f"active units (KL > {ACTIVE_THRESHOLD:g} nats)",
+                               line={"color": ELBO_COLOR, "shape": "hv"},
                                hovertemplate="epoch %{x}: %{y} active<extra></extra>"))
-    fig.add_trace(go.Scatter(x=epochs, y=[r["kl"] for r in rows], mode="lines+markers", name="total KL (nats)",
+    fig.add_trace(go.Scatter(x=epochs, y=[r["kl"] for r, _ in rows], mode="lines+markers", name="total KL (nats)",
                              yaxis="y2", line={"color": IWAE_COLOR, "dash": "dot"},
                              hovertemplate="epoch %{x}: KL %{y:.2f} nats<extra></extra>"))
     fig.add_hline(y=latent_dim, line={"color": "grey", "dash": "dash", "width": 1},
@@ -112,7 +123,7 @@ def active_figure(test: list[dict[str, Any]], latent_dim: int) -> go.Figure:
                       xaxis={"title": {"text": "epoch"}},
                       yaxis={"title": {"text": "active units"}, "range": [-0.3, latent_dim + 0.7]},
                       yaxis2={"title": {"text": "KL, nats per example"}, "overlaying": "y", "side": "right",
-                              "range": [0, max([r["kl"] for r in rows] + [COLLAPSE_KL_NATS]) * 1.1],
+                              "range": [0, max([r["kl"] for r, _ in rows] + [COLLAPSE_KL_NATS]) * 1.1],
                               "showgrid": False, "tickmode": "auto"},
                       legend={"orientation": "h", "y": -0.3, "x": 0}, margin={"l": 60, "r": 60, "t": 40, "b": 50})
     return fig
@@ -200,45 +211,72 @@ def remedies(status: Status) -> dict[str, Remedy]:
     }
 
 
+TARGETS = {"more": "this run, trained on", "fork": "a fork of this run (a new run from its checkpoint)"}
+
+
 def _apply(run: RunHandle, name: str) -> None:
-    """Callback: apply to the running job (the sidebar's controls follow the run's new values by themselves)."""
+    """Callback: apply to the running job (the sidebar's controls follow the run's new values by themselves); on a
+    run that has ended, train it on with the remedy (when this session may) or fork it with the remedy."""
     status = run.status()
     r = remedies(status)[name]
-    if not status.active or r.unavailable:
-        why = r.unavailable or f"the run is {status.state}"
-        st.session_state[K + "remedy_notice"] = ("warning", f"Not applied: {why}.")
+    if r.unavailable:
+        st.session_state[K + "remedy_notice"] = ("warning", f"Not applied: {r.unavailable}.")
         return
+    lab, sid = get_lab(), session_id()
+    target = "live" if status.active else st.session_state.get(K + "remedy_target", "fork")
     try:
-        get_lab().update(run.name, owner=session_id(), **r.changes)
-    except UserError as e:
-        st.session_state[K + "remedy_notice"] = ("error", md_text(e))
+        if target == "live":
+            lab.update(run.name, owner=sid, **r.changes)
+            done = "Applied from the next step"
+        elif target == "more":
+            lab.resume(run.name, owner=sid, live=r.changes)
+            done = f"Training {run.name} on from its checkpoint with"
+        else:
+            child = lab.fork(run.name, owner=sid, **r.changes)
+            lab.show(sid, child.name)  # the page follows the fork, as the Runs tab's Fork does
+            done = f"Forked as {child.name} from step {status.step:,} with"
+    except (*UserError, RuntimeError) as e:
+        st.session_state[K + "remedy_notice"] = ("error", f"Not applied: {md_text(e)}")
         return
-    st.session_state[K + "remedy_notice"] = ("success", "Applied from the next step: " + ", ".join(
+    st.session_state[K + "remedy_notice"] = ("success", done + ": " + ", ".join(
         f"{LABELS[f]} = {v:g}" for f, v in r.changes.items()) + ". " + r.effect)
 
 
 def collapse_warning(run: RunHandle, test: list[dict[str, Any]], train: list[dict[str, Any]]) -> None:
-    signs = collapse_signs(test, train, run.config.model.latent_dim)
+    d = run.config.model.latent_dim
+    signs = collapse_signs(test, train, d)
     if signs:
-        st.warning("**Posterior collapse?** " + "; ".join(signs) + ". The remedies below act on the running job.")
+        st.warning("**Posterior collapse?** " + "; ".join(signs) + ". The remedies below act on the run.")
     elif test:
+        active = active_count(test[-1])
+        unused = (f"; {d - active} of {d} dimensions are unused (grey in the heatmap), fewer than half"
+                  if active is not None and active < d else "")
         st.caption(f"No sign of posterior collapse: total KL {test[-1]['kl']:.2f} nats (warning below "
-                   f"{COLLAPSE_KL_NATS:g}) and active units have not fallen. The remedies act anyway, if you "
-                   "want to see what they do.")
+                   f"{COLLAPSE_KL_NATS:g}), {active} of {d} dimensions active{unused}, and the count has not "
+                   "fallen. The remedies act anyway, if you want to see what they do.")
 
 
 def remedy_buttons(run: RunHandle) -> None:
     status = run.status()
     steer = can_steer(get_lab(), run)
+    ended = not status.active
+    if ended:
+        options = ["more", "fork"] if steer else ["fork"]
+        if st.session_state.get(K + "remedy_target") not in options:
+            st.session_state[K + "remedy_target"] = options[0]
+        st.radio(f"This run is {status.state}: apply a remedy to", options, format_func=TARGETS.get,
+                 key=K + "remedy_target", horizontal=True,
+                 help="Train on: the run continues from its checkpoint (a stopped run to its planned epochs, a "
+                      "finished one for its configured number of epochs more). Fork: a new run starts from this "
+                      "one's checkpoint, and this one stays as it is.")
     cols = st.columns(3)
     for col, (name, r) in zip(cols, remedies(status).items()):
         col.button(r.label, key=K + "remedy_" + name, on_click=_apply, args=(run, name),
-                   disabled=not (status.active and steer) or r.unavailable is not None, width="stretch",
+                   disabled=(status.active and not steer) or r.unavailable is not None, width="stretch",
                    help=r.effect + (f" Not now: {r.unavailable}." if r.unavailable else ""))
-    if not status.active:
-        st.caption(f"The remedies change a running job; this run is {status.state}. Resume it (sidebar) or start "
-                   "a new run to use them.")
-    elif not steer:
+    if ended and not steer:
+        st.caption("This run belongs to another session: only its owner trains it on, but a fork is yours.")
+    elif status.active and not steer:
         st.caption("The remedies change a running job, and this one belongs to another session: you can watch it "
                    "here, or fork it (Runs tab) to try them on your own copy.")
     notice = st.session_state.pop(K + "remedy_notice", None)

@@ -13,7 +13,7 @@ import numpy as np
 
 from dashboard.common import poll_interval, units, viewer_id
 from dashboard.state import get_lab, get_viewers
-from vae_core.lab import JobSnapshot, RunHandle
+from vae_core.lab import ACTIVE_THRESHOLD, JobSnapshot, RunHandle, active_mask
 
 K = "evidence_"  # every widget key of the tab starts with this
 GAP_FILL = "rgba(228, 87, 86, 0.18)"
@@ -85,11 +85,21 @@ def kl_matrix(test: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     return np.array([r["epoch"] for r in kept], dtype=float), z
 
 
+def active_count(row: dict[str, Any]) -> int | None:
+    """A test row's active units by the one rule (records.active_mask) on the per-dimension KL the heatmap draws;
+    rows logged without kl_per_dim keep their own count (None when they have neither)."""
+    if isinstance(row.get("kl_per_dim"), list) and row["kl_per_dim"]:
+        return sum(active_mask(row["kl_per_dim"]))
+    return row.get("active_units")
+
+
 def collapse_signs(test: list[dict[str, Any]], train: list[dict[str, Any]], latent_dim: int) -> list[str]:
     """Reasons to suspect posterior collapse, worded for a person; empty when there are none.
 
-    Two signs: the total KL near 0 (on the latest test evaluation, or on the last few train
-    rows, which react within seconds), and active units that fell below their earlier best.
+    Three signs: the total KL near 0 (on the latest test evaluation, or on the last few train
+    rows, which react within seconds); most dimensions collapsed (under ACTIVE_THRESHOLD nats
+    each, the cells the heatmap shows as empty), however much the others carry; and active units
+    that fell below their earlier best.
     """
     signs = []
     recent = [r["kl"] for r in train[-5:]]
@@ -100,7 +110,12 @@ def collapse_signs(test: list[dict[str, Any]], train: list[dict[str, Any]], late
     elif recent and len(train) >= 5 and float(np.mean(recent)) < COLLAPSE_KL_NATS:
         signs.append(f"the total KL over the last training steps averages {np.mean(recent):.2f} nats "
                      f"(below {COLLAPSE_KL_NATS:g}): the codes are collapsing onto the prior")
-    counts = [(r["epoch"], r["active_units"]) for r in test if "active_units" in r]
+    counts = [(r["epoch"], c) for r in test if (c := active_count(r)) is not None]
+    if counts and latent_dim > 1 and counts[-1][1] < latent_dim / 2:
+        now_epoch, now = counts[-1]
+        signs.append(f"{latent_dim - now} of {latent_dim} dimensions are collapsed after epoch {now_epoch}: each "
+                     f"carries under {ACTIVE_THRESHOLD:g} nats (the pale rows of the heatmap), so only {now} "
+                     "encode anything")
     if len(counts) >= 2:
         best_epoch, best = max(counts, key=lambda c: c[1])
         now_epoch, now = counts[-1]
