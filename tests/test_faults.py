@@ -48,7 +48,7 @@ def test_sigkill_leaves_a_run_that_lists_opens_and_resumes(tmp_path, kill_after_
     t = Trainer.open(run)
     step = t.status().step
     assert step > 0 and all(m["step"] <= step for m in t.metrics())
-    assert t.decode([[0.0, 0.0]]).shape == (1, 28, 28)
+    assert t.decode([[0.0] * t.config.model.latent_dim]).shape == (1, 28, 28)
     train_to_end(t, epochs=1)
     rows = runs.read_metrics(run)
     steps = [m["step"] for m in rows]
