@@ -293,8 +293,8 @@ def test_sessions_train_side_by_side_and_a_third_waits_in_the_queue(tmp_path):
 
         # A third tab: both slots are taken, so its run waits in the queue, and its page says so.
         pages["4.0"].get_by_role("button", name="Train", exact=True).click()
-        expect(panel["4.0"].locator("#message")).to_contain_text("Queued", timeout=120_000)
-        expect(panel["4.0"].locator("#message")).to_contain_text("place 1 in the queue")
+        waiting = pages["4.0"].get_by_text(re.compile(r"Queued\. Waiting for a free slot: place 1 in the queue"))
+        expect(waiting).to_be_visible(timeout=120_000)  # the queue watch's line, above the panel
         for beta, name in names.items():
             assert json.loads((runs_dir / name / "status.json").read_text())["state"] == "running"
             expect(panel[beta].locator("#message")).to_contain_text(name)  # still showing their own runs
@@ -304,6 +304,7 @@ def test_sessions_train_side_by_side_and_a_third_waits_in_the_queue(tmp_path):
         expect(panel["0.5"].locator("#message")).to_contain_text("Stopped", timeout=120_000)
         expect(panel["4.0"].locator("#progress-text")).to_contain_text("samples/s", timeout=120_000)
         expect(panel["4.0"].locator("#message")).not_to_contain_text("Queued")
+        expect(waiting).to_have_count(0)
         assert json.loads((runs_dir / names["2.0"] / "status.json").read_text())["state"] == "running"
         for page in pages.values():
             assert page.locator('[data-testid="stException"]').count() == 0

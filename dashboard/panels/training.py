@@ -86,10 +86,12 @@ def live(lab: Lab, panel: bool = False) -> None:
         if s is not None and s.state == "running":
             r.make_room(ROOM_S)
         if not panel:
-            if r is not None:
+            if r is not None and not queued:  # a waiting run's line is the watch fragment's
                 status_line(status_view(r, s))
             return
         view, rows = panel_view(r, s, log_scale(PANEL_KEY))
+        if queued:
+            view["status"] = None  # the watch fragment above shows the waiting line, and its end
         if first_point and rows:
             app_rerun()  # back to the normal interval
         ms = (time.perf_counter() - t0) * 1000
@@ -100,15 +102,24 @@ def live(lab: Lab, panel: bool = False) -> None:
                   + f"this view took {ms:.0f} ms on the server.") if r is not None else ""
         live_panel(key=PANEL_KEY, footer=footer, **view)
 
-    fragment()
     if queued:
+        # The waiting line is this fragment's own element, above the panel (which shows no status while its
+        # run waits): when the run starts, the line says so in this same fragment run, before the full rerun
+        # that draws the live panel. With 20 pages on a 2-core server that rerun took 1-4 s to reach the
+        # page (bench_class.py), while a waiting student wants to see at once that their run has begun.
         @st.fragment(run_every=QUEUE_WATCH_S)
         def watch() -> None:
             r = current_run(lab)
-            if current_token(lab) != seen_token or (r.status().state if r is not None else None) != seen_state:
+            s = r.status() if r is not None else None
+            if current_token(lab) != seen_token or (s.state if s else None) != seen_state:
+                if r is not None and s is not None and s.state in ("running", "paused"):
+                    st.caption(f"**{md_text(r.name)}** · ▶ started: its live panel is on its way…")
                 app_rerun()  # the run left the queue (or another run is shown)
+            if r is not None and s is not None:
+                status_line(status_view(r, s))
 
         watch()
+    fragment()
 
 
 def render_status(lab: Lab) -> None:
