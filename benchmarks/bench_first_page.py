@@ -43,7 +43,8 @@ POINT_JS = """() => {
     try {
       const d = f.contentDocument; if (!d) continue;
       for (const g of d.querySelectorAll('.js-plotly-plot')) {
-        if ((g.data || []).some(t => (t.y || []).length > 0)) return true;
+        // Plotly's own count of points per trace (g.data holds the base64 arrays as sent)
+        if ((g._fullData || []).some(t => (t._length || (t.y && t.y.length) || 0) > 0)) return true;
       }
     } catch (e) {}
   }
