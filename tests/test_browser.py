@@ -320,6 +320,9 @@ def test_leaving_explore_while_training_raises_nothing(page):
     thumb.press("Home")
     thumb.press("ArrowRight")
     expect(thumb).to_have_value("2")
+    # The slider's rerun first: a click that lands while the sidebar is redrawn can be lost (seen once under load).
+    page.wait_for_function("() => /[?&]latent_dim=2(&|$)/.test(location.search)", timeout=120_000)
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]')
     page.get_by_role("button", name="Train", exact=True).click()
     panel = page.frame_locator('iframe[title*="live_panel"]')
     expect(panel.locator("#metrics")).to_contain_text("Test ELBO", timeout=120_000)
