@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import poll_until
 from vae_core import cli, runs, transfer
 from vae_core.lab import FollowedRun, Lab, RunBusy
 from vae_core.trainer import Trainer
@@ -32,14 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "VAE_NUM_THREADS": "1"}
 
 
-def poll_until(predicate, timeout: float = 120.0, what: str = "condition", every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,19 +14,11 @@ import pytest
 from vae_core import runs
 from vae_core.config import RunConfig
 from vae_core.lab import Lab, UserError
+from helpers import poll_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def poll_until(predicate, timeout: float = 120.0, what: str = "condition", every: float = 0.1):
-    """Wait for a state, however slow the machine is today; fail with what was awaited."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def trainer_threads() -> list[threading.Thread]:

@@ -12,21 +12,13 @@ import pytest
 
 from vae_core import runs
 from vae_core.lab import FollowedRun, Lab, RunBusy, RunConfig
+from helpers import poll_until
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CLI = ["--dataset", "sprites", "--train-size", "1024", "--batch-size", "64", "--hidden-dim", "64",
             "--latent-dim", "2", "--evidence-every", "0", "--threads", "1", "--quiet"]
 
 
-def poll_until(predicate, timeout: float = 120.0, what: str = "condition", every: float = 0.1):
-    """Wait for a state, however slow the machine is today; fail with what was awaited."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 @pytest.fixture
