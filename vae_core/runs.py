@@ -731,6 +731,9 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save({"version": CHECKPOINT_VERSION, **state}, buf)
     atomic_write_bytes(Path(run_dir) / CHECKPOINT, buf.getvalue())
+    from .model_files import save_model_files  # the same weights as model.safetensors + model.json (no pickle)
+
+    save_model_files(Path(run_dir), state)
 
 
 CHECKPOINT_SLACK_BYTES = 1 << 20  # beyond model + Adam's two moments: the generator, step counters, metadata
