@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--fork", default=None, metavar="RUN",
                    help="start a new run from this run's checkpoint (change --beta/--lr/--warmup-epochs/--free-bits)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--tensorboard-dir", default=None, metavar="DIR",
+                   help="also write TensorBoard event files (curves, images) to DIR/<run name> as it trains")
 
     e = sub.add_parser("evaluate", help="test-set ELBO, KL and the importance-weighted bound of a run")
     e.add_argument("run_dir")
@@ -76,6 +78,22 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("runs", help="list runs, newest first (with who trains them and where)")
     r.add_argument("--runs-dir", default=None)
     r.add_argument("--json", action="store_true")
+
+    x = sub.add_parser("export", help="write runs for other tools: TensorBoard, MLflow, safetensors, zip")
+    x.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or names under --runs-dir)")
+    x.add_argument("--tensorboard", action="store_true", help="event files of the curves and images")
+    x.add_argument("--tensorboard-dir", default="tensorboard", metavar="DIR",
+                   help="where: DIR/<run name> (default ./tensorboard; then tensorboard --logdir DIR)")
+    x.add_argument("--mlflow", action="store_true", help="a new MLflow run: params, metrics, checkpoint")
+    x.add_argument("--mlflow-uri", default=None, metavar="URI",
+                   help="tracking URI (default MLFLOW_TRACKING_URI, else the local folder ./mlruns)")
+    x.add_argument("--mlflow-experiment", default="vae-dashboard", metavar="NAME")
+    x.add_argument("--safetensors", action="store_true",
+                   help="model.safetensors + model.json from the checkpoint (new checkpoints write them anyway)")
+    x.add_argument("--zip", action="store_true", help="RUN.zip, as the dashboard's Export button")
+    x.add_argument("--zip-dir", default=".", metavar="DIR", help="where the zips go (default .)")
+    x.add_argument("--runs-dir", default=None)
+    x.add_argument("--data-dir", default=None, help="where the run's dataset is (for the reconstructions)")
     return p
 
 
@@ -155,12 +173,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CliError("--resume keeps the run's name; rename it in the Runs tab, or use --fork with --name")
         runs.sanitize_name(args.name)  # a bad name fails now, not after the data are loaded
     changes = _changes(args)
+    if args.tensorboard_dir:  # a missing package is one line now, before anything trains
+        _interop_check(tensorboard=True)
     signals = _StopOnSignal()
     # One run, in the foreground: no queue (max_runs=1) and all cores unless --threads says otherwise.
     lab = Lab(runs_dir, max_runs=1, data_dir=args.data_dir, num_threads=args.threads)
     try:
         run = _start_run(lab, args, changes, runs_dir)
         signals.run = run
+        tb = _attach_tensorboard(run, Path(args.tensorboard_dir)) if args.tensorboard_dir else None
         if signals.signum is not None:  # a signal between the start and the line above
             run.trainer.request_stop()
         if args.name is not None and run.name != args.name:
@@ -168,7 +189,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             why = f"a run named {clean!r} already exists" if run.name != clean else "names keep only letters, " \
                 "digits and . _ = + -"
             print(f"note: {why}; this run is named {run.name!r}", file=sys.stderr)
-        return _watch(run, args, signals)
+        try:
+            return _watch(run, args, signals)
+        finally:
+            if tb is not None:  # TensorBoard events of a run that ended before the listener came
+                tb.close()
     except _Interrupted as e:
         signals.signum = e.signum
         lab.shutdown(timeout=600)  # a run that started as the signal came stops here and checkpoints
@@ -335,13 +360,77 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interop_check(**wanted: bool) -> None:
+    from .interop import MissingPackage, check_packages
+
+    try:
+        check_packages(**wanted)
+    except MissingPackage as e:
+        raise CliError(str(e)) from None
+
+
+def _attach_tensorboard(run: Any, out_dir: Path) -> Any:
+    from .interop import TensorBoardListener
+
+    tb = TensorBoardListener(run, out_dir)
+    print(f"TensorBoard: tensorboard --logdir {out_dir}", file=sys.stderr)
+    return tb
+
+
+def _export_run_dir(value: str, runs_dir: Path) -> Path:
+    """A run directory given by path or by name under runs_dir (never a zip: export reads, it imports nothing)."""
+    path = Path(value)
+    if not path.is_dir() and (runs_dir / value).is_dir():
+        path = runs_dir / value
+    if not path.is_dir():
+        raise CliError(f"no run directory at {value}")
+    return path
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import interop, model_files, runs
+
+    if not (args.tensorboard or args.mlflow or args.safetensors or args.zip):
+        raise CliError("say what to write: --tensorboard, --mlflow, --safetensors and/or --zip")
+    _interop_check(tensorboard=args.tensorboard, mlflow=args.mlflow, safetensors=args.safetensors)
+    runs_dir = Path(args.runs_dir) if args.runs_dir else runs.default_runs_dir()
+    paths = [_export_run_dir(v, runs_dir) for v in args.runs]  # every name checked before anything is written
+    for run_dir in paths:
+        runs.read_config(run_dir)
+        if not (run_dir / runs.CHECKPOINT).is_file():
+            raise runs.RunFileError(f"{run_dir.name} has no checkpoint yet")
+    for run_dir in paths:
+        try:
+            if args.safetensors:
+                print(f"{run_dir.name}: {model_files.write_model_files(run_dir)}")
+            if args.tensorboard:
+                log_dir = interop.export_tensorboard(run_dir, Path(args.tensorboard_dir), data_dir=args.data_dir)
+                print(f"{run_dir.name}: {log_dir}")
+            if args.mlflow:
+                rid, uri = interop.export_mlflow(run_dir, args.mlflow_uri, args.mlflow_experiment)
+                print(f"{run_dir.name}: MLflow run {rid} at {uri}")
+            if args.zip:
+                from .transfer import export_zip
+
+                target = Path(args.zip_dir) / f"{run_dir.name}.zip"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                runs.atomic_write_bytes(target, export_zip(run_dir))
+                print(f"{run_dir.name}: {target}")
+        except interop.MissingPackage as e:
+            raise CliError(str(e)) from None
+    if args.tensorboard:
+        print(f"view with: tensorboard --logdir {args.tensorboard_dir}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .data import DatasetUnavailable
     from .runs import RunFileError
 
     try:
         args = _parser().parse_args(argv)
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "runs": cmd_runs}[args.command](args)
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "runs": cmd_runs,
+                "export": cmd_export}[args.command](args)
     except (CliError, ConfigError, DatasetUnavailable, RunFileError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, (CliError, ConfigError)) else EXIT_FAILED
