@@ -9,7 +9,7 @@ them in ten lines of plain PyTorch; load_model() does it with this package.
 from __future__ import annotations
 
 import json
-import warnings
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ def model_description(config: RunConfig, step: int, live: dict[str, Any] | None 
 def save_model_files(run_dir: Path, state: dict[str, Any]) -> bool:
     """model.json and model.safetensors from a checkpoint's state, each replaced atomically.
 
-    Called by runs.save_checkpoint. Returns False (and warns once per process) when safetensors is
+    Called by runs.save_checkpoint. Returns False (and says so once per process, in one line) when safetensors is
     not installed, or when the state carries no model and config (nothing to describe).
     """
     global _warned_missing
@@ -49,7 +49,7 @@ def save_model_files(run_dir: Path, state: dict[str, Any]) -> bool:
     except ImportError:
         if not _warned_missing:
             _warned_missing = True
-            warnings.warn(f"weights are not saved as safetensors: {INSTALL}", RuntimeWarning, stacklevel=3)
+            print(f"note: weights are not saved as safetensors (model.safetensors): {INSTALL}", file=sys.stderr)
         return False
     try:
         cfg = RunConfig.from_dict(config)
