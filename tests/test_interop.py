@@ -116,6 +116,20 @@ def test_tensorboard_listener_while_training_and_after_resume(tiny_sprites, tiny
     assert [e.step for e in ea.Scalars("test/elbo")] == [r["step"] for r in rows if r["split"] == "test"]
 
 
+def test_a_failing_event_write_never_fails_the_run(tiny_sprites, tiny_config, tmp_path, capsys):
+    t = Trainer(tiny_config, runs_dir=tmp_path / "runs", name="full", data=tiny_sprites)
+    tb = TensorBoardListener(t, tmp_path / "tb")
+
+    def disk_full(_row):
+        raise OSError(28, "No space left on device")
+
+    tb._w.row = disk_full
+    train_to_end(t, timeout=120)
+    err = capsys.readouterr().err
+    assert "TensorBoard events stopped" in err and "No space left" in err
+    assert len(runs.read_metrics(t.run_dir)) > 2  # the run's own files are complete
+
+
 def test_mlflow_export_reads_back_with_mlflow_client(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for it; the exporter sets it too
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -190,11 +191,22 @@ class TensorBoardListener:
         self.log_dir = Path(out_dir) / run.name
         self._w = _EventWriter(self.log_dir, purge_step=0)
         run.add_listener(self._on_row)
-        getattr(run, "trainer", run).add_exit_listener(lambda _t: self.close())  # a Lab's run or a Trainer
+        getattr(run, "trainer", run).add_exit_listener(lambda _t: self._guarded(self.close))  # a Lab's run or a Trainer
         self._catch_up()
 
     def _on_row(self, _row: dict[str, Any]) -> None:
-        self._catch_up()
+        self._guarded(self._catch_up)
+
+    def _guarded(self, fn: Any) -> None:
+        """In the training thread: a failing event write (a full disk) ends TensorBoard output, never the run."""
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - anything; the run's own files are what matter
+            with self._lock:
+                if self._closed:
+                    return
+                self._closed = True
+            print(f"note: TensorBoard events stopped: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
 
     def _catch_up(self) -> None:
         with self._lock:
