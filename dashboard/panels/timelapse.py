@@ -75,7 +75,7 @@ def section(lab: Lab, run: RunHandle) -> None:
             st.info(f"No reconstructions: {md_text(frame['missing'])}")
         else:
             o, r = frame["originals"], frame["reconstructions"]
-            _show(np.concatenate([o[:8], r[:8], o[8:16], r[8:16]]), 8, 300, already_uint8=True)
+            _show(np.concatenate([o[:8], r[:8], o[8:16], r[8:16]]), 8, 460, already_uint8=True)
     with cols[1]:
         d = run.config.model.latent_dim
         dims = ref["dims"]
@@ -163,9 +163,11 @@ def curves_figure(rows: list[dict[str, Any]], config: Any, step: int, steps: lis
     fig.add_annotation(x=np.log10(x), y=1, yref="paper", text=f"step {step:,}" + (" (initial weights)" if step == 0
                        else ""), showarrow=False, yanchor="bottom", font={"color": MARK_COLOR})
     top = max(steps[-1], max((r["step"] for r in train), default=1))
+    decades = [10 ** k for k in range(int(np.log10(max(top, 1))) + 1)]
     fig.update_layout(height=260, margin={"l": 60, "r": 10, "t": 30, "b": 40}, hovermode="closest",
-                      xaxis={"type": "log", "title": "training step (log scale)",
-                             "range": [np.log10(left * 0.9), np.log10(top * 1.15)]},
+                      xaxis={"type": "log", "title": "training step (log scale; 0 at the left end)",
+                             "range": [np.log10(left * 0.9), np.log10(top * 1.15)],
+                             "tickvals": [left] + decades, "ticktext": ["0"] + [f"{v:,}" for v in decades]},
                       yaxis={"title": unit},
                       yaxis2={"overlaying": "y", "range": [0, 10], "visible": False, "fixedrange": True},
                       legend={"orientation": "h", "y": -0.35, "x": 1, "xanchor": "right"})
