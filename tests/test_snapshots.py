@@ -167,3 +167,19 @@ def test_resume_continues_the_schedule_and_a_fork_starts_its_own(lab, trained):
     assert lab.snapshots("child") == [24 + n for n in snapshots.schedule(SPE)]
     assert np.abs(lab.snapshot("child", 24).decode(Z) - trained.decode(Z)).max() < 1 / 255
     assert math.isclose(snapshots.origin_of(child.run_dir), 24)
+
+
+@pytest.mark.slow  # a subprocess that imports torch: ~7 s on a busy machine
+def test_the_cli_sets_the_budget_and_refuses_a_bad_one_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "VAE_NUM_THREADS": "1"}
+    env.pop("VAE_RUNS_DIR", None)
+    r = subprocess.run([sys.executable, "-m", "vae_core", "train", "--snapshot-budget-mb", "-1"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "snapshot_budget_mb must be between 0 and 400" in r.stderr
