@@ -104,3 +104,13 @@ def test_a_run_without_snapshots_says_why(lab):
     at = app(lab, "none")
     assert "kept no snapshots" in at.info[0].value
     assert not at.get("select_slider")
+
+
+def test_the_budget_has_a_label_where_settings_are_named():
+    """A run opened with another budget than the URL's is named in "Changed since this run started"."""
+    from dashboard import settings
+
+    assert set(settings.DEFAULTS) <= set(settings.LABELS)
+    run = RunConfig().replace(snapshot_budget_mb=10)
+    changed = settings.changed_fields(RunConfig(), run)
+    assert changed == ["snapshot_budget_mb"] and settings.LABELS[changed[0]].startswith("Time-lapse")
