@@ -148,6 +148,9 @@ def test_import_refuses_a_bad_snapshot_and_ignores_foreign_files(lab, trained):
     torch.save({"version": 1, "step": 1, "model": {"w": torch.zeros(3, dtype=torch.float16)}}, other)
     with pytest.raises(runs.RunFileError, match="does not fit"):
         lab.import_zip(_zip_with(trained.run_dir, {"snapshots/step-000000001.pt": other.getvalue()}))
+    many = {f"snapshots/{snapshots.file_name(i)}": b"x" for i in range(1001)}
+    with pytest.raises(runs.RunFileError, match="more than 1000 snapshots"):
+        lab.import_zip(_zip_with(trained.run_dir, many))
     assert {r.name for r in lab.list_runs()} == before
     good = (trained.run_dir / "snapshots" / "step-000000002.pt").read_bytes()
     name = lab.import_zip(_zip_with(trained.run_dir, {"snapshots/step-000000002.pt": good, "snapshots/notes.pt": good,

@@ -27,6 +27,7 @@ MAX_MEMBERS = 10_000  # entries in the archive's directory (a run zip has four)
 CHUNK = 1 << 16  # bytes inflated at a time
 ALLOWED = {runs.CONFIG, runs.METRICS, runs.CHECKPOINT, runs.STATUS}
 SNAPSHOTS = "snapshots"  # the time-lapse's folder (vae_core/snapshots.py): step-NNNNNNNNN.pt files only
+MAX_SNAPSHOTS = 1000  # snapshots.MAX_FILES: a run lists no more (its schedule keeps ~3 per doubling of steps)
 _SNAPSHOT_NAME = re.compile(r"^step-\d{9}\.pt$")
 SMALL = {runs.CONFIG: runs.MAX_JSON_BYTES, runs.STATUS: runs.MAX_JSON_BYTES}  # per-file caps
 METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}  # what export_zip writes
@@ -95,6 +96,8 @@ def _members(z: zipfile.ZipFile) -> tuple[dict[str, zipfile.ZipInfo], str | None
             raise runs.RunFileError(f"the zip holds {name} more than once; refusing it")
         members[name] = info
         top = top or (parts[0] if len(parts) > 1 else None)
+    if sum(name.startswith(SNAPSHOTS) for name in members) > MAX_SNAPSHOTS:  # each is loaded to be checked
+        raise runs.RunFileError(f"the zip holds more than {MAX_SNAPSHOTS} snapshots; a run keeps far fewer, refusing it")
     if runs.CONFIG not in members or runs.CHECKPOINT not in members:
         raise runs.RunFileError("the zip holds no run: it needs config.json and checkpoint.pt")
     # The sizes the archive declares: a quick refusal of an honest big archive. A lying one is caught in _extract.
