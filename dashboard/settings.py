@@ -30,6 +30,7 @@ LABELS = {
     "free_bits": "Free bits (nats per dim)", "binarize": "Binarize pixels (Bernoulli draws)", "seed": "Seed",
     "device": "Device", "train_size": "Training images (0 = all)", "evidence_every": "log p(x) estimate every N epochs",
 }
+LABELS["snapshot_budget_mb"] = "Time-lapse snapshots (MB of disk)"
 DATASET_NAMES = {"sprites": "Sprites (built in)", "mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 ARCH_NAMES = {"mlp": "MLP", "conv": "Convolutional"}
 LIKELIHOOD_NAMES = {"bernoulli": "Bernoulli (cross-entropy)", "gaussian-fixed": "Gaussian, fixed σ",

@@ -24,7 +24,8 @@ def test_run_directory_contents(tiny_config, tiny_sprites, runs_dir):
     d = t.run_dir
     assert d.parent == runs_dir and d.name.startswith("sprites-z2-b0.5-")
     assert {p.name for p in d.iterdir()} == {"config.json", "metrics.jsonl", "checkpoint.pt", "status.json",
-                                             "model.safetensors", "model.json"}  # the weights without pickle
+                                             "model.safetensors", "model.json",  # the weights without pickle
+                                             "snapshots"}  # the time-lapse (vae_core/snapshots.py)
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["train"]["seed"] == 0 and cfg["train"]["beta"] == 0.5 and "torch" in cfg["versions"]
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]

@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--train-size", type=int, default=None, help="use only the first N training images")
     t.add_argument("--evidence-every", type=int, default=None,
                    help="epochs between importance-weighted evaluations (0: off)")
+    t.add_argument("--snapshot-budget-mb", type=float, default=None,
+                   help="disk for the time-lapse's weight snapshots (default 40; 0: none)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     t.add_argument("--data-dir", default=None, help="folder with MNIST/Fashion-MNIST IDX files (or VAE_DATA_DIR)")
     t.add_argument("--runs-dir", default=None, help="where runs live (default ./runs or VAE_RUNS_DIR)")
@@ -101,6 +103,7 @@ _TRAIN_FIELDS = {"dataset": "dataset", "arch": "arch", "latent_dim": "latent_dim
                  "beta": "beta", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
                  "warmup_epochs": "warmup_epochs", "free_bits": "free_bits", "likelihood": "likelihood",
                  "device": "device", "seed": "seed", "train_size": "train_size", "evidence_every": "evidence_every"}
+_TRAIN_FIELDS["snapshot_budget_mb"] = "snapshot_budget_mb"  # the time-lapse (vae_core/snapshots.py)
 
 
 def _changes(args: argparse.Namespace) -> dict[str, Any]:

@@ -35,6 +35,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "seed": (0, 2**31 - 1),
     "train_size": (16, 1_000_000),
     "evidence_every": (0, 10_000),
+    "snapshot_budget_mb": (0.0, 400.0),  # a run zip unpacks to at most 512 MB (transfer.MAX_ZIP_BYTES)
 }
 UI_LIMITS: dict[str, tuple[float, float]] = {"latent_dim": (1, 64), "beta": (0.0, 10.0)}
 
@@ -101,6 +102,9 @@ class TrainConfig:
     device: DeviceName = "auto"
     train_size: int | None = None  # use only the first N training images (quick runs, tests)
     evidence_every: int = 5  # epochs between importance-weighted evaluations; 0 turns them off
+    # Disk for the time-lapse's weight snapshots (vae_core/snapshots.py); 0 turns them off. The default
+    # model's float16 snapshot is 1.2 MiB, so 40 MB keeps the ~30 a default run takes without thinning.
+    snapshot_budget_mb: float = 40.0
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
@@ -111,7 +115,7 @@ class TrainConfig:
         if self.train_size is not None:
             _check_number("train_size", self.train_size, integer=True)
             object.__setattr__(self, "train_size", int(self.train_size))
-        for name in ("lr", "beta", "warmup_epochs", "free_bits"):
+        for name in ("lr", "beta", "warmup_epochs", "free_bits", "snapshot_budget_mb"):
             _check_number(name, getattr(self, name))
             object.__setattr__(self, name, float(getattr(self, name)))
         if not isinstance(self.binarize, bool):

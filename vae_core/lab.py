@@ -664,6 +664,20 @@ class Lab:
     def metrics_csv(rows: list[dict[str, Any]]) -> str:
         return runs.metrics_csv(rows)
 
+    # ------------------------------------------------------------ the time-lapse
+
+    def snapshots(self, run: str | Path) -> list[int]:
+        """Steps at which `run` kept a snapshot of its weights (vae_core/snapshots.py), oldest first."""
+        from .snapshots import list_steps
+
+        return list_steps(self.path(run))
+
+    def snapshot(self, run: str | Path, step: int) -> RunHandle:
+        """A read-only handle on `run` as it was at snapshot `step`: decode, encode, artifacts from those weights."""
+        from .snapshots import open_view
+
+        return open_view(self.open(run), step)
+
     # ------------------------------------------------------------ background evaluations
 
     def submit_bounds(self, run: str | Path, *, k: int, n: int, seed: int = 0) -> JobSnapshot:

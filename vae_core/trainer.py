@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import data as data_mod
-from . import runs
+from . import runs, snapshots
 from .config import LIVE_FIELDS, ConfigError, RunConfig
 from .devices import CpuShare, NoSharing, default_threads, describe_device, resolve_device
 from .images import to_uint8
@@ -88,6 +88,7 @@ class Trainer:
         self.math: RunMath | None = None  # built in the thread when training first starts
         self._last_good: dict[str, torch.Tensor] | None = None  # CPU weights of the last finite log point
         self._writer: runs.MetricsWriter | None = None
+        self.timelapse: snapshots.Recorder | None = None  # weight snapshots on a geometric schedule of steps
         # Cross-process side: status.json heartbeats, control.json steering, the train.lock.
         self.sync = RunSync(self)
         self._run_lock: runs.RunLock | None = None
@@ -479,6 +480,8 @@ class Trainer:
         if self.persist:
             runs.truncate_metrics(self.run_dir, self._step)  # resuming: drop rows written after the checkpoint
             self._writer = runs.MetricsWriter(self.run_dir)
+            self.timelapse = snapshots.Recorder.for_run(self.run_dir, self.config)
+            self._snapshot(self._step)  # a new run's (or fork's) starting weights: the time-lapse's first frame
         self._publish()
         return self.math
 
@@ -503,6 +506,8 @@ class Trainer:
                 with self._lock:
                     self._step += 1
                     self._epoch = self._step / spe
+                if self.timelapse is not None and self.timelapse.due(self._step):
+                    self._snapshot(self._step)
                 if self._step % self.log_every == 0 or self._step % spe == 0:
                     if not self._log_train(acc):
                         return
@@ -600,8 +605,14 @@ class Trainer:
         runs.save_checkpoint(self.run_dir, {**self.math.checkpoint_state(), "config": self.config.to_dict(),
                                             "step": self._step, "epoch": self._epoch, "live": dict(self._live)})
 
+    def _snapshot(self, step: int, *, last: bool = False) -> None:
+        """Keep the model's weights as a time-lapse frame when the schedule (or the run's end) says so."""
+        if self.timelapse is not None and self.math is not None and (last or self.timelapse.due(step)):
+            self.timelapse.take(step, self.math.weights_cpu())
+
     def _finish(self, state: str, message: str) -> None:
         self._checkpoint()  # on failure the model already holds the last good weights again
+        self._snapshot(self._step, last=True)
         self._publish()
         self._close_writer()
         self._set(state, message)

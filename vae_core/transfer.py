@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 import shutil
 import struct
@@ -25,6 +26,9 @@ MAX_ZIP_BYTES = 512 * 1024 * 1024  # uncompressed total; a run is a few MB
 MAX_MEMBERS = 10_000  # entries in the archive's directory (a run zip has four)
 CHUNK = 1 << 16  # bytes inflated at a time
 ALLOWED = {runs.CONFIG, runs.METRICS, runs.CHECKPOINT, runs.STATUS}
+SNAPSHOTS = "snapshots"  # the time-lapse's folder (vae_core/snapshots.py): step-NNNNNNNNN.pt files only
+MAX_SNAPSHOTS = 1000  # snapshots.MAX_FILES: a run lists no more (its schedule keeps ~3 per doubling of steps)
+_SNAPSHOT_NAME = re.compile(r"^step-\d{9}\.pt$")
 SMALL = {runs.CONFIG: runs.MAX_JSON_BYTES, runs.STATUS: runs.MAX_JSON_BYTES}  # per-file caps
 METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}  # what export_zip writes
 # What a damaged archive raises while it is read (a bad CRC, a bad header, corrupt deflate data, ...).
@@ -40,7 +44,26 @@ def export_zip(run_dir: Path) -> bytes:
         for name in sorted(ALLOWED):
             if (run_dir / name).exists():
                 z.write(run_dir / name, f"{run_dir.name}/{name}")
+        for path in _snapshots_in_budget(run_dir):
+            z.write(path, f"{run_dir.name}/{SNAPSHOTS}/{path.name}")
     return buf.getvalue()
+
+
+def _snapshots_in_budget(run_dir: Path) -> list[Path]:
+    """The run's time-lapse snapshots, newest first, up to its config's budget (all of them, as training keeps)."""
+    from . import snapshots
+
+    try:
+        budget = snapshots.budget_bytes(runs.read_config(run_dir))
+    except (runs.RunFileError, ConfigError):
+        return []
+    out, total = [], 0
+    for _, path in sorted(snapshots.files(run_dir).items(), reverse=True):
+        total += path.stat().st_size
+        if total > budget:
+            break
+        out.append(path)
+    return out
 
 
 def _why(e: BaseException) -> str:
@@ -59,9 +82,11 @@ def _members(z: zipfile.ZipFile) -> tuple[dict[str, zipfile.ZipInfo], str | None
         parts = Path(info.filename).parts
         if info.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
             raise runs.RunFileError(f"zip member {info.filename[:100]!r} points outside the run; refusing the archive")
-        if info.is_dir() or Path(info.filename).name not in ALLOWED:
-            continue
         name = Path(info.filename).name
+        if not info.is_dir() and len(parts) >= 2 and parts[-2] == SNAPSHOTS and _SNAPSHOT_NAME.match(name):
+            name = f"{SNAPSHOTS}/{name}"  # unpacked into the run's snapshots folder, checked in _check
+        elif info.is_dir() or name not in ALLOWED:
+            continue
         if info.flag_bits & 0x1:
             raise runs.RunFileError(f"{name} in the zip is encrypted; export the run again without a password")
         if info.compress_type not in METHODS:
@@ -71,6 +96,8 @@ def _members(z: zipfile.ZipFile) -> tuple[dict[str, zipfile.ZipInfo], str | None
             raise runs.RunFileError(f"the zip holds {name} more than once; refusing it")
         members[name] = info
         top = top or (parts[0] if len(parts) > 1 else None)
+    if sum(name.startswith(SNAPSHOTS) for name in members) > MAX_SNAPSHOTS:  # each is loaded to be checked
+        raise runs.RunFileError(f"the zip holds more than {MAX_SNAPSHOTS} snapshots; a run keeps far fewer, refusing it")
     if runs.CONFIG not in members or runs.CHECKPOINT not in members:
         raise runs.RunFileError("the zip holds no run: it needs config.json and checkpoint.pt")
     # The sizes the archive declares: a quick refusal of an honest big archive. A lying one is caught in _extract.
@@ -92,6 +119,7 @@ def _extract(z: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], dest: Path
         cap = SMALL.get(name, MAX_ZIP_BYTES)
         size = 0
         try:
+            (dest / name).parent.mkdir(exist_ok=True)
             with z.open(info) as src, open(dest / name, "xb") as out:
                 while True:
                     chunk = src.read(CHUNK)
@@ -137,7 +165,22 @@ def _check(tmp: Path) -> RunConfig:
     except runs.RunFileError as e:  # its message starts with the temp folder's path: name the zip instead
         raise runs.RunFileError(str(e).replace(str(tmp / runs.CHECKPOINT), "checkpoint.pt in the zip")
                                 .replace(str(tmp), "the zip")) from None
+    _check_snapshots(tmp, cfg)
     return cfg
+
+
+def _check_snapshots(tmp: Path, cfg: RunConfig) -> None:
+    """Every time-lapse snapshot must load as this run's weights; then the folder is thinned to the budget."""
+    from . import snapshots
+
+    for step, path in snapshots.files(tmp).items():
+        try:
+            got, _ = snapshots.load(path, cfg.model)
+        except runs.RunFileError as e:  # it names snapshots/<file>, never the temp folder
+            raise runs.RunFileError(f"the zip's {str(e).replace(str(tmp), 'the zip')}") from None
+        if got != step:
+            raise runs.RunFileError(f"the zip's {SNAPSHOTS}/{path.name} holds step {got}; refusing it")
+    snapshots.enforce_budget(tmp, snapshots.budget_bytes(cfg), snapshots.origin_of(tmp))
 
 
 def import_zip(source: Path | bytes, runs_dir: Path, name: str | None = None) -> Path:
