@@ -155,9 +155,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CliError("--resume keeps the run's name; rename it in the Runs tab, or use --fork with --name")
         runs.sanitize_name(args.name)  # a bad name fails now, not after the data are loaded
     changes = _changes(args)
+    from . import distributed
+
+    world = None
+    if distributed.launched():  # torchrun: one run on N processes (DDP); rank 0 runs this CLI's run
+        world = distributed.init(args.device)
+        if not world.leader:
+            return distributed.follow_leader(args, world)
     signals = _StopOnSignal()
     # One run, in the foreground: no queue (max_runs=1) and all cores unless --threads says otherwise.
     lab = Lab(runs_dir, max_runs=1, data_dir=args.data_dir, num_threads=args.threads)
+    if world is not None:
+        distributed.adopt(lab, world)
     try:
         run = _start_run(lab, args, changes, runs_dir)
         signals.run = run

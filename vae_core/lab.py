@@ -314,6 +314,8 @@ class Lab:
     trains; anyone may open, compare, fork or export any run.
     """
 
+    trainer_class: "type[Trainer] | None" = None  # what trains runs here (torchrun's rank 0: distributed.DistTrainer)
+
     def __init__(self, runs_dir: str | Path | None = None, *, max_runs: int | None = None,
                  data_dir: str | None = None, num_threads: int | None = None,
                  shares_cpu_with_server: bool = False, log_every: int = 20) -> None:
@@ -565,7 +567,8 @@ class Lab:
         if seed is not None:
             changes["seed"] = seed
         config = runs.read_config(parent).replace(**changes)
-        t = Trainer(config, runs_dir=self.runs_dir, name=name, init_from=parent, **self._trainer_kwargs())
+        t = (self.trainer_class or Trainer)(config, runs_dir=self.runs_dir, name=name, init_from=parent,
+                                            **self._trainer_kwargs())
         t.starts_at(int(ckpt["step"]), float(ckpt.get("epoch", 0)))
         if check:
             t.check()
@@ -719,11 +722,12 @@ class Lab:
 
         if not isinstance(config, RunConfig):
             raise ConfigError("a run needs a RunConfig")
-        return Trainer(config, runs_dir=self.runs_dir, name=name, **self._trainer_kwargs())
+        return (self.trainer_class or Trainer)(config, runs_dir=self.runs_dir, name=name, **self._trainer_kwargs())
 
     def _open_trainer(self, path: Path, *, device: str | None = None) -> "Trainer":
         from .trainer import Trainer
 
+        Trainer = self.trainer_class or Trainer  # noqa: N806
         if not (path / runs.CHECKPOINT).exists():  # queued or interrupted before its first checkpoint: start over
             t = Trainer(runs.read_config(path).replace(**({"device": device} if device else {})),
                         runs_dir=path.parent, **self._trainer_kwargs())
