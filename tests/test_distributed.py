@@ -15,7 +15,7 @@ import torch
 
 from helpers import poll_until, train_to_end
 from vae_core import runs
-from vae_core.config import RunConfig
+from vae_core.config import ConfigError, RunConfig
 from vae_core.lab import Lab
 from vae_core.trainer import Trainer
 
@@ -136,3 +136,38 @@ def test_a_killed_rank_leaves_an_interrupted_run_that_resumes_on_one_process(run
     assert status(run)["state"] == "finished"
     assert runs.load_checkpoint(run / runs.CHECKPOINT)["step"] > step
     assert "distributed" not in json.loads((run / runs.CONFIG).read_text())  # one process trained it last
+
+
+@pytest.mark.slow
+def test_the_lab_launches_a_run_on_two_processes_and_follows_it(runs_dir, idx_dir):
+    lab = Lab(runs_dir, data_dir=str(idx_dir))
+    cfg = RunConfig().replace(dataset="mnist", batch_size=64, hidden_dim=64, latent_dim=2, evidence_every=0, epochs=2)
+    run = lab.start_distributed(cfg, processes=2, owner="session-1", name="launched")
+    assert run.status().followed and run.status().state in ("idle", "running", "finished")  # at once: a run to show
+    poll_until(lambda: run.status().state == "finished", timeout=240, what="the launched run to finish")
+    assert run.status().device.startswith("2 × cpu") and "gloo" in run.status().device
+    config = json.loads((runs_dir / "launched" / runs.CONFIG).read_text())
+    assert config["distributed"]["world_size"] == 2 and config["owner"] == "session-1"
+    assert [r["step"] for r in run.metrics() if r["split"] == "train"] == [8, 16]
+    assert lab.can_steer("launched", "session-1") and not lab.can_steer("launched", "session-2")
+
+
+@pytest.mark.slow
+def test_a_launch_that_cannot_start_fails_with_one_line(runs_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    lab = Lab(runs_dir, data_dir=str(tmp_path / "empty"))  # no MNIST there: rank 0 refuses before training
+    cfg = RunConfig().replace(dataset="mnist", batch_size=64, hidden_dim=64, latent_dim=2, epochs=1)
+    run = lab.start_distributed(cfg, processes=2, name="nodata")
+    poll_until(lambda: run.status().state == "failed", timeout=240, what="the failed launch")
+    message = run.status().message
+    assert message.startswith("the training processes could not start: ") and "\n" not in message
+    assert "Traceback" not in message
+
+
+def test_the_lab_refuses_a_process_count_it_cannot_run(runs_dir):
+    lab = Lab(runs_dir)
+    cfg = RunConfig().replace(batch_size=64)
+    for n in (1, lab.max_processes() + 1):
+        with pytest.raises(ConfigError, match="processes must be between 2 and"):
+            lab.start_distributed(cfg, processes=n)
+    assert not runs_dir.exists() or not any(runs_dir.iterdir())  # nothing created

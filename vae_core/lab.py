@@ -575,6 +575,36 @@ class Lab:
         t.create_run_dir()
         return self._admit(t, owner, {})
 
+    def start_distributed(self, config: RunConfig, *, processes: int, owner: str | None = None,
+                          name: str | None = None) -> RunHandle:
+        """A new run trained by `processes` torchrun processes (DDP: one per GPU, or CPU processes sharing the
+        cores) outside this process; its directory exists when this returns, and it is followed like any run."""
+        from .launch import launch_torchrun
+
+        if not isinstance(config, RunConfig):
+            raise ConfigError("a run needs a RunConfig")
+        most = self.max_processes()
+        if not (isinstance(processes, int) and 2 <= processes <= most):
+            raise ConfigError(f"processes must be between 2 and {most} here")
+        if config.train.batch_size < processes:
+            raise ConfigError(f"batch size {config.train.batch_size} is smaller than {processes} processes")
+        path = runs.create_run_dir(self.runs_dir, config, name)
+        runs.write_config(path, config, created=time.time(), parent=None, **({"owner": owner} if owner else {}))
+        launch_torchrun(path, processes, data_dir=self.data_dir)
+        return self.open(path)
+
+    @staticmethod
+    def max_processes() -> int:
+        """The most processes one run may train on here (start_distributed): GPUs where there are several, else cores."""
+        from .launch import max_processes
+
+        cuda = 0
+        if (_PROBES.get("devices") or {}).get("cuda"):
+            import torch
+
+            cuda = torch.cuda.device_count()
+        return max_processes(cuda)
+
     # ------------------------------------------------------------ steering
 
     def pause(self, run: str | Path, *, owner: str | None = None) -> None:
