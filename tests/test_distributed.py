@@ -4,12 +4,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -29,19 +27,6 @@ SETTINGS = ["--dataset", "mnist", "--batch-size", "64", "--hidden-dim", "64", "-
             "--evidence-every", "0", "--quiet"]
 
 
-@pytest.fixture
-def idx_dir(tmp_path, tiny_sprites):
-    """The tiny sprites as MNIST IDX files: real shapes to learn, loaded at once by every process."""
-    folder = tmp_path / "idx"
-    folder.mkdir()
-    for prefix, x in (("train", tiny_sprites.train_x), ("t10k", tiny_sprites.test_x)):
-        images = (x[:, 0].numpy() * 255).round().astype(np.uint8)
-        n = len(images)
-        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + bytes(n))
-    return folder
-
-
 def torchrun(runs_dir: Path, idx: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "vae_core", "train", *SETTINGS, "--data-dir", str(idx), "--runs-dir", str(runs_dir), *args]
@@ -54,10 +39,10 @@ def status(run: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_two_processes_train_one_run_steered_through_rank_0(runs_dir, idx_dir, tmp_path):
+def test_two_processes_train_one_run_steered_through_rank_0(runs_dir, tiny_idx_dir, tmp_path):
     dumps = tmp_path / "dumps"
     dumps.mkdir()
-    proc = torchrun(runs_dir, idx_dir, "--epochs", "400", "--name", "ddp", env={"VAE_DDP_PARAM_DUMP": str(dumps)})
+    proc = torchrun(runs_dir, tiny_idx_dir, "--epochs", "400", "--name", "ddp", env={"VAE_DDP_PARAM_DUMP": str(dumps)})
     run = runs_dir / "ddp"
     try:
         poll_until(lambda: any(r["split"] == "train" for r in runs.read_metrics(run)) if run.exists() else False,
@@ -97,7 +82,7 @@ def test_two_processes_train_one_run_steered_through_rank_0(runs_dir, idx_dir, t
 
     # The same global batches on one process: the epoch-1 loss agrees within LOSS_RTOL.
     cfg = RunConfig().replace(dataset="mnist", batch_size=64, hidden_dim=64, latent_dim=2, evidence_every=0, epochs=1)
-    single = train_to_end(Trainer(cfg, persist=False, data_dir=str(idx_dir)), timeout=120)
+    single = train_to_end(Trainer(cfg, persist=False, data_dir=str(tiny_idx_dir)), timeout=120)
     one = [r for r in single.metrics() if r["split"] == "train"][0]
     assert one["step"] == train[0]["step"] == 8
     assert train[0]["loss"] == pytest.approx(one["loss"], rel=LOSS_RTOL)
@@ -112,8 +97,8 @@ def ranks(proc: subprocess.Popen, rank0: int) -> dict[int, int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rank", [0, 1])
-def test_a_killed_rank_leaves_an_interrupted_run_that_resumes_on_one_process(runs_dir, idx_dir, rank):
-    proc = torchrun(runs_dir, idx_dir, "--epochs", "400", "--name", "killed")
+def test_a_killed_rank_leaves_an_interrupted_run_that_resumes_on_one_process(runs_dir, tiny_idx_dir, rank):
+    proc = torchrun(runs_dir, tiny_idx_dir, "--epochs", "400", "--name", "killed")
     run = runs_dir / "killed"
     try:
         poll_until(lambda: (run / runs.CHECKPOINT).exists(), what="the first checkpoint")
@@ -130,7 +115,7 @@ def test_a_killed_rank_leaves_an_interrupted_run_that_resumes_on_one_process(run
     step = runs.load_checkpoint(run / runs.CHECKPOINT)["step"]
 
     r = subprocess.run([sys.executable, "-m", "vae_core", "train", "--resume", str(run), "--epochs", "1",
-                        "--data-dir", str(idx_dir), "--quiet"], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                        "--data-dir", str(tiny_idx_dir), "--quiet"], env={**os.environ, "PYTHONPATH": str(ROOT)},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert status(run)["state"] == "finished"
@@ -139,8 +124,8 @@ def test_a_killed_rank_leaves_an_interrupted_run_that_resumes_on_one_process(run
 
 
 @pytest.mark.slow
-def test_the_lab_launches_a_run_on_two_processes_and_follows_it(runs_dir, idx_dir):
-    lab = Lab(runs_dir, data_dir=str(idx_dir))
+def test_the_lab_launches_a_run_on_two_processes_and_follows_it(runs_dir, tiny_idx_dir):
+    lab = Lab(runs_dir, data_dir=str(tiny_idx_dir))
     cfg = RunConfig().replace(dataset="mnist", batch_size=64, hidden_dim=64, latent_dim=2, evidence_every=0, epochs=2)
     run = lab.start_distributed(cfg, processes=2, owner="session-1", name="launched")
     assert run.status().followed and run.status().state in ("idle", "running", "finished")  # at once: a run to show
