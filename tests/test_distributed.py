@@ -27,6 +27,51 @@ SETTINGS = ["--dataset", "mnist", "--batch-size", "64", "--hidden-dim", "64", "-
             "--evidence-every", "0", "--quiet"]
 
 
+def _nan_on_rank_1(rank: int, port: int, runs_dir: str, idx: str, out: str) -> None:
+    """One of two spawned ranks: rank 1's batches turn NaN after step 8 (its weights would go NaN alone)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from vae_core import distributed
+
+    class NanOnRank1(distributed.DistTrainer):
+        def math_class(self, *args, **kwargs):
+            m = super().math_class(*args, **kwargs)
+            if self.world.rank == 1:
+                clean = m.batch
+                m.batch = lambda idx: clean(idx) * float("nan") if self._step >= 8 else clean(idx)
+            return m
+
+    world = distributed.init("cpu")
+    cfg = RunConfig().replace(dataset="mnist", batch_size=64, hidden_dim=64, latent_dim=2, evidence_every=0, epochs=5)
+    if rank == 0:
+        t = NanOnRank1(cfg, runs_dir=runs_dir, name="nan", data_dir=idx, num_threads=1)
+    else:
+        t = distributed.from_leader(world, data_dir=idx, num_threads=1, cls=NanOnRank1)
+    t.start()
+    t.join(240)
+    s = t.status()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"state": s.state, "step": s.step, "message": s.message}))
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_fails_every_rank_at_the_same_step(runs_dir, tiny_idx_dir, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_nan_on_rank_1, args=(port, str(runs_dir), str(tiny_idx_dir), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["state"] == r1["state"] == "failed"
+    assert r0["step"] == r1["step"] == 16  # the first log point after rank 1's NaN batches began
+    assert "loss became NaN at step 16" in r0["message"] and r0["message"] == r1["message"]
+    assert runs.read_status(runs_dir / "nan")["state"] == "failed"
+    ckpt = runs.load_checkpoint(runs_dir / "nan" / runs.CHECKPOINT)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())  # the last good weights were kept
+
+
 def torchrun(runs_dir: Path, idx: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "vae_core", "train", *SETTINGS, "--data-dir", str(idx), "--runs-dir", str(runs_dir), *args]

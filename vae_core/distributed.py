@@ -387,13 +387,20 @@ def _peer_gone(e: RuntimeError) -> bool:
 def follow_leader(args: argparse.Namespace, world: World) -> int:
     """Train the run rank 0 broadcasts; write nothing. Rank 0 reports how it went."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank: rank 0 stops them all at one step
-    obj: list[Any] = [None]
-    dist.broadcast_object_list(obj, src=0)
-    run = obj[0]
-    trainer = DistTrainer(RunConfig.from_dict(run["config"]), persist=False, data_dir=args.data_dir,
-                          num_threads=args.threads or threads_per_process(world))
-    trainer.adopt(run)
+    trainer = from_leader(world, data_dir=args.data_dir, num_threads=args.threads)
     trainer.start()
     while trainer.is_alive():
         trainer.join(0.5)
     return 0
+
+
+def from_leader(world: World, *, data_dir: str | None = None, num_threads: int | None = None,
+                cls: type[DistTrainer] = DistTrainer) -> DistTrainer:
+    """A rank > 0's trainer for the run rank 0 broadcasts as it starts training (blocks until then)."""
+    obj: list[Any] = [None]
+    dist.broadcast_object_list(obj, src=0)
+    run = obj[0]
+    trainer = cls(RunConfig.from_dict(run["config"]), persist=False, data_dir=data_dir,
+                  num_threads=num_threads or threads_per_process(world))
+    trainer.adopt(run)
+    return trainer
