@@ -44,6 +44,7 @@ from .trainer import Trainer
 POLL_S = 0.5  # while paused, rank 0 tells the others what to do this often
 TIMEOUT = dt.timedelta(minutes=30)  # a collective waits this long (a long evidence estimate on rank 0)
 PARAM_DUMP_ENV = "VAE_DDP_PARAM_DUMP"  # tests: each rank saves its final weights here as rank<r>.pt
+EXIT_NO_RUN = 3  # a rank > 0 whose rank 0 never sent a run
 _WAIT, _STEP, _RUN, _STOP = 0.0, 1.0, 2.0, 3.0  # rank 0's decisions while paused
 
 
@@ -387,7 +388,10 @@ def _peer_gone(e: RuntimeError) -> bool:
 def follow_leader(args: argparse.Namespace, world: World) -> int:
     """Train the run rank 0 broadcasts; write nothing. Rank 0 reports how it went."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank: rank 0 stops them all at one step
-    trainer = from_leader(world, data_dir=args.data_dir, num_threads=args.threads)
+    try:
+        trainer = from_leader(world, data_dir=args.data_dir, num_threads=args.threads)
+    except (dist.DistError, RuntimeError):  # rank 0 ended before training (it said why, in one line)
+        return EXIT_NO_RUN
     trainer.start()
     while trainer.is_alive():
         trainer.join(0.5)
