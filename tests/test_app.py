@@ -623,5 +623,7 @@ def test_train_on_two_processes_is_followed_like_any_run(app, tiny_idx_dir, monk
     run = run_of(app)
     assert run.status().followed and run.status().owner == sid_of(app)  # started by this session, outside it
     run_until(app, lambda a: state(a) == "finished", timeout=240, what="the 2-process run to finish")
-    assert _status(app).device.startswith("2 × cpu")
+    assert _status(app).device.startswith("2 × cpu") and "gloo" in _status(app).device
     assert [m["step"] for m in run.metrics() if m["split"] == "test"] == [8, 16]
+    config = json.loads((Path(run.run_dir) / "config.json").read_text())
+    assert config["distributed"]["world_size"] == 2 and config["owner"] == sid_of(app)
