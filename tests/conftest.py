@@ -39,3 +39,18 @@ def tiny_config():
     from vae_core.config import RunConfig
 
     return RunConfig().replace(epochs=2, batch_size=64, hidden_dim=64, latent_dim=2, evidence_every=0)
+
+
+@pytest.fixture
+def tiny_idx_dir(tmp_path, tiny_sprites):
+    """The tiny sprites as MNIST IDX files (--dataset mnist --data-dir): real shapes, loaded at once by a subprocess."""
+    import struct
+
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    for prefix, x in (("train", tiny_sprites.train_x), ("t10k", tiny_sprites.test_x)):
+        images = (x[:, 0].numpy() * 255).round().astype("uint8")
+        n = len(images)
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + bytes(n))
+    return folder

@@ -609,3 +609,21 @@ def test_warm_up_freezes_the_long_lived_heap_once_before_any_run(monkeypatch):
     state._warm_up(Lab(max_runs=1))
     state._warm_up(Lab(max_runs=1))
     assert frozen == [1]  # once per process
+
+
+@pytest.mark.slow
+def test_train_on_two_processes_is_followed_like_any_run(app, tiny_idx_dir, monkeypatch):
+    monkeypatch.setenv("VAE_DATA_DIR", str(tiny_idx_dir))  # this server and the processes it starts
+    app.run()
+    configure(app, cfg_dataset="mnist", cfg_latent_dim=2, cfg_epochs=2).run()
+    app.number_input(key="train_processes").set_value(2).run()
+    assert not errors(app)
+    app.button(key="btn_train").click().run()
+    assert any("Training on 2 processes" in i.value for i in app.info)
+    run = run_of(app)
+    assert run.status().followed and run.status().owner == sid_of(app)  # started by this session, outside it
+    run_until(app, lambda a: state(a) == "finished", timeout=240, what="the 2-process run to finish")
+    assert _status(app).device.startswith("2 × cpu") and "gloo" in _status(app).device
+    assert [m["step"] for m in run.metrics() if m["split"] == "test"] == [8, 16]
+    config = json.loads((Path(run.run_dir) / "config.json").read_text())
+    assert config["distributed"]["world_size"] == 2 and config["owner"] == sid_of(app)

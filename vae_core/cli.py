@@ -178,9 +178,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     changes = _changes(args)
     if args.tensorboard_dir:  # a missing package is one line now, before anything trains
         _interop_check(tensorboard=True)
+
+    from . import distributed
+
+    world = None
+    if distributed.launched():  # torchrun: one run on N processes (DDP); rank 0 runs this CLI's run
+        world = distributed.init(args.device)
+        if not world.leader:
+            return distributed.follow_leader(args, world)
     signals = _StopOnSignal()
     # One run, in the foreground: no queue (max_runs=1) and all cores unless --threads says otherwise.
     lab = Lab(runs_dir, max_runs=1, data_dir=args.data_dir, num_threads=args.threads)
+    if world is not None:
+        distributed.adopt(lab, world)
     try:
         run = _start_run(lab, args, changes, runs_dir)
         signals.run = run

@@ -314,6 +314,8 @@ class Lab:
     trains; anyone may open, compare, fork or export any run.
     """
 
+    trainer_class: "type[Trainer] | None" = None  # what trains runs here (torchrun's rank 0: distributed.DistTrainer)
+
     def __init__(self, runs_dir: str | Path | None = None, *, max_runs: int | None = None,
                  data_dir: str | None = None, num_threads: int | None = None,
                  shares_cpu_with_server: bool = False, log_every: int = 20) -> None:
@@ -565,12 +567,43 @@ class Lab:
         if seed is not None:
             changes["seed"] = seed
         config = runs.read_config(parent).replace(**changes)
-        t = Trainer(config, runs_dir=self.runs_dir, name=name, init_from=parent, **self._trainer_kwargs())
+        t = (self.trainer_class or Trainer)(config, runs_dir=self.runs_dir, name=name, init_from=parent,
+                                            **self._trainer_kwargs())
         t.starts_at(int(ckpt["step"]), float(ckpt.get("epoch", 0)))
         if check:
             t.check()
         t.create_run_dir()
         return self._admit(t, owner, {})
+
+    def start_distributed(self, config: RunConfig, *, processes: int, owner: str | None = None,
+                          name: str | None = None) -> RunHandle:
+        """A new run trained by `processes` torchrun processes (DDP: one per GPU, or CPU processes sharing the
+        cores) outside this process; its directory exists when this returns, and it is followed like any run."""
+        from .launch import launch_torchrun
+
+        if not isinstance(config, RunConfig):
+            raise ConfigError("a run needs a RunConfig")
+        most = self.max_processes()
+        if not (isinstance(processes, int) and 2 <= processes <= most):
+            raise ConfigError(f"processes must be between 2 and {most} here")
+        if config.train.batch_size < processes:
+            raise ConfigError(f"batch size {config.train.batch_size} is smaller than {processes} processes")
+        path = runs.create_run_dir(self.runs_dir, config, name)
+        runs.write_config(path, config, created=time.time(), parent=None, **({"owner": owner} if owner else {}))
+        launch_torchrun(path, processes, data_dir=self.data_dir)
+        return self.open(path)
+
+    @staticmethod
+    def max_processes() -> int:
+        """The most processes one run may train on here (start_distributed): GPUs where there are several, else cores."""
+        from .launch import max_processes
+
+        cuda = 0
+        if (_PROBES.get("devices") or {}).get("cuda"):
+            import torch
+
+            cuda = torch.cuda.device_count()
+        return max_processes(cuda)
 
     # ------------------------------------------------------------ steering
 
@@ -733,11 +766,12 @@ class Lab:
 
         if not isinstance(config, RunConfig):
             raise ConfigError("a run needs a RunConfig")
-        return Trainer(config, runs_dir=self.runs_dir, name=name, **self._trainer_kwargs())
+        return (self.trainer_class or Trainer)(config, runs_dir=self.runs_dir, name=name, **self._trainer_kwargs())
 
     def _open_trainer(self, path: Path, *, device: str | None = None) -> "Trainer":
         from .trainer import Trainer
 
+        Trainer = self.trainer_class or Trainer  # noqa: N806
         if not (path / runs.CHECKPOINT).exists():  # queued or interrupted before its first checkpoint: start over
             t = Trainer(runs.read_config(path).replace(**({"device": device} if device else {})),
                         runs_dir=path.parent, **self._trainer_kwargs())

@@ -49,6 +49,8 @@ def os_error_text(e: OSError) -> str:
 class Trainer:
     """Owns one run: its data, model, optimiser, thread, run directory and published snapshots."""
 
+    math_class = RunMath  # what builds the run's math (distributed.DistTrainer: one rank's DDP math)
+
     def __init__(self, config: RunConfig, *, runs_dir: str | Path | None = None, name: str | None = None,
                  data_dir: str | None = None, num_threads: int | None = None, log_every: int = 20,
                  persist: bool = True, init_from: str | Path | None = None, sharing_with_server: bool = False,
@@ -462,7 +464,7 @@ class Trainer:
             if ckpt is None and self.init_from is not None:
                 ckpt = runs.load_checkpoint(self.init_from / runs.CHECKPOINT)
                 self.parent = {"run": self.init_from.name, "step": int(ckpt["step"])}
-            math_ = RunMath(cfg, data, self.device, lr=self._live["lr"], checkpoint=ckpt)
+            math_ = self.math_class(cfg, data, self.device, lr=self._live["lr"], checkpoint=ckpt)
             with self._lock:
                 self._steps_per_epoch = math_.steps_per_epoch
                 if self.parent is not None and ckpt is not None:  # a fork starts its own step count at the parent's
@@ -470,7 +472,8 @@ class Trainer:
                     self._epochs_target = math.ceil(self._epoch) + cfg.train.epochs
             if self.persist:  # start() created the directory; record what only loading the data told us
                 previous = runs.read_json(self.run_dir / runs.CONFIG)
-                kept = {k: v for k, v in previous.items() if k not in ("model", "train", "versions")}  # owner, ...
+                kept = {k: v for k, v in previous.items()  # owner, ...; "distributed" was the last segment's
+                        if k not in ("model", "train", "versions", "distributed")}
                 runs.write_config(self.run_dir, cfg, **{**kept, "created": previous.get("created", time.time()),
                                                          "parent": self.parent or previous.get("parent"),
                                                          "device": describe_device(self.device),

@@ -25,6 +25,7 @@ from dashboard.state import can_steer, current_run, session_id
 from vae_core.lab import (ARCHS, DATASETS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS, UI_LIMITS, Lab,
                           RunConfig, RunHandle, Status, UserError)
 
+PROCESSES_KEY = "train_processes"  # a launch choice, not a setting of the run: not in the URL or the config
 STEERABLE = ("running", "paused")  # states whose ⚡ settings change the run live
 RESUMABLE = ("paused", "stopped", "failed", "interrupted")
 READ_ONLY = ("🔒 Read-only: this run belongs to another session, so its buttons and ⚡ settings are off here. "
@@ -190,7 +191,14 @@ def _on_train(lab: Lab) -> None:
             if state == "queued" or (state in STEERABLE and lab.training_count() >= lab.max_runs):
                 lab.stop(before.name, owner=sid, wait=5.0)
                 stopped = before.name
-        run = lab.start(config, owner=sid)
+        processes = int(st.session_state.get(PROCESSES_KEY) or 1)
+        if processes > 1:  # one run on N processes (torchrun + DDP), followed through its directory
+            run = lab.start_distributed(config, processes=processes, owner=sid)
+            _notice("info", f"Training on {processes} processes (torchrun, DistributedDataParallel). This page follows "
+                            "the run through its files; Pause, Stop and ⚡ changes reach all processes at their next "
+                            "log point.")
+        else:
+            run = lab.start(config, owner=sid)
     except UserError as e:
         _notice("error", f"Could not start the run: {md_text(e)}")
         return
@@ -374,6 +382,7 @@ def render(lab: Lab) -> Controls:
                         key=PREFIX + "evidence_every",
                         help="Importance-weighted estimates of log p(x) for the Evidence tab; 0 = never.")
         slots["evidence_every"] = st.empty()
+        _processes_input()
 
     values = current_values()
     sync_url(values)
@@ -423,6 +432,22 @@ def _buttons(lab: Lab, status: Status | None, steer: bool, errors: dict[str, str
         getattr(st, notice[0])(notice[1])
     st.caption("⚡ settings (β, learning rate, KL warm-up, free bits) change a running run live; "
                "the others take effect when you press Train.")
+
+
+def _processes_input() -> None:
+    """'Train on N processes' where this machine has several GPUs or CPU cores (1, the default: this server's process)."""
+    most = Lab.max_processes()
+    if most < 2:
+        return
+    st.session_state.setdefault(PROCESSES_KEY, 1)
+    if st.session_state[PROCESSES_KEY] > most:
+        st.session_state[PROCESSES_KEY] = most
+    have, _ = device_info()
+    st.number_input("Train on N processes (torchrun)", min_value=1, max_value=most, step=1, key=PROCESSES_KEY,
+                    help="1: train in this server. 2 or more: one run on that many processes with PyTorch's "
+                         "DistributedDataParallel, " + ("one per GPU" if have.get("cuda") else "sharing the CPU cores")
+                         + "; each takes its share of every batch. It trains outside this server (started with "
+                           "torchrun) and the page follows it like any run.")
 
 
 def _device_label(name: str, have: dict[str, bool], auto: str) -> str:
