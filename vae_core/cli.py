@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("runs", help="list runs, newest first (with who trains them and where)")
     r.add_argument("--runs-dir", default=None)
     r.add_argument("--json", action="store_true")
+
+    from .sweep_exec import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub)
     return p
 
 
@@ -341,6 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args = _parser().parse_args(argv)
+        if args.command == "sweep":
+            from .sweep_exec import cmd_sweep
+
+            return cmd_sweep(args)
         return {"train": cmd_train, "evaluate": cmd_evaluate, "runs": cmd_runs}[args.command](args)
     except (CliError, ConfigError, DatasetUnavailable, RunFileError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
