@@ -710,6 +710,13 @@ class Lab:
 
         if not isinstance(base, RunConfig):
             raise ConfigError("a sweep needs a RunConfig")
+        if executor == "ray":
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:
+                from .sweep_exec import RAY_HINT
+
+                raise ConfigError(RAY_HINT)
         grid = sweep.make_grid(betas, latent_dims, seeds, first_seed=base.train.seed)
         options = {"executor": executor, "address": address, "cpus_per_run": cpus_per_run,
                    "gpus_per_run": gpus_per_run}

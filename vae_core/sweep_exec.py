@@ -69,7 +69,8 @@ def run_sweep(runs_dir: Path, sweep_id: str, *, executor: str = "local", address
         raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
     if executor == "ray":
         _import_ray()  # before anything is written: one line saying how to install it
-    sweep.clear_cancel(runs_dir, sweep_id)  # a resumed sweep runs again
+    if "driver" in raw:  # a sweep that ran before (cancelled, interrupted) runs again; a cancel that came before
+        sweep.clear_cancel(runs_dir, sweep_id)  # its first driver started (the page's Cancel at once) still holds
     owner = raw.get("owner") if isinstance(raw.get("owner"), str) else None
     threads = max(1, int(cpus_per_run)) if cpus_per_run >= 1 else 1
     todo = [p for p in grid.points(sweep_id) if not sweep.point_finished(runs_dir, p.name)]
