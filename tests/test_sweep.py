@@ -137,3 +137,21 @@ def test_ray_executor_trains_the_grid_on_a_local_ray_cluster(runs_dir):
     st = sweep.sweep_status(runs_dir, sid)
     assert st.state == "finished" and all(p.test_elbo is not None for p in st.points)
     assert {r.name for r in runs.list_runs(runs_dir) if r.sweep == "onray"} == set(results)
+
+
+@pytest.mark.slow
+def test_a_failing_run_is_retried_then_reported_and_the_others_finish(runs_dir):
+    grid = sweep.make_grid("0.5,2", "2", 1)
+    sid = sweep.create_sweep(runs_dir, tiny_base(), grid, sweep_id="bad")["id"]
+    broken = runs_dir / f"{sid}-b2-z2"  # a run whose checkpoint is garbage: every attempt to resume it fails
+    broken.mkdir()
+    (broken / runs.CONFIG).write_text(json.dumps(tiny_base().replace(beta=2.0, latent_dim=2).to_dict()))
+    (broken / runs.CHECKPOINT).write_bytes(b"not a checkpoint")
+    said = []
+    results = run_sweep(runs_dir, sid, workers=1, retries=1, say=said.append)
+    assert results == {f"{sid}-b0.5-z2": "finished", f"{sid}-b2-z2": "failed"}
+    log = (sweep.sweep_dir(runs_dir, sid) / f"{sid}-b2-z2.log").read_text()
+    assert log.count("error:") == 2  # the first attempt and one retry, each one line
+    assert any("retrying (1 of 1)" in m for m in said)
+    st = sweep.sweep_status(runs_dir, sid)
+    assert st.state == "failed" and f"{sid}-b2-z2" in st.message
