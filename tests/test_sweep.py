@@ -155,3 +155,14 @@ def test_a_failing_run_is_retried_then_reported_and_the_others_finish(runs_dir):
     assert any("retrying (1 of 1)" in m for m in said)
     st = sweep.sweep_status(runs_dir, sid)
     assert st.state == "failed" and f"{sid}-b2-z2" in st.message
+
+
+def test_resume_keeps_the_sweeps_executor_unless_told_otherwise(runs_dir, monkeypatch, capsys):
+    sweep.create_sweep(runs_dir, tiny_base(), sweep.make_grid("1", "2"), sweep_id="onray",
+                       options={"executor": "ray", "cpus_per_run": 2, "gpus_per_run": 0.25})
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert cli.main(["sweep", "--resume", "onray", "--runs-dir", str(runs_dir)]) == 2
+    assert RAY_HINT in capsys.readouterr().err  # it went for Ray, as recorded
+    assert not (runs_dir / "onray-b1-z2").exists()
+    bad = ["sweep", "--resume", "onray", "--runs-dir", str(runs_dir), "--executor", "local", "--workers", "0"]
+    assert cli.main(bad) == 2 and "--workers must be at least 1" in capsys.readouterr().err

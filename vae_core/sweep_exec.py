@@ -191,12 +191,13 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--seeds", type=int, default=1, help="runs per grid point, with seeds --seed, --seed+1, ...")
     s.add_argument("--name", default=None, help="the sweep's id (default sweep-<time>); runs are named after it")
     s.add_argument("--resume", default=None, metavar="SWEEP", help="train the unfinished runs of this sweep")
-    s.add_argument("--executor", choices=EXECUTORS, default="local",
-                   help="local: a pool of train processes on this machine; ray: Ray Tune trials on a cluster")
+    s.add_argument("--executor", choices=EXECUTORS, default=None,
+                   help="local (default): a pool of train processes on this machine; ray: Ray Tune trials on a "
+                        "cluster. --resume keeps the sweep's executor and resources unless given again")
     s.add_argument("--address", default=None, help="Ray cluster: auto or HOST:PORT (default: a local Ray)")
     s.add_argument("--workers", type=int, default=None, help="local: runs at once (default: cores / --cpus-per-run)")
-    s.add_argument("--cpus-per-run", type=float, default=1.0, help="CPU cores (torch threads) per run, default 1")
-    s.add_argument("--gpus-per-run", type=float, default=0.0, help="ray: GPU share per run, e.g. 0.25 packs four")
+    s.add_argument("--cpus-per-run", type=float, default=None, help="CPU cores (torch threads) per run, default 1")
+    s.add_argument("--gpus-per-run", type=float, default=None, help="ray: GPU share per run, e.g. 0.25 packs four")
     s.add_argument("--retries", type=int, default=1, help="attempts after a run fails (it resumes), default 1")
     s.add_argument("--runs-dir", default=None, help="where runs live (default ./runs or VAE_RUNS_DIR); shared "
                                                     "storage on a multi-node cluster")
@@ -217,6 +218,17 @@ _BASE = ("dataset", "arch", "hidden_dim", "epochs", "batch_size", "lr", "warmup_
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     runs_dir = Path(args.runs_dir) if args.runs_dir else runs.default_runs_dir()
+    kept: dict[str, Any] = {}
+    if args.resume:  # what the sweep was started with, where this command does not say otherwise
+        raw = sweep.load_sweep(runs_dir, args.resume)[0]
+        kept = raw.get("options") if isinstance(raw.get("options"), dict) else {}
+    for name, default in (("executor", "local"), ("address", None), ("cpus_per_run", 1.0), ("gpus_per_run", 0.0)):
+        if getattr(args, name) is None:
+            setattr(args, name, kept.get(name, default))
+    if args.executor not in EXECUTORS or not all(isinstance(getattr(args, n), (int, float)) and
+                                                 not isinstance(getattr(args, n), bool)
+                                                 for n in ("cpus_per_run", "gpus_per_run")):
+        raise ConfigError("the sweep's recorded executor options are not usable; give --executor and its options")
     for name in ("workers", "retries"):
         v = getattr(args, name)
         if v is not None and v < (1 if name == "workers" else 0):
