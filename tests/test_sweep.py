@@ -166,3 +166,24 @@ def test_resume_keeps_the_sweeps_executor_unless_told_otherwise(runs_dir, monkey
     assert not (runs_dir / "onray-b1-z2").exists()
     bad = ["sweep", "--resume", "onray", "--runs-dir", str(runs_dir), "--executor", "local", "--workers", "0"]
     assert cli.main(bad) == 2 and "--workers must be at least 1" in capsys.readouterr().err
+
+
+def test_final_numbers_follow_appended_rows_and_a_replaced_file(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    path = run / runs.METRICS
+
+    def row(split, step, **kw):
+        return json.dumps({"split": split, "step": step, "epoch": step / 8, **kw}) + "\n"
+
+    path.write_text(row("train", 8, loss=300.0, elbo=-300.0, recon=-290.0, kl=10.0)
+                    + row("test", 8, elbo=-310.0, recon=-298.0, kl=12.0, active_units=2))
+    assert sweep.final_numbers(run) == {"test_elbo": -310.0, "recon": -298.0, "kl": 12.0, "active_units": 2}
+    with open(path, "a") as f:  # the next epoch, and an evidence row with bounds for k = 1, 10
+        f.write(row("test", 16, elbo=-305.0, recon=-296.0, kl=9.0, active_units=1))
+        f.write(row("evidence", 16, ks=[1, 10], iwae=[-305.5, -303.25]))
+        f.write('{"split": "test", "step": 24, "elbo": -1')  # a line being written: not read yet
+    assert sweep.final_numbers(run) == {"test_elbo": -305.0, "recon": -296.0, "kl": 9.0, "active_units": 1,
+                                        "iwae": -303.25, "iwae_k": 10}
+    runs.atomic_write_bytes(path, row("test", 8, elbo=-320.0, recon=-300.0, kl=20.0).encode())  # a resume's rewrite
+    assert sweep.final_numbers(run) == {"test_elbo": -320.0, "recon": -300.0, "kl": 20.0}

@@ -20,6 +20,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,28 +303,45 @@ class SweepStatus:
         return sum(p.state in states for p in self.points)
 
 
+_scans: dict[str, tuple[tuple[int, int], int, bool, dict[str, Any]]] = {}  # metrics path -> (file id, offset, ...)
+_scans_lock = threading.Lock()
+
+
 def final_numbers(run_dir: Path) -> dict[str, Any]:
-    """The last test row's ELBO, reconstruction, KL and active units, and the tightest IWAE bound recorded."""
-    out: dict[str, Any] = {}
+    """The last test row's ELBO, reconstruction, KL and active units, and the tightest IWAE bound recorded.
+
+    Read incrementally: a page polling a sweep of long runs once a second parses only the lines
+    appended since its last look (a file replaced by a resume is read again from the start).
+    """
     path = Path(run_dir) / runs.METRICS
+    key = str(path.absolute())
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError:
-        return out
-    with open(path, "rb") as f:
-        for line in runs.MetricLines(f, 0, size):
-            if line is None or not (b'"test"' in line or b'"evidence"' in line):
-                continue
-            row, _ = runs.parse_row(line)
-            if row is None:
-                continue
-            if row["split"] == "test":
-                out.update({k: row.get(src) for k, src in (("test_elbo", "elbo"), ("recon", "recon"), ("kl", "kl"),
-                                                           ("active_units", "active_units"))})
-            elif row["split"] == "evidence":
-                best = _best_iwae(row)
-                if best is not None:
-                    out["iwae"], out["iwae_k"] = best
+        return {}
+    with _scans_lock:
+        ino, pos, skipping, out = _scans.get(key, ((0, 0), 0, False, {}))
+        if ino != (st.st_dev, st.st_ino) or pos > st.st_size:
+            ino, pos, skipping, out = (st.st_dev, st.st_ino), 0, False, {}
+        out = dict(out)
+        with open(path, "rb") as f:
+            lines = runs.MetricLines(f, pos, st.st_size, skipping)
+            for line in lines:
+                if line is None or not (b'"test"' in line or b'"evidence"' in line):
+                    continue
+                row, _ = runs.parse_row(line)
+                if row is None:
+                    continue
+                if row["split"] == "test":
+                    out.update({k: row.get(src) for k, src in (("test_elbo", "elbo"), ("recon", "recon"),
+                                                               ("kl", "kl"), ("active_units", "active_units"))})
+                elif row["split"] == "evidence":
+                    best = _best_iwae(row)
+                    if best is not None:
+                        out["iwae"], out["iwae_k"] = best
+        _scans[key] = (ino, lines.pos, lines.skipping, out)
+        while len(_scans) > 4096:
+            _scans.pop(next(iter(_scans)))
     return {k: v for k, v in out.items() if _finite(v)}
 
 

@@ -158,6 +158,7 @@ def _run_ray(jobs: list[dict[str, Any]], runs_dir: Path, sweep_id: str, address:
                  include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=False)
         started_here = True
     storage = (sweep.sweep_dir(runs_dir, sweep_id) / "ray").resolve()
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's tables: the driver says one line per run itself
     try:
         tuner = tune.Tuner(
             tune.with_resources(_trial, {"cpu": cpus, "gpu": gpus}),
