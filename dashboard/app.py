@@ -29,7 +29,7 @@ import streamlit as st  # noqa: E402
 
 from dashboard.common import MAIN_TAB_KEY, md_text  # noqa: E402
 from dashboard.panels import controls, evidence, explore, runs, training  # noqa: E402
-from dashboard.panels import timelapse  # noqa: E402
+from dashboard.panels import sweeps, timelapse  # noqa: E402
 from dashboard.state import current_run, get_lab  # noqa: E402
 from vae_core.lab import Lab, RunHandle  # noqa: E402
 
@@ -87,6 +87,7 @@ def main() -> None:
         (timelapse.TITLE, needs_model(lab, lambda run: timelapse.render(lab, run))),
         ("Evidence: ELBO ≤ log p(x)", needs_model(lab, evidence.render)),
         ("Runs", lambda: runs.render(lab)),
+        (sweeps.TITLE, lambda: sweeps.render(lab)),
     ]
     # Lazy tabs: only the open tab's code runs, so a slider move does not recompute hidden panels.
     tabs = st.tabs([title for title, _ in pages], key=MAIN_TAB_KEY, on_change="rerun")

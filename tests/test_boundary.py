@@ -78,7 +78,8 @@ def test_importing_every_dashboard_module_leaves_torch_unloaded():
 # never another panel. Anything two tabs share lives in dashboard/common.py.
 SECTIONS = {"evidence": {"evidence_bounds", "evidence_kl", "evidence_posterior", "evidence_series"},
             "evidence_bounds": {"evidence_series"}, "evidence_kl": {"evidence_series"},
-            "evidence_posterior": {"evidence_series"}, "runs": {"run_actions", "compare"}}
+            "evidence_posterior": {"evidence_series"}, "runs": {"run_actions", "compare"},
+            "sweeps": {"compare"}}  # the sweep's runs on Compare's rate–distortion chart
 
 
 def test_panels_never_import_other_panels():

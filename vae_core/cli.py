@@ -96,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--zip-dir", default=".", metavar="DIR", help="where the zips go (default .)")
     x.add_argument("--runs-dir", default=None)
     x.add_argument("--data-dir", default=None, help="where the run's dataset is (for the reconstructions)")
+
+    from .sweep_exec import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub)
     return p
 
 
@@ -442,6 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args = _parser().parse_args(argv)
+        if args.command == "sweep":
+            from .sweep_exec import cmd_sweep
+
+            return cmd_sweep(args)
         return {"train": cmd_train, "evaluate": cmd_evaluate, "runs": cmd_runs,
                 "export": cmd_export}[args.command](args)
     except (CliError, ConfigError, DatasetUnavailable, RunFileError) as e:

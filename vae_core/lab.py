@@ -32,6 +32,7 @@ from .runs import CHECKPOINT, RunBusy, RunFileError, RunSummary, sanitize_name
 if TYPE_CHECKING:
     from .examples import Example
     from .inference import PosteriorResult, Weights
+    from .sweep import SweepStatus
     from .trainer import Trainer
 
 __all__ = ["ACTIVE_THRESHOLD", "IWAE_FAR_NATS", "active_mask", "ARCHS", "CHECKPOINT", "DATASETS", "DEFAULT_EXAMPLES", "DEFAULT_K", "DEVICES",
@@ -334,6 +335,7 @@ class Lab:
         self._scheduler: threading.Thread | None = None
         self._listening: set[int] = set()  # trainers whose end wakes the scheduler
         self._closed = False
+        self._sweep_procs: list[Any] = []  # sweep drivers started here (subprocess.Popen), reaped when they end
 
     # ------------------------------------------------------------ warm-up and what this machine offers
 
@@ -736,6 +738,76 @@ class Lab:
             board = self._jobs
         if board is not None:
             board.cancel(str(self.path(run).resolve()))
+
+    # ------------------------------------------------------------ sweeps (vae_core/sweep.py)
+
+    def start_sweep(self, base: RunConfig, *, betas: Any, latent_dims: Any, seeds: int = 1,
+                    owner: str | None = None, name: str | None = None, executor: str = "local",
+                    address: str | None = None, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
+                    workers: int | None = None) -> str:
+        """Start a β × latent-size sweep from `base` in a `python -m vae_core sweep` process; returns its id.
+
+        The grid is checked and the sweep recorded before this returns (ConfigError for a bad grid);
+        its runs appear under runs_dir as they start.
+        """
+        import subprocess
+        import sys
+
+        from . import sweep
+
+        if not isinstance(base, RunConfig):
+            raise ConfigError("a sweep needs a RunConfig")
+        if executor == "ray":
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:
+                from .sweep_exec import RAY_HINT
+
+                raise ConfigError(RAY_HINT)
+        grid = sweep.make_grid(betas, latent_dims, seeds, first_seed=base.train.seed)
+        options = {"executor": executor, "address": address, "cpus_per_run": cpus_per_run,
+                   "gpus_per_run": gpus_per_run}
+        sid = sweep.create_sweep(self.runs_dir, base, grid, sweep_id=name, owner=owner, options=options)["id"]
+        cmd = [sys.executable, "-m", "vae_core", "sweep", "--resume", sid, "--runs-dir", str(self.runs_dir.resolve()),
+               "--executor", executor, "--cpus-per-run", str(cpus_per_run), "--gpus-per-run", str(gpus_per_run)]
+        for flag, value in (("--address", address), ("--workers", workers), ("--data-dir", self.data_dir)):
+            if value is not None:
+                cmd += [flag, str(value)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (sweep.source_root(), env.get("PYTHONPATH")) if p)
+        with open(sweep.sweep_dir(self.runs_dir, sid) / "driver.log", "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+        with self._lock:
+            self._sweep_procs = [p for p in self._sweep_procs if p.poll() is None] + [proc]
+        return sid
+
+    def list_sweeps(self) -> list["SweepStatus"]:
+        """Every sweep under runs_dir with its points' states and numbers, newest first (reads small files only)."""
+        from .sweep import list_sweeps
+
+        self._reap_sweeps()
+        return list_sweeps(self.runs_dir)
+
+    def sweep_status(self, sweep_id: str) -> "SweepStatus":
+        from .sweep import sweep_status
+
+        self._reap_sweeps()
+        return sweep_status(self.runs_dir, sweep_id)
+
+    def cancel_sweep(self, sweep_id: str, *, owner: str | None = None) -> None:
+        """Stop a sweep: its training runs stop and checkpoint, runs not yet started never start."""
+        from .sweep import request_cancel, sweep_status
+
+        who = sweep_status(self.runs_dir, sweep_id).owner
+        if not (who is None or owner is None or who == owner):
+            raise RunBusy(f"sweep {sweep_id!r} belongs to another session")
+        request_cancel(self.runs_dir, sweep_id)
+
+    def _reap_sweeps(self) -> None:
+        """Collect the exit status of sweep processes this Lab started (no zombies left behind)."""
+        with self._lock:
+            self._sweep_procs = [p for p in self._sweep_procs if p.poll() is None]
 
     # ------------------------------------------------------------ shutting down
 

@@ -216,6 +216,9 @@ def config_problem(raw: dict[str, Any]) -> tuple[RunConfig | None, str | None]:
     owner = raw.get("owner")
     if owner is not None and not isinstance(owner, str):
         return None, f"config.json: owner is {_short(owner)}, not a session id"
+    sweep = raw.get("sweep")  # runs of a sweep (vae_core/sweep.py) record its id and grid; older runs have none
+    if sweep is not None and not (isinstance(sweep, dict) and isinstance(sweep.get("id"), str)):
+        return None, f"config.json: sweep is {_short(sweep)}, not a sweep id and grid"
     return cfg, None
 
 
@@ -927,6 +930,7 @@ class RunSummary:
     owner: str | None = None  # the dashboard session that started it (None: the CLI or an older run)
     host: str | None = None
     beta_start: float | None = None  # config.json's β; `beta` is the one it trains with now (status.json)
+    sweep: str | None = None  # the id of the sweep this run belongs to (None: a run of its own)
 
 
 class _Unreadable(Exception):
@@ -1056,7 +1060,8 @@ def _summarize(run_dir: Path, created: float) -> RunSummary:
     return RunSummary(run_dir.name, str(run_dir), cfg.train.dataset, cfg.model.arch, cfg.model.latent_dim,
                       float(beta_now), int(epochs_done), int(planned), best, last, status.get("state", "unknown"),
                       status.get("message", ""), float(raw.get("created") or created), raw.get("parent"),
-                      owner=raw.get("owner"), host=status.get("host"), beta_start=cfg.train.beta)
+                      owner=raw.get("owner"), host=status.get("host"), beta_start=cfg.train.beta,
+                      sweep=raw["sweep"]["id"] if isinstance(raw.get("sweep"), dict) else None)
 
 
 def list_runs(runs_dir: Path | None = None) -> list[RunSummary]:

@@ -1,0 +1,39 @@
+"""The Sweeps tab in headless Chromium: a finished 2×2 sweep's map, rate–distortion chart and a cell's run.
+
+The sweep is trained before the server starts (fixtures are set up in order: the sweep first, then
+the page and its server, over the same runs directory), so the page only reads it.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from test_browser import expect, page, server  # noqa: F401  (fixtures; skips this module where they skip)
+from vae_core import sweep
+from vae_core.lab import RunConfig
+from vae_core.sweep_exec import run_sweep
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+@pytest.fixture
+def finished_sweep(tmp_path, monkeypatch):
+    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "data"))
+    base = RunConfig().replace(dataset="sprites", epochs=1, train_size=512, batch_size=64, hidden_dim=64,
+                               evidence_every=0)
+    sid = sweep.create_sweep(tmp_path / "runs", base, sweep.make_grid("0.5,2", "2,4"), sweep_id="grid")["id"]
+    assert set(run_sweep(tmp_path / "runs", sid, workers=2).values()) == {"finished"}
+    return sid
+
+
+def test_sweeps_tab_maps_a_finished_sweep_and_opens_a_cell(finished_sweep, page, tmp_path):  # noqa: F811
+    page.get_by_role("tab", name="Sweeps").click()
+    expect(page.get_by_text("4 of 4 runs finished")).to_be_visible()
+    expect(page.locator('[data-testid="stPlotlyChart"]')).to_have_count(2)  # the map and the R–D plane
+    expect(page.locator(".heatmaplayer")).to_have_count(1)
+    expect(page.get_by_text("Rate–distortion plane")).to_be_visible()
+    if os.environ.get("SWEEP_SHOT"):
+        page.screenshot(path=os.environ["SWEEP_SHOT"], full_page=True)
+    page.get_by_role("button", name="β=2 · D=4").first.click()
+    expect(page.get_by_text("Opened grid-b2-z4")).to_be_visible()
