@@ -590,6 +590,9 @@ class Trainer:
             ks = EVIDENCE_KS if self.config.model.arch == "mlp" or self.device.type != "cpu" else EVIDENCE_KS[:3]
             self._emit({"step": self._step, "epoch": epoch, "split": "evidence",
                         **self.math.evidence(ks, seed=20_000 + self._step), "wall_time": time.time()})
+        from .disentangle import epoch_row  # MIG/DCI where the factors are known, the β-TCVAE KL terms always
+        self._emit({"step": self._step, "epoch": epoch, "split": "disentangle",
+                    **epoch_row(self.math, self.dataset()), "wall_time": time.time()})
         self._checkpoint()
         self._set(message=f"epoch {epoch} of {self._epochs_target}: test ELBO {ev['elbo']:.2f} nats")
         return True
