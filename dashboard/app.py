@@ -29,6 +29,7 @@ import streamlit as st  # noqa: E402
 
 from dashboard.common import MAIN_TAB_KEY, md_text  # noqa: E402
 from dashboard.panels import controls, evidence, explore, runs, training  # noqa: E402
+from dashboard.panels import latents  # noqa: E402
 from dashboard.state import current_run, get_lab  # noqa: E402
 from vae_core.lab import Lab, RunHandle  # noqa: E402
 
@@ -84,6 +85,7 @@ def main() -> None:
         ("Training", lambda: training.render(lab)),
         (explore.TITLE, needs_model(lab, explore.render)),
         ("Evidence: ELBO ≤ log p(x)", needs_model(lab, evidence.render)),
+        (latents.TITLE, needs_model(lab, latents.render)),
         ("Runs", lambda: runs.render(lab)),
     ]
     # Lazy tabs: only the open tab's code runs, so a slider move does not recompute hidden panels.
