@@ -139,6 +139,8 @@ def metrics_section(run: RunHandle) -> None:
             return
         if any("mig" in r for r in dis):
             st.plotly_chart(scores_figure(dis, train), key=K + "scores", config=CHART)
+        else:
+            st.info("No MIG or DCI for this run: its dataset has no known generating factors (sprites have them).")
         st.markdown("The average KL splits into three (Chen et al. 2018, eq. 2): **index-code MI** I(x; z), what "
                     "the code says about which image it came from; **total correlation** KL(q(z) ‖ ∏ q(z_d)), "
                     "how much the latents depend on each other (low is disentangled); **dimension-wise KL**, how "
