@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vae_core import disentangle as dis
+from vae_core.config import ConfigError
 from vae_core.data import sprite_factors
 from vae_core.inference import Weights
 from vae_core.run_math import RunMath
@@ -200,6 +201,8 @@ def test_traversal_rows_are_ordered_by_kl_and_decode_the_sweep(trained):
     z = np.repeat(mu[5][None], 7, 0)
     z[:, tr.dims[row]] = tr.values
     np.testing.assert_allclose(tr.images[row], w.decode(z), atol=1e-6)
+    with pytest.raises(ConfigError, match="test image 128 does not exist"):
+        dis.traversal_for(w, index=128)  # the tiny test set has 128
     zero = dis.traversal_for(w, index=None, steps=3)
     assert not zero.base.any() and zero.images.shape == (4, 3, 28, 28)
 

@@ -281,6 +281,10 @@ def traversal_for(weights: Any, index: int | None = 0, steps: int = TRAVERSAL_ST
     latents held at held-out image `index`'s posterior mean, or at 0 (the prior's mean) when index is None."""
     step = weights.step()
     x = weights.held_out(max(500, (index or 0) + 1))
+    if index is not None and not 0 <= index < len(x):
+        from .config import ConfigError
+
+        raise ConfigError(f"test image {index} does not exist: the run's test set has {len(x)} images")
     mu, logvar = weights.encode(x)
     base = np.zeros(mu.shape[1]) if index is None else mu[index]
     return traversal(mu[:500], logvar[:500], base, weights.decode, step=step, steps=steps)

@@ -64,7 +64,11 @@ def traversal_section(run: RunHandle) -> None:
     left, mid, right = st.columns([2, 2, 2])
     anchor = left.radio("Hold the other latents at", ["a test image's code", "zero (the prior's mean)"],
                         key=K + "anchor", horizontal=False)
-    index = mid.number_input("Test image", min_value=0, max_value=N_IMAGES - 1, value=0, step=1, key=K + "index",
+    try:
+        n_images = min(N_IMAGES, run.test_size())
+    except DatasetUnavailable:  # said once, by the grid below
+        n_images = 1
+    index = mid.number_input("Test image", min_value=0, max_value=n_images - 1, value=0, step=1, key=K + "index",
                              disabled=anchor != "a test image's code",
                              help="Its posterior mean E[z|x] holds the other latents")
     steps = right.slider("Steps per row", key=K + "steps", **STEPS)
