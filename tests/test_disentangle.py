@@ -146,6 +146,12 @@ def test_kl_terms_match_the_exact_aggregate_when_the_batch_is_the_whole_set():
     assert got["tc_tc"] > 0.3  # z2 copies 0.8 z0
 
 
+def test_non_finite_codes_measure_nothing():
+    mu = np.full((10, 2), np.nan)
+    assert dis.measure(mu, mu, np.zeros((10, 5))) == {"n_examples": 10, "nonfinite": True}
+    assert dis.row(dis.measure(mu, mu, None)) == {}
+
+
 def test_independent_codes_have_no_total_correlation():
     rng = np.random.default_rng(8)
     mu = rng.standard_normal((1000, 8))

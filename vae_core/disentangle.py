@@ -237,6 +237,8 @@ def measure(mu: np.ndarray, logvar: np.ndarray, test_factors: np.ndarray | None,
             metrics: tuple[str, ...] = METRICS, seed: int = 0, n_data: int | None = None) -> dict[str, Any]:
     """The metrics asked for on held-out codes (N, D); MIG and DCI only where the factors are known."""
     out: dict[str, Any] = {"n_examples": len(mu)}
+    if not (np.isfinite(mu).all() and np.isfinite(logvar).all()):  # a diverged model: the trainer says so itself
+        return {**out, "nonfinite": True}
     if "tc" in metrics:
         b = min(TC_BATCH, len(mu))
         out.update(kl_decomposition(mu[:b], logvar[:b], n_data=n_data or len(mu), seed=seed))

@@ -575,6 +575,10 @@ class Trainer:
         """Test-set numbers, the evidence when due, a checkpoint; False when the run failed."""
         ev = self.math.evaluate()
         self._publish()
+        # Before the test row, so an epoch's rows still end with it (or its evidence row), as readers expect.
+        from .disentangle import epoch_row  # MIG/DCI where the factors are known, the β-TCVAE KL terms always
+        self._emit({"step": self._step, "epoch": int(round(self._epoch)), "split": "disentangle",
+                    **epoch_row(self.math, self.dataset()), "wall_time": time.time()})
         row = TestRow(step=self._step, epoch=int(round(self._epoch)), split="test", **ev, beta=self._live["beta"],
                       beta_effective=self.status().beta_effective, samples_per_s=samples_per_s, wall_time=time.time())
         self._emit(row)
@@ -590,9 +594,6 @@ class Trainer:
             ks = EVIDENCE_KS if self.config.model.arch == "mlp" or self.device.type != "cpu" else EVIDENCE_KS[:3]
             self._emit({"step": self._step, "epoch": epoch, "split": "evidence",
                         **self.math.evidence(ks, seed=20_000 + self._step), "wall_time": time.time()})
-        from .disentangle import epoch_row  # MIG/DCI where the factors are known, the β-TCVAE KL terms always
-        self._emit({"step": self._step, "epoch": epoch, "split": "disentangle",
-                    **epoch_row(self.math, self.dataset()), "wall_time": time.time()})
         self._checkpoint()
         self._set(message=f"epoch {epoch} of {self._epochs_target}: test ELBO {ev['elbo']:.2f} nats")
         return True
