@@ -88,7 +88,7 @@ def traversal_section(run: RunHandle) -> None:
         draw_rows(tr, range(min(TOP_ROWS, len(tr.dims))))
         if len(tr.dims) > TOP_ROWS:
             n_collapsed = int(tr.collapsed[TOP_ROWS:].sum())
-            with st.expander(f"The other {len(tr.dims) - TOP_ROWS} latents ({n_collapsed} collapsed)"):
+            with st.expander(f"The other {len(tr.dims) - TOP_ROWS} latents ({n_collapsed} of them collapsed)"):
                 draw_rows(tr, range(TOP_ROWS, len(tr.dims)))
         st.download_button("Download as animated GIF", data=traversal_gif(tr), file_name=f"traversal-step{tr.step}.gif",
                            mime="image/gif", key=K + "gif",
