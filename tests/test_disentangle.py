@@ -129,7 +129,7 @@ def test_kl_terms_match_the_exact_aggregate_when_the_batch_is_the_whole_set():
     mu[:, 2] = mu[:, 0] * 0.8  # correlated codes: a real total correlation
     logvar = np.log(rng.uniform(0.05, 0.5, (m, d)))
     got = dis.kl_decomposition(mu, logvar, n_data=m, seed=99)
-    z = mu + np.exp(0.5 * logvar) * np.random.default_rng(99).standard_normal((m, d))
+    z = mu + np.exp(0.5 * logvar) * dis.noise_rng(99).standard_normal((m, d))
 
     def logn(v, a, lv):
         return -0.5 * (math.log(2 * math.pi) + lv + (v - a) ** 2 / math.exp(lv))
@@ -144,6 +144,12 @@ def test_kl_terms_match_the_exact_aggregate_when_the_batch_is_the_whole_set():
         mi, tc, dw = mi + (lqzx - lqz) / m, tc + (lqz - lprod) / m, dw + (lprod - lpz) / m
     assert (got["tc_mi"], got["tc_tc"], got["tc_dwkl"]) == pytest.approx((mi, tc, dw), abs=1e-9)
     assert got["tc_tc"] > 0.3  # z2 copies 0.8 z0
+
+
+def test_the_sampled_kl_is_not_fooled_by_codes_drawn_with_the_same_seed():
+    mu = np.random.default_rng(0).standard_normal((500, 4))
+    got = dis.kl_decomposition(mu, np.full((500, 4), -1.0), n_data=500, seed=0)
+    assert abs(got["tc_kl_sum"] - got["tc_kl"]) < 4 * got["tc_kl_sum_se"]
 
 
 def test_non_finite_codes_measure_nothing():

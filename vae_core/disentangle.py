@@ -190,6 +190,12 @@ def _log_normal(z: np.ndarray, mu: np.ndarray, logvar: np.ndarray) -> np.ndarray
     return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu) ** 2 / np.exp(logvar))
 
 
+def noise_rng(seed: int) -> np.random.Generator:
+    """The draws z ~ q(z|x) use their own stream: default_rng(seed) alone would repeat a caller's codes drawn
+    with the same seed (eps == mu made the sampled KL read 10.5 nats against a closed form of 5.6)."""
+    return np.random.default_rng((seed, 0x7C5E))
+
+
 def kl_decomposition(mu: np.ndarray, logvar: np.ndarray, *, n_data: int, seed: int = 0) -> dict[str, float]:
     """Index-code MI, total correlation and dimension-wise KL (nats per example) on one batch (M, D).
 
@@ -203,8 +209,7 @@ def kl_decomposition(mu: np.ndarray, logvar: np.ndarray, *, n_data: int, seed: i
     """
     mu, logvar = np.asarray(mu, np.float64), np.asarray(logvar, np.float64)
     m, d = mu.shape
-    rng = np.random.default_rng(seed)
-    z = mu + np.exp(0.5 * logvar) * rng.standard_normal((m, d))  # (M, D)
+    z = mu + np.exp(0.5 * logvar) * noise_rng(seed).standard_normal((m, d))  # (M, D)
     log_qzx = _log_normal(z, mu, logvar).sum(1)  # (M,)
     log_pz = _log_normal(z, np.zeros_like(z), np.zeros_like(z)).sum(1)
     n = max(int(n_data), m)
