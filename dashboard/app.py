@@ -29,7 +29,7 @@ import streamlit as st  # noqa: E402
 
 from dashboard.common import MAIN_TAB_KEY, md_text  # noqa: E402
 from dashboard.panels import controls, evidence, explore, runs, training  # noqa: E402
-from dashboard.panels import sweeps, timelapse  # noqa: E402
+from dashboard.panels import latents, sweeps, timelapse  # noqa: E402
 from dashboard.state import current_run, get_lab  # noqa: E402
 from vae_core.lab import Lab, RunHandle  # noqa: E402
 
@@ -86,6 +86,7 @@ def main() -> None:
         (explore.TITLE, needs_model(lab, explore.render)),
         (timelapse.TITLE, needs_model(lab, lambda run: timelapse.render(lab, run))),
         ("Evidence: ELBO ≤ log p(x)", needs_model(lab, evidence.render)),
+        (latents.TITLE, needs_model(lab, latents.render)),
         ("Runs", lambda: runs.render(lab)),
         (sweeps.TITLE, lambda: sweeps.render(lab)),
     ]

@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--grid-examples", type=int, default=None,
                    help="examples whose log p(x) is integrated on the grid (default 16, at most --num-examples)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--metrics", default="elbo", metavar="LIST",
+                   help="comma-separated: elbo (the bounds above), mig, dci (sprites: their true factors), "
+                        "tc (the β-TCVAE terms of the KL); default elbo")
     e.add_argument("--json", action="store_true")
 
     r = sub.add_parser("runs", help="list runs, newest first (with who trains them and where)")
@@ -335,6 +338,14 @@ class _progress_bar:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
 
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = sorted(set(metrics) - {"elbo", "mig", "dci", "tc"})
+    if unknown or not metrics:
+        raise CliError(f"--metrics takes elbo, mig, dci, tc (comma-separated); got {args.metrics!r}")
+    if "elbo" not in metrics:  # only what disentangle measures: no bounds, no grid
+        from .disentangle import evaluate_run as disentangle_run
+
+        return _print_result(disentangle_run(Path(args.run_dir), tuple(metrics), seed=args.seed), args)
     if not 1 <= args.iwae_k <= 5000:
         raise CliError("--iwae-k must be between 1 and 5000")
     if not 1 <= args.num_examples <= MAX_EXAMPLES:
@@ -348,6 +359,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CliError(f"--grid-examples must be between 1 and --num-examples ({args.num_examples})")
     result = evaluate_run(Path(args.run_dir), k=args.iwae_k, num_examples=args.num_examples,
                           grid=args.grid, seed=args.seed, grid_examples=args.grid_examples)
+    if len(metrics) > 1:
+        from .disentangle import evaluate_run as disentangle_run
+
+        result.update(disentangle_run(Path(args.run_dir), tuple(m for m in metrics if m != "elbo"), seed=args.seed))
+    return _print_result(result, args)
+
+
+def _print_result(result: dict[str, Any], args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:

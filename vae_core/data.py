@@ -36,16 +36,18 @@ class ImageData:
     test_y: torch.Tensor
     label_names: tuple[str, ...]
     source: str  # where it came from, for the UI and config.json
+    # The test images' generating factors (N_test, 5) = SPRITE_FACTORS, where the dataset knows them (sprites).
+    test_factors: np.ndarray | None = None
 
     def to(self, device: torch.device | str) -> "ImageData":
         return ImageData(self.name, self.train_x.to(device), self.train_y.to(device), self.test_x.to(device),
-                         self.test_y.to(device), self.label_names, self.source)
+                         self.test_y.to(device), self.label_names, self.source, self.test_factors)
 
     def subset_train(self, n: int | None) -> "ImageData":
         if n is None or n >= len(self.train_x):
             return self
         return ImageData(self.name, self.train_x[:n], self.train_y[:n], self.test_x, self.test_y,
-                         self.label_names, self.source)
+                         self.label_names, self.source, self.test_factors)
 
 
 # ---------------------------------------------------------------- sprites
@@ -92,7 +94,7 @@ def make_sprites(n_train: int = SPRITES_TRAIN, n_test: int = SPRITES_TEST, seed:
     train_x = torch.from_numpy(np.concatenate(xs)).unsqueeze(1)
     test_x = torch.from_numpy(render_sprites(f_test)).unsqueeze(1)
     data = ImageData("sprites", train_x, torch.from_numpy(f_train[:, 0].astype(np.int64)), test_x,
-                     torch.from_numpy(f_test[:, 0].astype(np.int64)), SPRITE_SHAPES, "built-in (procedural)")
+                     torch.from_numpy(f_test[:, 0].astype(np.int64)), SPRITE_SHAPES, "built-in (procedural)", f_test)
     return data, f_test
 
 

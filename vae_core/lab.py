@@ -30,6 +30,7 @@ from .records import (ACTIVE_THRESHOLD, DEFAULT_EXAMPLES, DEFAULT_K, EXAMPLE_CHO
 from .runs import CHECKPOINT, RunBusy, RunFileError, RunSummary, sanitize_name
 
 if TYPE_CHECKING:
+    from .disentangle import Traversal
     from .examples import Example
     from .inference import PosteriorResult, Weights
     from .sweep import SweepStatus
@@ -128,6 +129,18 @@ class RunHandle:
     def posterior(self, index: int, n: int) -> "PosteriorResult":
         """Held-out image `index`: its true posterior on an n x n grid (2 latents) and its own IWAE bounds."""
         return self.weights.posterior(index, n)
+
+    def traversal(self, index: int | None = 0, steps: int = 9) -> "Traversal":
+        """Each latent swept over the prior's quantiles, most informative first (vae_core.disentangle)."""
+        from .disentangle import traversal_for
+
+        return traversal_for(self.weights, index, steps)
+
+    def disentanglement(self) -> dict[str, Any]:
+        """MIG, DCI (where the factors are known), the β-TCVAE KL terms and the factor-by-latent MI matrix."""
+        from .disentangle import for_weights
+
+        return for_weights(self.weights)
 
 
 class LocalRun(RunHandle):

@@ -583,6 +583,10 @@ class Trainer:
         """Test-set numbers, the evidence when due, a checkpoint; False when the run failed."""
         ev = self.math.evaluate()
         self._publish()
+        # Before the test row, so an epoch's rows still end with it (or its evidence row), as readers expect.
+        from .disentangle import epoch_row  # MIG/DCI where the factors are known, the β-TCVAE KL terms always
+        self._emit({"step": self._step, "epoch": int(round(self._epoch)), "split": "disentangle",
+                    **epoch_row(self.math, self.dataset()), "wall_time": time.time()})
         row = TestRow(step=self._step, epoch=int(round(self._epoch)), split="test", **ev, beta=self._live["beta"],
                       beta_effective=self.status().beta_effective, samples_per_s=samples_per_s, wall_time=time.time())
         self._emit(row)
