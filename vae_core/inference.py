@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,3 +183,8 @@ class Weights:
             curve = iwae_curve(model, copies, (1, 10, 100, POSTERIOR_IMAGE_K),
                                generator=torch.Generator().manual_seed(index))
         return PosteriorResult(grid, curve, seconds, step, x[0].numpy().copy())
+
+    def using_model(self, fn: Callable[[VAE, int], Any]) -> Any:
+        """fn(model, step) on the CPU model with the published weights, holding the readers' lock (no grad)."""
+        with torch.no_grad(), self._infer_lock:
+            return fn(self._current_model(), self.step())

@@ -28,16 +28,19 @@ from .config import (ARCHS, DATASETS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS,
 from .records import (ACTIVE_THRESHOLD, DEFAULT_EXAMPLES, DEFAULT_K, EXAMPLE_CHOICES, IWAE_FAR_NATS, K_CHOICES,
                       DatasetUnavailable, JobSnapshot, Status, active_mask)
 from .runs import CHECKPOINT, RunBusy, RunFileError, RunSummary, sanitize_name
+from .drawn import FITS, ImageInputError
 
 if TYPE_CHECKING:
     from .examples import Example
     from .inference import PosteriorResult, Weights
+    from .own_input import OwnInput
     from .trainer import Trainer
 
 __all__ = ["ACTIVE_THRESHOLD", "IWAE_FAR_NATS", "active_mask", "ARCHS", "CHECKPOINT", "DATASETS", "DEFAULT_EXAMPLES", "DEFAULT_K", "DEVICES",
            "EXAMPLE_CHOICES", "K_CHOICES", "LIKELIHOODS", "LIMITS", "LIVE_FIELDS", "UI_LIMITS", "ConfigError",
            "DatasetUnavailable", "FollowedRun", "JobSnapshot", "Lab", "LocalRun", "RunBusy", "RunConfig",
            "RunFileError", "RunHandle", "RunSummary", "Status", "UserError", "default_max_runs", "sanitize_name"]
+__all__ += ["FITS", "ImageInputError"]  # the dashboard's own-input panel reads them here
 
 # What a caller shows as one line: bad settings, unusable files, a busy run, missing data.
 UserError = (ConfigError, RunFileError, DatasetUnavailable, OSError)
@@ -127,6 +130,16 @@ class RunHandle:
     def posterior(self, index: int, n: int) -> "PosteriorResult":
         """Held-out image `index`: its true posterior on an n x n grid (2 latents) and its own IWAE bounds."""
         return self.weights.posterior(index, n)
+
+    def own_input(self, image: bytes | np.ndarray, *, fit: str = "whole") -> "OwnInput":
+        """A person's own image (file bytes: a drawn canvas's PNG or an upload; or a (28, 28) array in [0, 1])
+        encoded by the latest weights: q(z|x), reconstruction, samples, ELBO and IWAE bound beside the test
+        set's, and with 2 latents the true posterior on a grid. Bad bytes raise ImageInputError."""
+        from .drawn import prepare
+        from .own_input import own_input
+
+        x = prepare(image, fit) if isinstance(image, (bytes, bytearray)) else np.asarray(image, np.float32)  # type: ignore[arg-type]
+        return own_input(self.weights, x)
 
 
 class LocalRun(RunHandle):
