@@ -29,6 +29,7 @@ import streamlit as st  # noqa: E402
 
 from dashboard.common import MAIN_TAB_KEY, md_text  # noqa: E402
 from dashboard.panels import controls, evidence, explore, runs, training  # noqa: E402
+from dashboard.panels import own_input  # noqa: E402
 from dashboard.state import current_run, get_lab  # noqa: E402
 from vae_core.lab import Lab, RunHandle  # noqa: E402
 
@@ -85,6 +86,7 @@ def main() -> None:
         (explore.TITLE, needs_model(lab, explore.render)),
         ("Evidence: ELBO ≤ log p(x)", needs_model(lab, evidence.render)),
         ("Runs", lambda: runs.render(lab)),
+        (own_input.TITLE, needs_model(lab, own_input.render)),
     ]
     # Lazy tabs: only the open tab's code runs, so a slider move does not recompute hidden panels.
     tabs = st.tabs([title for title, _ in pages], key=MAIN_TAB_KEY, on_change="rerun")
