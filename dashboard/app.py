@@ -29,7 +29,7 @@ import streamlit as st  # noqa: E402
 
 from dashboard.common import MAIN_TAB_KEY, md_text  # noqa: E402
 from dashboard.panels import controls, evidence, explore, runs, training  # noqa: E402
-from dashboard.panels import own_input  # noqa: E402
+from dashboard.panels import experiments, own_input  # noqa: E402
 from dashboard.state import current_run, get_lab  # noqa: E402
 from vae_core.lab import Lab, RunHandle  # noqa: E402
 
@@ -87,6 +87,7 @@ def main() -> None:
         ("Evidence: ELBO ≤ log p(x)", needs_model(lab, evidence.render)),
         ("Runs", lambda: runs.render(lab)),
         (own_input.TITLE, needs_model(lab, own_input.render)),
+        (experiments.TITLE, lambda: experiments.render(lab)),
     ]
     # Lazy tabs: only the open tab's code runs, so a slider move does not recompute hidden panels.
     tabs = st.tabs([title for title, _ in pages], key=MAIN_TAB_KEY, on_change="rerun")

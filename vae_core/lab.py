@@ -28,7 +28,7 @@ from .config import (ARCHS, DATASETS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS,
 from .records import (ACTIVE_THRESHOLD, DEFAULT_EXAMPLES, DEFAULT_K, EXAMPLE_CHOICES, IWAE_FAR_NATS, K_CHOICES,
                       DatasetUnavailable, JobSnapshot, Status, active_mask)
 from .runs import CHECKPOINT, RunBusy, RunFileError, RunSummary, sanitize_name
-from .drawn import FITS, ImageInputError
+from .drawn import FITS, ImageInputError, png_from_data_url
 
 if TYPE_CHECKING:
     from .examples import Example
@@ -40,7 +40,7 @@ __all__ = ["ACTIVE_THRESHOLD", "IWAE_FAR_NATS", "active_mask", "ARCHS", "CHECKPO
            "EXAMPLE_CHOICES", "K_CHOICES", "LIKELIHOODS", "LIMITS", "LIVE_FIELDS", "UI_LIMITS", "ConfigError",
            "DatasetUnavailable", "FollowedRun", "JobSnapshot", "Lab", "LocalRun", "RunBusy", "RunConfig",
            "RunFileError", "RunHandle", "RunSummary", "Status", "UserError", "default_max_runs", "sanitize_name"]
-__all__ += ["FITS", "ImageInputError"]  # the dashboard's own-input panel reads them here
+__all__ += ["FITS", "ImageInputError", "png_from_data_url"]  # the dashboard's own-input panel reads them here
 
 # What a caller shows as one line: bad settings, unusable files, a busy run, missing data.
 UserError = (ConfigError, RunFileError, DatasetUnavailable, OSError)
@@ -584,6 +584,35 @@ class Lab:
             t.check()
         t.create_run_dir()
         return self._admit(t, owner, {})
+
+    def after(self, run: str | Path, action: Callable[[], Any], *, poll_s: float = 0.25) -> threading.Thread:
+        """Call action() in a background thread once `run` has finished (never if it stops, fails or is deleted).
+
+        Lets a caller chain runs (the guided experiments fork a run with a new β when it ends) without
+        a page having to stay open to notice the end. An exception in action is kept as the thread's `error`.
+        """
+        path = self.path(run)
+
+        def wait() -> None:
+            while not self._closed:
+                try:
+                    state = self.open(path).status().state
+                except RunFileError:
+                    return
+                if state == "finished":
+                    try:
+                        action()
+                    except Exception as e:  # noqa: BLE001  (a thread has no caller to raise to)
+                        thread.error = e  # type: ignore[attr-defined]
+                    return
+                if state in ("stopped", "failed", "interrupted"):
+                    return
+                time.sleep(poll_s)
+
+        thread = threading.Thread(target=wait, name=f"vae-after-{path.name}", daemon=True)
+        thread.error = None  # type: ignore[attr-defined]
+        thread.start()
+        return thread
 
     # ------------------------------------------------------------ steering
 
