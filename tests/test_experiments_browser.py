@@ -31,7 +31,7 @@ def test_latents_experiment_end_to_end(tmp_path):
         expect(page.get_by_text(re.compile(r"16 latents · exp-latents-16-latents")).first).to_be_visible()
         # The sidebar took the first run's settings: latent size 2.
         expect(page.locator('.st-key-cfg_latent_dim input[type="range"]')).to_have_value("2", timeout=60_000)
-        expect(page.get_by_text("What your runs measured").first).to_be_visible(timeout=300_000)
+        expect(page.get_by_role("heading", name="What your runs measured").first).to_be_visible(timeout=300_000)
         table = page.locator('[data-testid="stTable"]').first
         expect(table).to_contain_text("16 latents")
         expect(table).to_contain_text(re.compile(r"\d+ of 16"))

@@ -127,8 +127,9 @@ def latents_outcome(last: dict[str, dict[str, Any]]) -> Outcome:
               "dimensions did not pay off yet.")
         supported = 1
     idle = 16 - many["active_units"]
-    s2 = (f"Only {many['active_units']} of the 16 dimensions are active (KL above {ACTIVE_THRESHOLD:g} nats); the other "
-          f"{idle} stay at the prior, where they cost nothing, since the sprites vary in just five factors "
+    rest = "the other one stays" if idle == 1 else f"the other {idle} stay"
+    s2 = (f"Only {many['active_units']} of the 16 dimensions are active (KL above {ACTIVE_THRESHOLD:g} nats); {rest} "
+          "at the prior, where a dimension costs nothing, since the sprites vary in just five factors "
           "(shape, scale, rotation, x, y)." if idle > 0 else
           "All 16 dimensions are active in your run (KL above "
           f"{ACTIVE_THRESHOLD:g} nats each): none was left at the prior, though several may carry very little.")
@@ -180,7 +181,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         "the ELBO curves, and the reconstructions of the 2-latent model"),
     Experiment(
         "collapse", "C. KL warm-up and free bits against posterior collapse",
-        "At β = 4 with 16 latents many dimensions collapse to the prior (they carry nothing). Three runs of 2 "
+        "At β = 4 with 16 latents, dimensions tend to collapse to the prior (they then carry nothing). Three runs of 2 "
         "epochs: plain; with a KL warm-up (β ramps from 0 over the first epoch); with free bits (the first 0.5 "
         "nats of each dimension's KL are free).",
         "Which keeps more latent dimensions active?",
@@ -232,7 +233,9 @@ def _fork_action(lab: Lab, sid: str, parent: str, arm: Arm) -> Callable[[], None
 
 
 def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in label.replace("β", "beta")).strip("-").lower()
+    """"then β = 8" -> "then-beta8": a run-name part."""
+    words = "".join(c if c.isalnum() else " " for c in label.replace("β", "beta").replace(" = ", "")).split()
+    return "-".join(words).lower()
 
 
 def _reset(exp: Experiment) -> None:
@@ -372,7 +375,7 @@ def curves(lab: Lab, exp: Experiment, arms: dict[str, str | None]) -> None:
             fig.add_trace(go.Scatter(x=x, y=[r[field_name] for r in rows], mode="lines+markers", name=label,
                                      legendgroup=label, showlegend=col == 1,
                                      line={"color": colors[i % len(colors)]}), row=1, col=col)
-    fig.update_xaxes(title_text="epoch")
+    fig.update_xaxes(title_text="epoch", dtick=1)
     fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 40, "b": 10},
                       legend={"orientation": "h", "yanchor": "bottom", "y": 1.12, "x": 0})
     st.plotly_chart(fig, key=K + exp.key + "_curves", config={"displaylogo": False})

@@ -121,7 +121,8 @@ def numbers(run: RunHandle, out) -> None:
                     f"bound by {out.grid.log_px - out.iwae:.2f}.")
     if out.test is not None:
         gap = out.iwae - out.test.iwae
-        verdict = ("higher than the test images' average: the model finds it typical, even easy"
+        verdict = ("above the test images' average. A high likelihood is not the same as looking like the data: "
+                   "simple images with little ink often score high even when they resemble no training image"
                    if gap > 2 * max(out.test.iwae_se, out.iwae_se) else
                    "within the test images' range of the average" if gap > -3 * max(out.test.iwae_se, 1.0) else
                    "lower than the test images' average: to this model your image is unusual")
