@@ -185,6 +185,10 @@ class Weights:
         return PosteriorResult(grid, curve, seconds, step, x[0].numpy().copy())
 
     def using_model(self, fn: Callable[[VAE, int], Any]) -> Any:
-        """fn(model, step) on the CPU model with the published weights, holding the readers' lock (no grad)."""
+        """fn(model, version) on the CPU model with the published weights, holding the readers' lock (no grad).
+
+        `version` is the one those weights were published as (a cache key for results computed from them).
+        """
         with torch.no_grad(), self._infer_lock:
-            return fn(self._current_model(), self.step())
+            model = self._current_model()
+            return fn(model, self._model_version)
