@@ -60,6 +60,7 @@ def test_every_arm_builds_a_valid_config_and_forks_change_only_live_settings():
 
 # ------------------------------------------------------------------ Lab.after
 
+@pytest.mark.slow
 def test_after_forks_once_the_parent_finishes_and_never_after_a_stop(runs_dir, tiny_sprites, tiny_config, monkeypatch):
     from vae_core import inference
 
