@@ -29,7 +29,7 @@ import streamlit as st  # noqa: E402
 
 from dashboard.common import MAIN_TAB_KEY, md_text  # noqa: E402
 from dashboard.panels import controls, evidence, explore, runs, training  # noqa: E402
-from dashboard.panels import latents, sweeps, timelapse  # noqa: E402
+from dashboard.panels import experiments, latents, own_input, sweeps, timelapse  # noqa: E402
 from dashboard.state import current_run, get_lab  # noqa: E402
 from vae_core.lab import Lab, RunHandle  # noqa: E402
 
@@ -84,9 +84,11 @@ def main() -> None:
     pages: list[tuple[str, Callable[[], None]]] = [
         ("Training", lambda: training.render(lab)),
         (explore.TITLE, needs_model(lab, explore.render)),
+        (latents.TITLE, needs_model(lab, latents.render)),
+        (own_input.TITLE, needs_model(lab, own_input.render)),
         (timelapse.TITLE, needs_model(lab, lambda run: timelapse.render(lab, run))),
         ("Evidence: ELBO ≤ log p(x)", needs_model(lab, evidence.render)),
-        (latents.TITLE, needs_model(lab, latents.render)),
+        (experiments.TITLE, lambda: experiments.render(lab)),
         ("Runs", lambda: runs.render(lab)),
         (sweeps.TITLE, lambda: sweeps.render(lab)),
     ]

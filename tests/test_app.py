@@ -502,8 +502,8 @@ def test_many_sessions_refresh_less_often(app):
 def test_every_tab_renders_with_and_without_a_run(app):
     app.run()
     titles = [t.label for t in app.tabs]
-    assert titles == ["Training", "Explore latent space", "Time-lapse", "Evidence: ELBO ≤ log p(x)", "Latents",
-                      "Runs", "Sweeps"]
+    assert titles == ["Training", "Explore latent space", "Latents", "Your own input", "Time-lapse",
+                      "Evidence: ELBO ≤ log p(x)", "Experiments", "Runs", "Sweeps"]
     for title in titles:
         app.session_state["main_tab"] = title
         app.run()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,3 +183,12 @@ class Weights:
             curve = iwae_curve(model, copies, (1, 10, 100, POSTERIOR_IMAGE_K),
                                generator=torch.Generator().manual_seed(index))
         return PosteriorResult(grid, curve, seconds, step, x[0].numpy().copy())
+
+    def using_model(self, fn: Callable[[VAE, int], Any]) -> Any:
+        """fn(model, version) on the CPU model with the published weights, holding the readers' lock (no grad).
+
+        `version` is the one those weights were published as (a cache key for results computed from them).
+        """
+        with torch.no_grad(), self._infer_lock:
+            model = self._current_model()
+            return fn(model, self._model_version)

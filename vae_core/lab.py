@@ -28,18 +28,22 @@ from .config import (ARCHS, DATASETS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS,
 from .records import (ACTIVE_THRESHOLD, DEFAULT_EXAMPLES, DEFAULT_K, EXAMPLE_CHOICES, IWAE_FAR_NATS, K_CHOICES,
                       DatasetUnavailable, JobSnapshot, Status, active_mask)
 from .runs import CHECKPOINT, RunBusy, RunFileError, RunSummary, sanitize_name
+from .drawn import FITS, ImageInputError, png_from_data_url
 
 if TYPE_CHECKING:
     from .disentangle import Traversal
     from .examples import Example
     from .inference import PosteriorResult, Weights
     from .sweep import SweepStatus
+
+    from .own_input import OwnInput
     from .trainer import Trainer
 
 __all__ = ["ACTIVE_THRESHOLD", "IWAE_FAR_NATS", "active_mask", "ARCHS", "CHECKPOINT", "DATASETS", "DEFAULT_EXAMPLES", "DEFAULT_K", "DEVICES",
            "EXAMPLE_CHOICES", "K_CHOICES", "LIKELIHOODS", "LIMITS", "LIVE_FIELDS", "UI_LIMITS", "ConfigError",
            "DatasetUnavailable", "FollowedRun", "JobSnapshot", "Lab", "LocalRun", "RunBusy", "RunConfig",
            "RunFileError", "RunHandle", "RunSummary", "Status", "UserError", "default_max_runs", "sanitize_name"]
+__all__ += ["FITS", "ImageInputError", "png_from_data_url"]  # the dashboard's own-input panel reads them here
 
 # What a caller shows as one line: bad settings, unusable files, a busy run, missing data.
 UserError = (ConfigError, RunFileError, DatasetUnavailable, OSError)
@@ -141,6 +145,16 @@ class RunHandle:
         from .disentangle import for_weights
 
         return for_weights(self.weights)
+
+    def own_input(self, image: bytes | np.ndarray, *, fit: str = "whole") -> "OwnInput":
+        """A person's own image (file bytes: a drawn canvas's PNG or an upload; or a (28, 28) array in [0, 1])
+        encoded by the latest weights: q(z|x), reconstruction, samples, ELBO and IWAE bound beside the test
+        set's, and with 2 latents the true posterior on a grid. Bad bytes raise ImageInputError."""
+        from .drawn import prepare
+        from .own_input import own_input
+
+        x = prepare(image, fit) if isinstance(image, (bytes, bytearray)) else np.asarray(image, np.float32)  # type: ignore[arg-type]
+        return own_input(self.weights, x)
 
 
 class LocalRun(RunHandle):
@@ -619,6 +633,35 @@ class Lab:
 
             cuda = torch.cuda.device_count()
         return max_processes(cuda)
+
+    def after(self, run: str | Path, action: Callable[[], Any], *, poll_s: float = 0.25) -> threading.Thread:
+        """Call action() in a background thread once `run` has finished (never if it stops, fails or is deleted).
+
+        Lets a caller chain runs (the guided experiments fork a run with a new β when it ends) without
+        a page having to stay open to notice the end. An exception in action is kept as the thread's `error`.
+        """
+        path = self.path(run)
+
+        def wait() -> None:
+            while not self._closed:
+                try:
+                    state = self.open(path).status().state
+                except RunFileError:
+                    return
+                if state == "finished":
+                    try:
+                        action()
+                    except Exception as e:  # noqa: BLE001  (a thread has no caller to raise to)
+                        thread.error = e  # type: ignore[attr-defined]
+                    return
+                if state in ("stopped", "failed", "interrupted"):
+                    return
+                time.sleep(poll_s)
+
+        thread = threading.Thread(target=wait, name=f"vae-after-{path.name}", daemon=True)
+        thread.error = None  # type: ignore[attr-defined]
+        thread.start()
+        return thread
 
     # ------------------------------------------------------------ steering
 
