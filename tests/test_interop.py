@@ -61,7 +61,7 @@ def _png(image_event):
 
 def test_tensorboard_export_reads_back_as_the_metrics_file(tiny_run, tiny_sprites, tmp_path):
     rows = runs.read_metrics(tiny_run)
-    assert {r["split"] for r in rows} == {"train", "test", "evidence"}
+    assert {r["split"] for r in rows} == {"train", "test", "evidence", "disentangle"}
     log_dir = export_tensorboard(tiny_run, tmp_path / "tb", data=tiny_sprites)
     assert log_dir == tmp_path / "tb" / "tiny"
     ea = _accumulator(log_dir)
