@@ -153,7 +153,7 @@ def describe(name: str) -> str:
         size_text = "no readable image header"
     sampled = f" (sizes from the first {DESCRIBE_SAMPLE:,})" if n > DESCRIBE_SAMPLE else ""
     skipped = f"; {len(listing.bad)} other files will be skipped" if listing.bad else ""
-    return (f"folder {listing.root.name!r}: {n:,} images, {labels}; {size_text}{sampled}, "
+    return (f"folder {listing.root.name!r}: {n:,} image files, {labels}; {size_text}{sampled}, "
             f"{'colour' if channels == 3 else 'grey'} → trains at {channels}×{size}×{size} unless set{skipped}")
 
 
