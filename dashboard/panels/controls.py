@@ -21,7 +21,7 @@ from dashboard.common import md_text
 from dashboard.settings import (ARCH_NAMES, BATCH_SIZES, BETAS, DEFAULTS, LABELS, LIKELIHOOD_NAMES, LRS,
                                 PREFIX, changed_fields, config_from_values, field_errors, query_from_values,
                                 values_from_config, values_from_query, with_value)
-from dashboard.panels import dataset_picker
+from dashboard import dataset_picker
 from dashboard.state import can_steer, current_run, session_id
 from vae_core.lab import (ARCHS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS, UI_LIMITS, Lab,
                           RunConfig, RunHandle, Status, UserError)
