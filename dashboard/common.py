@@ -78,6 +78,8 @@ def units(config: RunConfig) -> tuple[str, str]:
     if config.model.likelihood == "bernoulli":
         return ("BCE-based, per example", "Pixels are not binarized, so the reconstruction term is a binary "
                 "cross-entropy against grey levels: not a log-likelihood, and the 'ELBO' is no bound on log p(x).")
+    if config.model.likelihood == "logistic":  # a probability of the 8-bit images, not a density
+        return "nats per image", ""
     return ("nats per example (density)", "Gaussian likelihood on continuous pixels: these are log-densities, "
             "not comparable with log-likelihoods of binarized images.")
 

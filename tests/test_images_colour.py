@@ -27,3 +27,12 @@ def test_tile_draws_colour_mosaics_and_shrink_averages_blocks():
     small = shrink(big, 32)
     assert small.shape == (2, 32, 32, 3) and np.all(np.abs(small.astype(int) - 128) <= 1)
     assert shrink(big, 64) is big
+
+
+def test_the_discretized_logistic_is_labelled_a_probability_not_a_density():
+    from dashboard.common import units
+    from vae_core.config import RunConfig
+
+    label, caveat = units(RunConfig().replace(likelihood="logistic"))
+    assert label == "nats per image" and "density" not in caveat
+    assert "density" in units(RunConfig().replace(likelihood="gaussian-pixel"))[0]
