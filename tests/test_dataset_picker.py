@@ -108,3 +108,10 @@ def test_a_folder_is_chosen_by_path_trains_and_every_tab_draws_colour(colour_fol
         app.session_state["main_tab"] = title
         app.run()
         assert not app.exception and not errors(app), title
+
+
+def test_the_runs_table_names_a_folder_by_its_last_part_only():
+    from dashboard.panels.runs import dataset_label
+
+    assert dataset_label("folder:/srv/private/pets/") == "folder: pets"
+    assert dataset_label("mnist") == "mnist"
