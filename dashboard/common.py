@@ -78,6 +78,8 @@ def units(config: RunConfig) -> tuple[str, str]:
     if config.model.likelihood == "bernoulli":
         return ("BCE-based, per example", "Pixels are not binarized, so the reconstruction term is a binary "
                 "cross-entropy against grey levels: not a log-likelihood, and the 'ELBO' is no bound on log p(x).")
+    if config.model.likelihood == "logistic":  # a probability of the 8-bit images, not a density
+        return "nats per image", ""
     return ("nats per example (density)", "Gaussian likelihood on continuous pixels: these are log-densities, "
             "not comparable with log-likelihoods of binarized images.")
 
@@ -120,7 +122,7 @@ def samples_mosaic(art: dict, scale: int = 2) -> np.ndarray:
     """A run's 64 prior samples (artifacts()["samples"], uint8) as one 8-wide mosaic."""
     from vae_core.images import tile, upscale
 
-    return upscale(tile(art["samples"], ncols=8), scale)
+    return upscale(tile(art["samples"], ncols=8), display_scale(art["samples"], scale))
 
 
 def reconstructions_mosaic(art: dict, scale: int = 2) -> np.ndarray:
@@ -129,7 +131,12 @@ def reconstructions_mosaic(art: dict, scale: int = 2) -> np.ndarray:
 
     o, r = art["originals"], art["reconstructions"]
     rows = [block for i in range(0, len(o), 8) for block in (o[i:i + 8], r[i:i + 8])]
-    return upscale(tile(np.concatenate(rows), ncols=8), scale)
+    return upscale(tile(np.concatenate(rows), ncols=8), display_scale(o, scale))
+
+
+def display_scale(images: np.ndarray, scale: int) -> int:
+    """The upscale factor for a mosaic: as asked for 28 x 28 images, less for larger ones (64 x 64 needs none)."""
+    return max(1, round(scale * 28 / max(28, np.asarray(images).shape[1])))
 
 
 def beta_effective(row: dict) -> float:

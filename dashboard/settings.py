@@ -29,12 +29,15 @@ LABELS = {
     "lr": "Learning rate", "batch_size": "Batch size", "epochs": "Epochs", "warmup_epochs": "KL warm-up (epochs)",
     "free_bits": "Free bits (nats per dim)", "binarize": "Binarize pixels (Bernoulli draws)", "seed": "Seed",
     "device": "Device", "train_size": "Training images (0 = all)", "evidence_every": "log p(x) estimate every N epochs",
+    "channels": "Channels", "image_size": "Image size",
 }
 LABELS["snapshot_budget_mb"] = "Time-lapse snapshots (MB of disk)"
 DATASET_NAMES = {"sprites": "Sprites (built in)", "mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+# (CIFAR-10, CelebA and folders of your own: dashboard/panels/dataset_picker.py)
 ARCH_NAMES = {"mlp": "MLP", "conv": "Convolutional"}
 LIKELIHOOD_NAMES = {"bernoulli": "Bernoulli (cross-entropy)", "gaussian-fixed": "Gaussian, fixed σ",
-                    "gaussian-learned": "Gaussian, learned σ"}
+                    "gaussian-learned": "Gaussian, learned σ", "gaussian-pixel": "Gaussian, learned σ per pixel",
+                    "logistic": "Discretized logistic (8-bit)"}
 
 
 def config_from_values(values: dict[str, Any]) -> RunConfig:
@@ -88,7 +91,9 @@ def values_from_config(config: RunConfig) -> dict[str, Any]:
 def changed_fields(config: RunConfig, running: RunConfig) -> list[str]:
     """Settings that differ from the running run's and so need a new run (live ones excluded)."""
     a, b = values_from_config(config), values_from_config(running)
-    return [k for k in DEFAULTS if k not in LIVE_FIELDS and a.get(k) != b.get(k)]
+    # channels and image_size left open (None) take the data's: a run that filled them in has not changed them
+    return [k for k in DEFAULTS if k not in LIVE_FIELDS and a.get(k) != b.get(k)
+            and not (k in ("channels", "image_size") and a.get(k) is None)]
 
 
 def with_value(options: tuple, value: Any) -> list:
@@ -144,4 +149,6 @@ def _parse(raw: str, like: Any) -> Any:
         return int(number)
     if isinstance(like, float):
         return float(raw)
+    if like is None:  # channels and image_size: None (from the data) by default, whole numbers when set
+        return int(raw)
     return raw

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ARCHS, DATASETS, DEVICES, LIKELIHOODS, LIVE_FIELDS, ConfigError, RunConfig, unit_label
+from .config import ARCHS, COLOUR_DATASETS, DATASETS, DEVICES, LIKELIHOODS, LIVE_FIELDS, ConfigError, RunConfig, unit_label
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 MAX_GRID = 500  # grid points per axis for `evaluate`: 250,000 decoder passes per example
@@ -34,8 +34,13 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a VAE (or continue one with --resume)")
     d = RunConfig()
-    t.add_argument("--dataset", choices=DATASETS, default=None,
-                   help="default: mnist, else fashion-mnist, when found on this machine (see --data-dir), else sprites")
+    t.add_argument("--dataset", type=_dataset_arg, default=None, metavar="{" + ",".join(DATASETS + COLOUR_DATASETS) + ",folder:PATH}",
+                   help="default: mnist, else fashion-mnist, when found on this machine (see --data-dir), else sprites; "
+                        "folder:PATH trains on a folder of PNG/JPEG/WebP images (sub-folders are labels)")
+    t.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="1 grey or 3 colour (default: from the data)")
+    t.add_argument("--image-size", type=int, default=None,
+                   help="resize and centre-crop to this side, 16-128 (default: the data's own size, else 64)")
     t.add_argument("--arch", choices=ARCHS, default=None, help=f"default {d.model.arch}")
     t.add_argument("--latent-dim", type=int, default=None, help=f"default {d.model.latent_dim}")
     t.add_argument("--hidden-dim", type=int, default=None, help=f"default {d.model.hidden_dim}")
@@ -109,8 +114,17 @@ def _parser() -> argparse.ArgumentParser:
 _TRAIN_FIELDS = {"dataset": "dataset", "arch": "arch", "latent_dim": "latent_dim", "hidden_dim": "hidden_dim",
                  "beta": "beta", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
                  "warmup_epochs": "warmup_epochs", "free_bits": "free_bits", "likelihood": "likelihood",
-                 "device": "device", "seed": "seed", "train_size": "train_size", "evidence_every": "evidence_every"}
+                 "device": "device", "seed": "seed", "train_size": "train_size", "evidence_every": "evidence_every",
+                 "channels": "channels", "image_size": "image_size"}
 _TRAIN_FIELDS["snapshot_budget_mb"] = "snapshot_budget_mb"  # the time-lapse (vae_core/snapshots.py)
+
+
+def _dataset_arg(value: str) -> str:
+    """A dataset name as --dataset takes it: a known name or folder:PATH (checked fully by TrainConfig)."""
+    if value.startswith("folder:") or value in DATASETS + COLOUR_DATASETS:
+        return value
+    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(DATASETS + COLOUR_DATASETS)} "
+                                     "or folder:PATH)")
 
 
 def _changes(args: argparse.Namespace) -> dict[str, Any]:

@@ -12,13 +12,18 @@ from typing import Any, Literal, get_args
 
 DatasetName = Literal["sprites", "mnist", "fashion-mnist"]
 ArchName = Literal["mlp", "conv"]
-LikelihoodName = Literal["bernoulli", "gaussian-fixed", "gaussian-learned"]
+LikelihoodName = Literal["bernoulli", "gaussian-fixed", "gaussian-learned", "gaussian-pixel", "logistic"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 
 DATASETS: tuple[str, ...] = get_args(DatasetName)
 ARCHS: tuple[str, ...] = get_args(ArchName)
 LIKELIHOODS: tuple[str, ...] = get_args(LikelihoodName)
 DEVICES: tuple[str, ...] = get_args(DeviceName)
+# Colour sets read through torchvision (vae_core/colour_sets.py) and any image folder ("folder:PATH",
+# vae_core/folder_data.py): not in DATASETS, whose names the built-in pickers list.
+COLOUR_DATASETS: tuple[str, ...] = ("cifar10", "celeba")
+FOLDER_PREFIX = "folder:"
+CHANNELS: tuple[int, ...] = (1, 3)
 
 # Ranges and defaults for every control, next to the config they describe; the
 # dashboard builds its sliders from these and validation enforces them.
@@ -36,11 +41,25 @@ LIMITS: dict[str, tuple[float, float]] = {
     "train_size": (16, 1_000_000),
     "evidence_every": (0, 10_000),
     "snapshot_budget_mb": (0.0, 400.0),  # a run zip unpacks to at most 512 MB (transfer.MAX_ZIP_BYTES)
+    "image_size": (16, 128),
 }
 UI_LIMITS: dict[str, tuple[float, float]] = {"latent_dim": (1, 64), "beta": (0.0, 10.0)}
 
 # Settings that may change while a run trains; everything else fixes the run.
 LIVE_FIELDS: tuple[str, ...] = ("beta", "lr", "warmup_epochs", "free_bits")
+
+
+MLP_MAX_PIXELS = 3 * 64 * 64  # the MLP's first layer is (C*H*W) x hidden: past this the conv net is the one to use
+
+
+def _check_dataset(value: Any) -> None:
+    if isinstance(value, str) and value.startswith(FOLDER_PREFIX):
+        if not value[len(FOLDER_PREFIX):].strip():
+            raise ConfigError("dataset folder: needs a path, e.g. folder:/data/my-images")
+        return
+    if value not in DATASETS + COLOUR_DATASETS:
+        raise ConfigError(f"dataset must be one of {', '.join(DATASETS + COLOUR_DATASETS)} or folder:PATH; "
+                          f"got {value!r}")
 
 
 class ConfigError(ValueError):
@@ -76,6 +95,10 @@ class ModelConfig:
     hidden_dim: int = 400
     likelihood: LikelihoodName = "bernoulli"
     gaussian_sigma: float = 0.1  # observation std for "gaussian-fixed"; the start value when learned
+    # The images the model sees, (channels, image_size, image_size). None: taken from the data when the
+    # run loads it (then written into config.json); a config without them (every run before colour) is 1x28x28.
+    channels: int | None = None
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("arch", self.arch, ARCHS)
@@ -84,13 +107,29 @@ class ModelConfig:
             _check_number(name, getattr(self, name), integer=True)
             object.__setattr__(self, name, int(getattr(self, name)))
         _check_number("gaussian_sigma", self.gaussian_sigma)
+        if self.channels is not None and (isinstance(self.channels, bool) or self.channels not in CHANNELS):
+            raise ConfigError(f"channels must be 1 (grey) or 3 (colour); got {self.channels!r}")
+        if self.image_size is not None:
+            _check_number("image_size", self.image_size, integer=True)
+            object.__setattr__(self, "image_size", int(self.image_size))
+        if self.channels is not None:
+            object.__setattr__(self, "channels", int(self.channels))
+        c, s = self.image_shape[0], self.image_shape[1]
+        if self.arch == "mlp" and c * s * s > MLP_MAX_PIXELS:
+            raise ConfigError(f"the MLP takes images of at most {MLP_MAX_PIXELS} values (64x64 colour, 110x110 grey); "
+                              f"these are {c}x{s}x{s}: choose arch conv or a smaller image size")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the model's images; 1x28x28 until the data say otherwise."""
+        return (self.channels or 1, self.image_size or 28, self.image_size or 28)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Data and optimisation. Fields in LIVE_FIELDS can change while the run trains."""
 
-    dataset: DatasetName = "sprites"
+    dataset: str = "sprites"  # a DatasetName, a COLOUR_DATASETS name, or "folder:PATH"
     epochs: int = 10
     batch_size: int = 128
     lr: float = 3e-3  # reaches those shapes in ~300 steps where 1e-3 needs ~1,000 (same page)
@@ -107,7 +146,7 @@ class TrainConfig:
     snapshot_budget_mb: float = 40.0
 
     def __post_init__(self) -> None:
-        _check_choice("dataset", self.dataset, DATASETS)
+        _check_dataset(self.dataset)
         _check_choice("device", self.device, DEVICES)
         for name in ("epochs", "batch_size", "seed", "evidence_every"):
             _check_number(name, getattr(self, name), integer=True)
@@ -173,11 +212,26 @@ def _build(kind: type, d: Any) -> Any:
         raise ConfigError(str(e)) from None
 
 
+def fit_to_data(config: RunConfig, shape: tuple[int, ...]) -> RunConfig:
+    """The config with the model's image shape (C, H, W) taken from the data where it was left open.
+
+    Unchanged when the data are the 1x28x28 a config without a shape means (every built-in set), so
+    such runs' config.json stays as it was.
+    """
+    c, h = int(shape[0]), int(shape[-1])
+    if config.model.image_shape == (c, h, h):
+        return config
+    return config.replace(channels=c, image_size=h)
+
+
 def unit_label(config: RunConfig) -> str:
     """What a run's reported numbers are, named by their likelihood (every printed number says it)."""
     if config.binarized:
         return "nats per example; Bernoulli log-likelihood of binarized images"
     if config.model.likelihood == "bernoulli":
         return "nats per example; BCE on grey levels, not a log-likelihood"
-    kind = "learned" if config.model.likelihood == "gaussian-learned" else "fixed"
-    return f"nats per example; Gaussian ({kind} σ) log-density of grey levels, constants included"
+    if config.model.likelihood == "logistic":
+        return "nats per image; discretized logistic log-probability of 8-bit pixel values"
+    kind = {"gaussian-learned": "learned", "gaussian-pixel": "learned per-pixel"}.get(config.model.likelihood, "fixed")
+    levels = "grey levels" if config.model.image_shape[0] == 1 else "colour values"
+    return f"nats per example; Gaussian ({kind} σ) log-density of {levels} in [0, 1], constants included"

@@ -27,7 +27,10 @@ from .sources import (DEBIAN_DIRS, IDX_FILES, NETWORK_PROBE_TIMEOUT_S, _how_to_p
 
 @dataclass
 class ImageData:
-    """A whole dataset as tensors: images (N, 1, 28, 28) float32 in [0, 1], labels (N,) int64."""
+    """A whole dataset as tensors: images (N, C, H, W) float32 in [0, 1], labels (N,) int64.
+
+    A folder too large for memory has a folder_data.StreamedImages as train_x (uint8 on disk, read by batch).
+    """
 
     name: str
     train_x: torch.Tensor
@@ -160,13 +163,49 @@ def load_torchvision(name: str, data_dir: str | Path | None = None) -> ImageData
     return ImageData(name, train_x, train_y, test_x, test_y, label_names, f"downloaded to {root}")
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None) -> ImageData:
-    """Load a dataset by name onto the CPU; raises DatasetUnavailable with a how-to message."""
+def load_dataset(name: str, data_dir: str | Path | None = None, *, channels: int | None = None,
+                 image_size: int | None = None) -> ImageData:
+    """Load a dataset by name onto the CPU; raises DatasetUnavailable with a how-to message.
+
+    channels and image_size (None: the data's own) convert the images: a folder's as it decodes them
+    (folder_data.py), a built-in set's here (conform).
+    """
+    if name.startswith("folder:"):
+        from .folder_data import load_folder
+
+        return load_folder(name, channels, image_size)
+    if name in ("cifar10", "celeba"):
+        from .colour_sets import load_colour_set
+
+        return conform(load_colour_set(name, data_dir, image_size), channels, image_size)
     if name == "sprites":
-        return make_sprites()[0]
+        return conform(make_sprites()[0], channels, image_size)
     if name in ("mnist", "fashion-mnist"):
-        return load_torchvision(name, data_dir)
-    raise DatasetUnavailable(f"unknown dataset {name!r}; choose sprites, mnist or fashion-mnist")
+        return conform(load_torchvision(name, data_dir), channels, image_size)
+    raise DatasetUnavailable(f"unknown dataset {name!r}; choose sprites, mnist, fashion-mnist, cifar10, celeba "
+                             "or folder:PATH")
+
+
+def _conform_images(x: torch.Tensor, channels: int | None, size: int | None) -> torch.Tensor:
+    if channels is not None and x.shape[1] != channels:
+        # Grey to colour repeats the value; colour to grey is the luma of ITU-R BT.601 (PIL's "L").
+        x = x.repeat(1, 3, 1, 1) if channels == 3 else \
+            (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    if size is not None and x.shape[-1] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False).clamp_(0, 1)
+        x = torch.round(x * 255) / 255  # still 8-bit values: the discretized logistic needs them
+    return x
+
+
+def conform(data: ImageData, channels: int | None, size: int | None) -> ImageData:
+    """The dataset with its images converted to channels and resized to size x size (None: as they are)."""
+    shape = data.test_x.shape
+    if (channels is None or channels == shape[1]) and (size is None or size == shape[-1]):
+        return data
+    return ImageData(data.name, _conform_images(data.train_x, channels, size), data.train_y,
+                     _conform_images(data.test_x, channels, size), data.test_y, data.label_names,
+                     f"{data.source}, converted to {channels or shape[1]}x{size or shape[-1]}x{size or shape[-1]}")
 
 
 class IndexBatcher:

@@ -4,6 +4,7 @@ Every number is in nats per example, and `units` names the likelihood it is for 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from .config import ConfigError, RunConfig, unit_label
 from .models import VAE, build_model
 from .objectives import elbo_terms, iwae_bound
 from .inference import get_dataset, held_out
+from .likelihoods import bits_per_dim
 
 
 def load_model(run_dir: Path) -> tuple[VAE, RunConfig, dict[str, Any]]:
@@ -33,7 +35,9 @@ def load_model(run_dir: Path) -> tuple[VAE, RunConfig, dict[str, Any]]:
 
 def held_out_batch(config: RunConfig, n: int, data_dir: str | None = None) -> torch.Tensor:
     """The first n test images of the run's dataset, binarized with the trainer's fixed test seed."""
-    return held_out(get_dataset(config.train.dataset, data_dir), config, n)
+    m = config.model
+    return held_out(get_dataset(config.train.dataset, data_dir, channels=m.channels, image_size=m.image_size),
+                    config, n)
 
 
 GRID_MAX = 1000  # points per axis: 1000^2 decoder passes per example is already minutes on a CPU
@@ -71,6 +75,11 @@ def evaluate_run(run_dir: Path, *, k: int = 100, num_examples: int = 500, grid: 
         "elbo": float(t.elbo.mean()), "recon": float(t.recon.mean()), "kl": float(t.kl.mean()),
         "iwae": float(iw.mean()), "k": k,
     }
+    dims = math.prod(config.model.image_shape)
+    bpd = {key: bits_per_dim(out[key], config.model.likelihood, dims, binarized=config.binarized)
+           for key in ("elbo", "iwae")}
+    if bpd["elbo"] is not None:  # colour models are compared in bits per dimension (-log2 p(x) per value)
+        out["bits_per_dim"] = {key: round(v, 4) for key, v in bpd.items()}
     if config.model.latent_dim == 2 and grid > 0 and grid_examples > 0:
         from .evidence import REFERENCE_SAMPLES, far_below, grid_evidence
 

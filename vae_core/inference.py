@@ -19,7 +19,7 @@ import torch
 
 from . import data as data_mod
 from .config import RunConfig
-from .images import to_uint8
+from .images import from_display, to_display, to_uint8
 from .models import VAE, build_model
 
 N_FIXED = 16  # test images shown with their reconstructions
@@ -28,16 +28,20 @@ POSTERIOR_IMAGE_K = 1000  # importance samples for one image's own IWAE bound ..
 POSTERIOR_REPEATS = 10  # ... estimated this many times independently (their mean and standard error)
 
 _TOKENS = itertools.count(1)
-_DATA_CACHE: dict[tuple[str, str | None], data_mod.ImageData] = {}
+_DATA_CACHE: dict[tuple[str, str | None, int | None, int | None], data_mod.ImageData] = {}
 _DATA_LOCK = threading.Lock()
 
 
-def get_dataset(name: str, data_dir: str | None = None) -> data_mod.ImageData:
-    """Datasets are loaded once per process (sprites take seconds to render) and shared read-only."""
-    key = (name, str(data_dir) if data_dir else None)
+def get_dataset(name: str, data_dir: str | None = None, *, channels: int | None = None,
+                image_size: int | None = None) -> data_mod.ImageData:
+    """Datasets are loaded once per process (sprites take seconds to render) and shared read-only.
+
+    channels and image_size (a run's config.model; None: the data's own) convert the images.
+    """
+    key = (name, str(data_dir) if data_dir else None, channels, image_size)
     with _DATA_LOCK:
         if key not in _DATA_CACHE:
-            _DATA_CACHE[key] = data_mod.load_dataset(name, data_dir)
+            _DATA_CACHE[key] = data_mod.load_dataset(name, data_dir, channels=channels, image_size=image_size)
         return _DATA_CACHE[key]
 
 
@@ -119,15 +123,15 @@ class Weights:
 
     @torch.no_grad()
     def decode(self, z: np.ndarray) -> np.ndarray:
-        """Decode codes (N, D) to mean images (N, 28, 28) float32 in [0, 1]."""
+        """Decode codes (N, D) to mean images float32 in [0, 1]: (N, H, W) grey, (N, H, W, 3) colour."""
         z = np.asarray(z, dtype=np.float32).reshape(-1, self.config.model.latent_dim)
         with self._infer_lock:
-            return self._current_model().decode(torch.from_numpy(z)).numpy()[:, 0]
+            return to_display(self._current_model().decode(torch.from_numpy(z)).numpy())
 
     @torch.no_grad()
     def encode(self, x: np.ndarray, batch: int = 2000) -> tuple[np.ndarray, np.ndarray]:
-        """Encode images (N, 28, 28) in [0, 1] to (mu, logvar), each (N, D)."""
-        x = torch.from_numpy(np.asarray(x, dtype=np.float32).reshape(-1, 1, 28, 28))
+        """Encode images in [0, 1] ((N, H, W) grey, (N, H, W, 3) colour) to (mu, logvar), each (N, D)."""
+        x = torch.from_numpy(from_display(np.asarray(x, dtype=np.float32), self.config.model.image_shape))
         with self._infer_lock:
             model = self._current_model()
             outs = [model.encode(x[i:i + batch]) for i in range(0, len(x), batch)]
@@ -136,7 +140,9 @@ class Weights:
     def dataset(self) -> data_mod.ImageData:
         """The run's dataset on the CPU (loaded on first use; raises DatasetUnavailable)."""
         if self._data is None:
-            self._data = get_dataset(self.config.train.dataset, self.data_dir)
+            m = self.config.model
+            self._data = get_dataset(self.config.train.dataset, self.data_dir, channels=m.channels,
+                                     image_size=m.image_size)
         return self._data
 
     def test_set(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
@@ -144,14 +150,14 @@ class Weights:
         d = self.dataset()
         x = d.test_x[:n] if n else d.test_x
         y = d.test_y[:n] if n else d.test_y
-        return x[:, 0].numpy().copy(), y.numpy().copy(), d.label_names
+        return to_display(x.numpy()).copy(), y.numpy().copy(), d.label_names
 
     def test_size(self) -> int:
         return len(self.dataset().test_x)
 
     def held_out(self, n: int) -> np.ndarray:
         """The first n held-out images as evaluated (binarized when the run is), (N, 28, 28) float32."""
-        return held_out(self.dataset(), self.config, n)[:, 0].numpy().copy()
+        return to_display(held_out(self.dataset(), self.config, n).numpy()).copy()
 
     def render_artifacts(self) -> dict[str, Any]:
         """Originals, their reconstructions and prior samples (fixed z) as uint8, from the published weights.
@@ -182,7 +188,7 @@ class Weights:
             copies = x[None].expand(POSTERIOR_REPEATS, *x.shape)  # (R, 1, 28, 28)
             curve = iwae_curve(model, copies, (1, 10, 100, POSTERIOR_IMAGE_K),
                                generator=torch.Generator().manual_seed(index))
-        return PosteriorResult(grid, curve, seconds, step, x[0].numpy().copy())
+        return PosteriorResult(grid, curve, seconds, step, to_display(x[None].numpy())[0].copy())
 
     def using_model(self, fn: Callable[[VAE, int], Any]) -> Any:
         """fn(model, version) on the CPU model with the published weights, holding the readers' lock (no grad).

@@ -427,6 +427,31 @@ class Lab:
         _PROBES["datasets"] = (time.monotonic(), result)
         return result
 
+    @staticmethod
+    def describe_dataset(name: str, data_dir: str | None = None) -> tuple[bool, str]:
+        """(usable, one line saying source, size and count) for any dataset name, before training.
+
+        Folders are described from their listing and image headers (no pixels decoded, no torch).
+        """
+        from . import colour_sets, image_folders
+
+        if image_folders.is_folder(name):
+            try:
+                return True, image_folders.describe(name)
+            except DatasetUnavailable as e:
+                return False, str(e)
+        if name in colour_sets.availability():
+            return colour_sets.availability(data_dir)[name]
+        return Lab.dataset_availability(wait=False).get(name, (False, f"unknown dataset {name!r}"))
+
+    @staticmethod
+    def unpack_images_zip(data: bytes) -> str:
+        """An uploaded zip of images unpacked safely under the data cache; its dataset name, folder:PATH."""
+        from .image_folders import extract_zip
+        from .sources import default_cache_dir
+
+        return "folder:" + str(extract_zip(data, default_cache_dir() / "uploads").resolve())
+
     # ------------------------------------------------------------ sessions (a browser tab's current run)
 
     def current(self, session: str) -> RunHandle | None:

@@ -1,7 +1,8 @@
 """Encoders, decoders and the VAE that joins them.
 
-Shapes: images x are (B, 1, 28, 28) in [0, 1]; codes z are (B, D).
-The MLP is the classic PyTorch example's 784-400-D-400-784 network.
+Shapes: images x are (B, C, H, W) in [0, 1] (C = 1 or 3, H = W = config.image_shape); codes z are (B, D).
+The MLP is the classic PyTorch example's 784-400-D-400-784 network at 28x28 grey; the conv net
+down-samples to an 8x8 (or smaller) map and back, whatever the size.
 """
 from __future__ import annotations
 
@@ -13,14 +14,24 @@ from torch import nn
 
 from .config import ModelConfig
 
-IMAGE_SHAPE = (1, 28, 28)
+IMAGE_SHAPE = (1, 28, 28)  # the built-in sets' shape, and a config's without channels/image_size
 N_PIXELS = 28 * 28
+CONV_WIDTHS = (32, 64, 128, 256)  # channels after each stride-2 stage (the classic 28x28 net is the first two)
+CONV_MAP_MAX = 8  # halve until the feature map is at most 8x8: 28->14->7, 32->16->8, 64->..->8, 128->..->8
+
+
+def conv_sizes(size: int) -> list[int]:
+    """Feature-map sides from the image down: each stride-2 conv (k4, p1) maps s to s // 2."""
+    sizes = [size]
+    while sizes[-1] > CONV_MAP_MAX and len(sizes) <= len(CONV_WIDTHS):
+        sizes.append(sizes[-1] // 2)
+    return sizes
 
 
 class MLPEncoder(nn.Module):
-    def __init__(self, *, latent_dim: int, hidden_dim: int) -> None:
+    def __init__(self, *, latent_dim: int, hidden_dim: int, image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(N_PIXELS, hidden_dim)
+        self.fc1 = nn.Linear(math.prod(image_shape), hidden_dim)
         self.fc_mu = nn.Linear(hidden_dim, latent_dim)
         self.fc_logvar = nn.Linear(hidden_dim, latent_dim)
 
@@ -30,23 +41,29 @@ class MLPEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    def __init__(self, *, latent_dim: int, hidden_dim: int) -> None:
+    def __init__(self, *, latent_dim: int, hidden_dim: int, image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> None:
         super().__init__()
+        self.image_shape = tuple(image_shape)
         self.fc1 = nn.Linear(latent_dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, N_PIXELS)
+        self.fc2 = nn.Linear(hidden_dim, math.prod(image_shape))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(z))).view(-1, *IMAGE_SHAPE)  # (B, 1, 28, 28) logits
+        return self.fc2(F.relu(self.fc1(z))).view(-1, *self.image_shape)  # (B, C, H, W) logits
 
 
 class ConvEncoder(nn.Module):
-    def __init__(self, *, latent_dim: int, hidden_dim: int) -> None:
+    """Stride-2 convolutions down to a map of at most 8x8, then dense layers (28x28: 14x14, 7x7)."""
+
+    def __init__(self, *, latent_dim: int, hidden_dim: int, image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> None:
         super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, 32, 4, stride=2, padding=1), nn.ReLU(),  # 14x14
-            nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.ReLU(),  # 7x7
-        )
-        self.fc = nn.Linear(64 * 7 * 7, hidden_dim)
+        c, size = image_shape[0], image_shape[1]
+        sizes = conv_sizes(size)
+        widths = CONV_WIDTHS[:len(sizes) - 1]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip((c, *widths[:-1]), widths):
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.ReLU()]
+        self.conv = nn.Sequential(*layers)
+        self.fc = nn.Linear(widths[-1] * sizes[-1] ** 2, hidden_dim)
         self.fc_mu = nn.Linear(hidden_dim, latent_dim)
         self.fc_logvar = nn.Linear(hidden_dim, latent_dim)
 
@@ -56,16 +73,30 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    def __init__(self, *, latent_dim: int, hidden_dim: int) -> None:
+    """The encoder's mirror: dense layers to the smallest map, then stride-2 transposed convolutions back up.
+
+    A transposed conv (k4, s2, p1) maps s to 2s; output_padding 1 restores an odd side (7 from 3).
+    """
+
+    def __init__(self, *, latent_dim: int, hidden_dim: int, image_shape: tuple[int, int, int] = IMAGE_SHAPE) -> None:
         super().__init__()
-        self.fc = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 64 * 7 * 7), nn.ReLU())
-        self.deconv = nn.Sequential(
-            nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.ReLU(),  # 14x14
-            nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1),  # 28x28
-        )
+        c, size = image_shape[0], image_shape[1]
+        sizes = conv_sizes(size)
+        widths = CONV_WIDTHS[:len(sizes) - 1]
+        self.map_shape = (widths[-1], sizes[-1], sizes[-1])
+        self.fc = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.ReLU(),
+                                nn.Linear(hidden_dim, math.prod(self.map_shape)), nn.ReLU())
+        layers: list[nn.Module] = []
+        outs = (*reversed(widths[:-1]), c)
+        for i, (c_in, c_out) in enumerate(zip(reversed(widths), outs)):
+            target, source = sizes[-2 - i], sizes[-1 - i]
+            layers.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, output_padding=target - 2 * source))
+            if i < len(widths) - 1:
+                layers.append(nn.ReLU())
+        self.deconv = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.deconv(self.fc(z).view(-1, 64, 7, 7))
+        return self.deconv(self.fc(z).view(-1, *self.map_shape))
 
 
 class VAE(nn.Module):
@@ -79,12 +110,18 @@ class VAE(nn.Module):
         super().__init__()
         self.config = config
         enc, dec = (MLPEncoder, MLPDecoder) if config.arch == "mlp" else (ConvEncoder, ConvDecoder)
-        self.encoder = enc(latent_dim=config.latent_dim, hidden_dim=config.hidden_dim)
-        self.decoder = dec(latent_dim=config.latent_dim, hidden_dim=config.hidden_dim)
+        shape = config.image_shape
+        self.encoder = enc(latent_dim=config.latent_dim, hidden_dim=config.hidden_dim, image_shape=shape)
+        self.decoder = dec(latent_dim=config.latent_dim, hidden_dim=config.hidden_dim, image_shape=shape)
         # log sigma of the Gaussian likelihood: a buffer when fixed, a parameter when learned
         # (the "sigma-VAE" of Rybkin et al. 2021 learns one shared scale).
         log_sigma = torch.tensor(math.log(config.gaussian_sigma))
-        if config.likelihood == "gaussian-learned":
+        if config.likelihood in ("gaussian-pixel", "logistic"):
+            # One learned log-scale per pixel and channel, (C, H, W): the Gaussian's log sigma, or the
+            # discretized logistic's log s (a start of sigma = 0.1 is s = 0.055, the same spread).
+            start = log_sigma if config.likelihood == "gaussian-pixel" else log_sigma + math.log(math.sqrt(3) / math.pi)
+            log_sigma = start.expand(*shape).clone()
+        if config.likelihood in ("gaussian-learned", "gaussian-pixel", "logistic"):
             self.log_sigma = nn.Parameter(log_sigma)
         else:
             self.register_buffer("log_sigma", log_sigma)

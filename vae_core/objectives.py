@@ -9,24 +9,21 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-
+from . import likelihoods
 from .models import VAE
 
 LOG_2PI = math.log(2 * math.pi)
 
 
 def log_px_given_z(model: VAE, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """log p(x|z) per example, summed over pixels. x: (B, 1, 28, 28); logits: same shape.
+    """log p(x|z) per example, summed over values. x: (B, C, H, W); logits: same shape (likelihoods.py).
 
-    Bernoulli uses BCE-with-logits, stable for large |logits|. Gaussian: N(x; sigmoid(logits), sigma^2).
+    Bernoulli uses BCE-with-logits, stable for large |logits|. Gaussian: N(x; sigmoid(logits), sigma^2),
+    sigma global or per pixel. Logistic: the discretized logistic on 8-bit values.
     """
-    if model.config.likelihood == "bernoulli":
-        return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
-    log_sigma = model.log_sigma
-    mean = model.mean_image(logits)
-    ll = -0.5 * ((x - mean) / log_sigma.exp()) ** 2 - log_sigma - 0.5 * LOG_2PI
-    return ll.flatten(1).sum(1)
+    lik = model.config.likelihood
+    mean = None if lik == "bernoulli" else model.mean_image(logits)
+    return likelihoods.log_px_given_z(lik, x, logits, mean, model.log_sigma)
 
 
 def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from . import data as data_mod
 from .config import RunConfig
 from .evidence import ACTIVE_THRESHOLD, active_units
+from .images import to_display
 from .inference import N_FIXED, N_SAMPLES, held_out
 from .models import VAE, build_model
 from .objectives import elbo_loss, elbo_terms
@@ -46,7 +47,7 @@ class RunMath:
             if "generator" in checkpoint and device.type == "cpu":
                 self.gen.set_state(checkpoint["generator"])
             self.set_lr(lr)
-        self.fixed_idx = torch.arange(N_FIXED)
+        self.fixed_idx = torch.arange(min(N_FIXED, len(data.test_x)))  # a small folder holds out fewer
         self.fixed_z = torch.randn((N_SAMPLES, config.model.latent_dim),
                                    generator=torch.Generator().manual_seed(0)).to(device)
 
@@ -64,7 +65,8 @@ class RunMath:
 
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
         """The training batch at these indices; binarized runs draw a fresh binarization per batch."""
-        x = self.train_x[idx]
+        # A streamed folder reads the batch from its uint8 cache on disk (folder_data.StreamedImages).
+        x = self.train_x.batch(idx, self.device) if hasattr(self.train_x, "batch") else self.train_x[idx]
         return torch.bernoulli(x, generator=self.gen) if self.config.binarized else x
 
     def train_step(self, x: torch.Tensor, *, beta: float, free_bits: float, lr: float) -> torch.Tensor:
@@ -135,8 +137,8 @@ class RunMath:
         self.model.eval()
         x = self.test_x[self.fixed_idx]
         mu, _ = self.model.encode(x)
-        return {"originals": x[:, 0].cpu().numpy(), "reconstructions": self.model.decode(mu)[:, 0].cpu().numpy(),
-                "samples": self.model.decode(self.fixed_z)[:, 0].cpu().numpy()}
+        return {"originals": to_display(x.cpu().numpy()), "reconstructions": to_display(self.model.decode(mu).cpu().numpy()),
+                "samples": to_display(self.model.decode(self.fixed_z).cpu().numpy())}
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Model, optimiser and (on the CPU) generator state for a checkpoint."""

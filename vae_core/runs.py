@@ -72,7 +72,9 @@ def sanitize_name(name: str) -> str:
 def default_name(config: RunConfig) -> str:
     t = config.train
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{t.dataset}-z{config.model.latent_dim}-b{t.beta:g}-{stamp}"
+    dataset = t.dataset if not t.dataset.startswith("folder:") else \
+        "folder-" + (Path(t.dataset[len("folder:"):].rstrip("/\\")).name or "root")  # no path in a run's name
+    return sanitize_name(f"{dataset}-z{config.model.latent_dim}-b{t.beta:g}-{stamp}")
 
 
 def resolve_run(runs_dir: Path, name: str) -> Path:

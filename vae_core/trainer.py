@@ -21,7 +21,7 @@ import torch
 
 from . import data as data_mod
 from . import runs, snapshots
-from .config import LIVE_FIELDS, ConfigError, RunConfig
+from .config import LIVE_FIELDS, ConfigError, RunConfig, fit_to_data
 from .devices import CpuShare, NoSharing, default_threads, describe_device, resolve_device
 from .images import to_uint8
 from .inference import N_FIXED, N_SAMPLES, Weights, get_dataset
@@ -460,6 +460,8 @@ class Trainer:
             cfg = self.config
             self._set(message=f"loading {cfg.train.dataset}")
             data = self.check()
+            # A folder's channels and size are known once its images are (config.model left them open).
+            cfg = self.config = self.weights.config = fit_to_data(cfg, tuple(data.test_x.shape[1:]))
             ckpt = self._resume_ckpt
             if ckpt is None and self.init_from is not None:
                 ckpt = runs.load_checkpoint(self.init_from / runs.CHECKPOINT)

@@ -18,11 +18,12 @@ from typing import Any
 import streamlit as st
 
 from dashboard.common import md_text
-from dashboard.settings import (ARCH_NAMES, BATCH_SIZES, BETAS, DATASET_NAMES, DEFAULTS, LABELS, LIKELIHOOD_NAMES, LRS,
+from dashboard.settings import (ARCH_NAMES, BATCH_SIZES, BETAS, DEFAULTS, LABELS, LIKELIHOOD_NAMES, LRS,
                                 PREFIX, changed_fields, config_from_values, field_errors, query_from_values,
                                 values_from_config, values_from_query, with_value)
+from dashboard import dataset_picker
 from dashboard.state import can_steer, current_run, session_id
-from vae_core.lab import (ARCHS, DATASETS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS, UI_LIMITS, Lab,
+from vae_core.lab import (ARCHS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS, UI_LIMITS, Lab,
                           RunConfig, RunHandle, Status, UserError)
 
 PROCESSES_KEY = "train_processes"  # a launch choice, not a setting of the run: not in the URL or the config
@@ -312,11 +313,7 @@ def render(lab: Lab) -> Controls:
     buttons = st.container()
 
     st.subheader("Data")
-    st.selectbox(LABELS["dataset"], DATASETS, key=PREFIX + "dataset",
-                 format_func=lambda n: DATASET_NAMES[n] + ("" if availability.get(n, (True, ""))[0] else " — unavailable"))
-    ok, reason = availability.get(st.session_state[PREFIX + "dataset"], (True, ""))
-    if ok:
-        st.caption(reason[:1].upper() + reason[1:])
+    dataset_picker.render(availability)  # built-in, colour sets, a folder or zip of your own; described
     slots["dataset"] = st.empty()
 
     st.subheader("Model")

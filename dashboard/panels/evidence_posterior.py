@@ -169,7 +169,8 @@ def posterior_section(run: RunHandle) -> Evidence | None:
 def image_pair(run: RunHandle, index: int, evaluated: np.ndarray) -> None:
     """The test image and `evaluated`, the draw x the numbers are for (binarized when the run is)."""
     grey = run.test_set(index + 1)[0][index]
-    pair = np.hstack([to_uint8(grey), np.full((28, 4), 255, np.uint8), to_uint8(evaluated)])
+    grey = to_uint8(grey)
+    pair = np.hstack([grey, np.full((grey.shape[0], 4, *grey.shape[2:]), 255, np.uint8), to_uint8(evaluated)])
     st.image(upscale(pair, 3), output_format="PNG",
              caption="The test image and the binarized draw x that is evaluated" if run.config.binarized
              else "The test image x")

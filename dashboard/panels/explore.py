@@ -21,9 +21,9 @@ from plotly.colors import qualitative
 
 from dashboard.common import MAIN_TAB_KEY, run_token, weights_step
 from dashboard.common import md_text
-from dashboard.scatter_preview import scatter_preview, sheet
+from dashboard.scatter_preview import SHEET_CELL_MAX, scatter_preview, sheet
 from vae_core import latent
-from vae_core.images import tile, to_uint8, upscale
+from vae_core.images import shrink, tile, to_uint8, upscale
 from vae_core.lab import DatasetUnavailable, RunHandle
 
 N_CODES = 2000  # first test images encoded for the scatter and offered as interpolation ends
@@ -52,7 +52,7 @@ CSS = """<style>
 @st.cache_data(max_entries=4, show_spinner=False)
 def image_sheet(_run: RunHandle, token: int) -> bytes:
     """The first N_CODES test images as one PNG sheet for the scatter's hover preview (once per run)."""
-    return sheet(to_uint8(_run.test_set(N_CODES)[0]))
+    return sheet(shrink(to_uint8(_run.test_set(N_CODES)[0]), SHEET_CELL_MAX))
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
@@ -71,8 +71,13 @@ def codes(run: RunHandle) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
 
 
 def show(images: np.ndarray, ncols: int, target_px: int, caption: str | None = None) -> None:
-    """Float images (N, 28, 28) as one crisp PNG mosaic about target_px wide (integer nearest-neighbour upscale)."""
-    mosaic = tile(to_uint8(images), ncols, pad_value=PAD)
+    """Float images ((N, H, W) grey or (N, H, W, 3) colour) as one crisp PNG mosaic about target_px wide.
+
+    Small images are upscaled (integer nearest-neighbour); large ones are shrunk first, so a 12 x 12
+    manifold of 64 x 64 colour images stays a few hundred kB, not megabytes, in the page.
+    """
+    images = shrink(to_uint8(images), max(8, target_px // max(1, ncols) - 1))
+    mosaic = tile(images, ncols, pad_value=PAD)
     st.image(upscale(mosaic, max(1, round(target_px / mosaic.shape[1]))), caption=caption, output_format="PNG")
 
 
@@ -384,8 +389,9 @@ def interpolation(run: RunHandle, mu: np.ndarray, y: np.ndarray, names: tuple[st
 def strip(first: np.ndarray, path: np.ndarray, last: np.ndarray, target_px: int = 900) -> np.ndarray:
     """One row: original | decoded path | original, with wider gaps around the originals. uint8, upscaled."""
     row = tile(to_uint8(path), len(path), pad_value=PAD)
-    gap = np.full((28, 6), PAD, np.uint8)
-    out = np.hstack([to_uint8(first), gap, row, gap, to_uint8(last)])
+    first, last = to_uint8(first), to_uint8(last)
+    gap = np.full((first.shape[0], 6, *first.shape[2:]), PAD, np.uint8)
+    out = np.hstack([first, gap, row, gap, last])
     return upscale(out, max(1, min(4, target_px // out.shape[1])))
 
 

@@ -38,9 +38,14 @@ def beta_text(s: RunSummary) -> str:
     return f"{s.beta:g}" + (f" (started at {s.beta_start:g})" if moved else "")
 
 
+def dataset_label(name: str) -> str:
+    """A dataset as the table shows it: a folder by its last part (no server path in the page)."""
+    return "folder: " + name.rstrip("/").rsplit("/", 1)[-1] if name.startswith("folder:") else name
+
+
 def table_rows(summaries: list[RunSummary], me: str = "") -> list[dict[str, Any]]:
     """The runs table's rows, in the order given (list_runs: newest first); `me` is this session's id."""
-    return [{"Name": s.name, "Dataset": s.dataset, "Arch": s.arch, "Latent D": s.latent_dim or None,
+    return [{"Name": s.name, "Dataset": dataset_label(s.dataset), "Arch": s.arch, "Latent D": s.latent_dim or None,
              "β": beta_text(s), "Epochs": f"{s.epochs_done} / {s.epochs_planned}", "Best test ELBO": s.best_test_elbo,
              "Status": STATUS.get(s.status, s.status), "When": format_when(s.created), "Parent": parent_text(s.parent),
              "Owner": owner_text(s.owner, me), "Host": s.host or ""}

@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard.common import app_rerun, beta_effective, beta_set, downsample, poll_interval, smooth, units, viewer_id
-from dashboard.common import md_text
+from dashboard.common import display_scale, md_text
 from dashboard.live_panel import live_panel, log_scale
 from dashboard.state import current_run, current_token, get_viewers
 from vae_core.images import png_bytes, tile, upscale
@@ -440,7 +440,7 @@ def _reconstruction_png(run: RunHandle, art: dict[str, Any]) -> bytes:
     if cached is not None and cached[0] == step:
         return cached[1]
     mosaic = tile(np.concatenate([art["originals"], art["reconstructions"]]), ncols=len(art["originals"]), pad=2)
-    png = png_bytes(upscale(mosaic, 2))
+    png = png_bytes(upscale(mosaic, display_scale(art["originals"], 2)))
     _PNG_CACHE[run.token] = (step, png)
     _PNG_CACHE.move_to_end(run.token)
     while len(_PNG_CACHE) > _PNG_CACHE_SIZE:

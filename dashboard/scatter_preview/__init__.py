@@ -17,12 +17,13 @@ from vae_core.images import png_bytes, tile
 
 HERE = Path(__file__).resolve().parent
 SHEET_COLS = 50  # images per row of the sheet: 2000 test images make a 50 x 40 grid of 28 px cells
+SHEET_CELL_MAX = 32  # larger images are shrunk to this for the sheet (a thumbnail; 2000 at 64 px colour is 24 MB)
 
 _component = components.declare_component("scatter_preview", path=str(HERE))
 
 
 def sheet(images: np.ndarray) -> bytes:
-    """(N, 28, 28) uint8 images as one PNG, SHEET_COLS to a row with no gaps (cell i at row i // cols)."""
+    """(N, H, W[, 3]) uint8 images as one PNG, SHEET_COLS to a row with no gaps (cell i at row i // cols)."""
     return png_bytes(tile(images, SHEET_COLS, pad=0))
 
 
