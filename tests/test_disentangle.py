@@ -235,7 +235,7 @@ def test_each_epoch_writes_a_row_and_evaluate_metrics_reproduces_it(tiny_sprites
     assert [r["epoch"] for r in rows] == [1]
     row = rows[0]
     assert set(dis.ROW_KEYS) <= set(row) and 0 <= row["mig"] <= 1
-    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None), tiny_sprites)
+    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None, None, None), tiny_sprites)
     assert cli.main(["evaluate", str(runs_dir / "dis"), "--metrics", "mig,dci,tc", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("mig", "dci_disentanglement", "tc_tc"):

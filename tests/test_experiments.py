@@ -64,7 +64,7 @@ def test_every_arm_builds_a_valid_config_and_forks_change_only_live_settings():
 def test_after_forks_once_the_parent_finishes_and_never_after_a_stop(runs_dir, tiny_sprites, tiny_config, monkeypatch):
     from vae_core import inference
 
-    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None), tiny_sprites)
+    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None, None, None), tiny_sprites)
     lab = Lab(runs_dir, max_runs=1, num_threads=1, log_every=4)
     try:
         parent = lab.start(tiny_config.replace(epochs=1))

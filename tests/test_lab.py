@@ -26,7 +26,7 @@ def lab(runs_dir, tiny_sprites, monkeypatch):
     # Every run in these tests trains on the tiny sprites: inject them as the process's cached dataset.
     from vae_core import inference
 
-    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None), tiny_sprites)
+    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None, None, None), tiny_sprites)
     lab = Lab(runs_dir, max_runs=1, num_threads=1, log_every=4)
     yield lab
     lab.shutdown()

@@ -34,15 +34,15 @@ def finish(run, timeout: float = 120.0):
 def lab(tmp_path_factory, tiny_sprites):
     from vae_core import inference
 
-    saved = inference._DATA_CACHE.get(("sprites", None))
-    inference._DATA_CACHE[("sprites", None)] = tiny_sprites  # every run here trains on the tiny sprites
+    saved = inference._DATA_CACHE.get(("sprites", None, None, None))
+    inference._DATA_CACHE[("sprites", None, None, None)] = tiny_sprites  # every run here trains on the tiny sprites
     lab = Lab(tmp_path_factory.mktemp("timelapse") / "runs", max_runs=2, num_threads=1, log_every=4)
     yield lab
     lab.shutdown()
     if saved is None:
-        inference._DATA_CACHE.pop(("sprites", None), None)
+        inference._DATA_CACHE.pop(("sprites", None, None, None), None)
     else:
-        inference._DATA_CACHE[("sprites", None)] = saved
+        inference._DATA_CACHE[("sprites", None, None, None)] = saved
 
 
 @pytest.fixture(scope="module")

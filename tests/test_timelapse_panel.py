@@ -26,8 +26,8 @@ def _script(lab, name):
 def lab(tmp_path_factory, tiny_sprites):
     from vae_core import inference
 
-    saved = inference._DATA_CACHE.get(("sprites", None))
-    inference._DATA_CACHE[("sprites", None)] = tiny_sprites
+    saved = inference._DATA_CACHE.get(("sprites", None, None, None))
+    inference._DATA_CACHE[("sprites", None, None, None)] = tiny_sprites
     lab = Lab(tmp_path_factory.mktemp("timelapse_panel") / "runs", max_runs=2, num_threads=1, log_every=2)
     for name, d in (("z2", 2), ("z4", 4)):
         run = lab.start(RunConfig().replace(epochs=2, batch_size=64, hidden_dim=32, latent_dim=d,
@@ -38,9 +38,9 @@ def lab(tmp_path_factory, tiny_sprites):
     lab.shutdown()
     st.cache_data.clear()
     if saved is None:
-        inference._DATA_CACHE.pop(("sprites", None), None)
+        inference._DATA_CACHE.pop(("sprites", None, None, None), None)
     else:
-        inference._DATA_CACHE[("sprites", None)] = saved
+        inference._DATA_CACHE[("sprites", None, None, None)] = saved
 
 
 def app(lab, name: str) -> AppTest:
