@@ -170,3 +170,15 @@ def test_test_bounds_are_computed_once_per_published_weights(tiny_config, tiny_s
     w.publish(build_model(tiny_config.model).state_dict(), 2)  # new weights: new test numbers
     second = own_input.own_input(w, x)
     assert second.test is not first.test and second.test.elbo != first.test.elbo and second.step == 2
+
+
+def test_a_colour_run_refuses_own_input_in_one_line(tmp_path):
+    from vae_core import runs
+    from vae_core.config import RunConfig
+
+    cfg = RunConfig().replace(channels=3, image_size=32, arch="conv")
+    path = runs.create_run_dir(tmp_path, cfg, "colour")
+    runs.write_config(path, cfg, created=0.0, parent=None)
+    with pytest.raises(ImageInputError, match="28 x 28 grey") as e:
+        Lab(tmp_path).open(path).own_input(png(np.zeros((28, 28))))
+    assert "\n" not in str(e.value)

@@ -153,6 +153,10 @@ class RunHandle:
         from .drawn import prepare
         from .own_input import own_input
 
+        if self.config.model.image_shape != (1, 28, 28):
+            raise ImageInputError("your own input works on runs over 28 x 28 grey images; this run's are "
+                                  "{} x {} x {}".format(*self.config.model.image_shape))
+
         x = prepare(image, fit) if isinstance(image, (bytes, bytearray)) else np.asarray(image, np.float32)  # type: ignore[arg-type]
         return own_input(self.weights, x)
 

@@ -51,6 +51,12 @@ def render(run: RunHandle) -> None:
     st.markdown("Draw a digit or a shape (or upload a picture) and see how the model encodes it: where q(z|x) puts "
                 "it among the test images' codes, what it reconstructs, and how its ELBO and importance-weighted "
                 "bound compare with the test set's. Light ink on black, like the training images.")
+    c, h, w = run.config.model.image_shape
+    if (c, h, w) != (1, 28, 28):  # the canvas and the framing rules are for 28 x 28 grey digits and shapes
+        st.info(f"Your own input works on runs over 28 × 28 grey images (MNIST, Fashion-MNIST, the sprites); "
+                f"this run's images are {h} × {w} {'colour' if c == 3 else 'grey'}. Open or train such a run to "
+                "draw on it.")
+        return
     body(run)
 
 
