@@ -38,3 +38,22 @@ def test_charts_take_the_disentangle_rows():
     fig = latents.scores_figure(rows, train)
     assert [t.name for t in fig.data][-1] == "β" and list(fig.data[-1].y) == [2.0]
     assert list(latents.kl_terms_figure(rows).data[-1].y) == [1.7, 1.7]
+
+
+def test_traversal_and_its_gif_on_colour_64_by_64_images():
+    from vae_core.disentangle import traversal
+
+    d, s = 2, 4
+    mu, logvar = np.array([[2.0, 0.0], [-2.0, 0.0]]), np.zeros((2, 2))
+
+    def decode(z):  # (M, D) -> (M, 64, 64, 3): red follows z0, green follows z1
+        out = np.zeros((len(z), 64, 64, 3), np.float32)
+        out[..., 0] = (z[:, 0, None, None] > 0)
+        out[..., 1] = (z[:, 1, None, None] > 0)
+        return out
+
+    tr = traversal(mu, logvar, np.zeros(d), decode, steps=s)
+    assert tr.images.shape == (d, s, 64, 64, 3) and list(tr.dims) == [0, 1]
+    assert tr.images[0, -1, 0, 0, 0] == 1.0 and tr.images[0, 0, 0, 0, 0] == 0.0  # row 0 sweeps z0: red turns on
+    gif = Image.open(io.BytesIO(latents.traversal_gif(tr)))
+    assert gif.size == (2 * 64 + 1, 64) and latents.scale_for(tr.images) == 1  # 64 x 64: not upscaled

@@ -337,7 +337,7 @@ def traversal(mu: np.ndarray, logvar: np.ndarray, base: np.ndarray, decode: Any,
               steps: int = TRAVERSAL_STEPS) -> Traversal:
     """Each latent swept across the prior's quantiles with the others at `base`, rows ordered by KL.
 
-    mu, logvar: held-out codes (N, D) whose mean KL per dimension orders the rows; decode: (M, D) -> (M, 28, 28).
+    mu, logvar: held-out codes (N, D) whose mean KL per dimension orders the rows; decode: (M, D) -> (M, H, W) or (M, H, W, 3).
     """
     kl = (0.5 * (mu ** 2 + np.exp(logvar) - 1 - logvar)).mean(0)  # (D,)
     order = np.argsort(-kl, kind="stable")
@@ -345,7 +345,8 @@ def traversal(mu: np.ndarray, logvar: np.ndarray, base: np.ndarray, decode: Any,
     d = mu.shape[1]
     z = np.repeat(np.asarray(base, np.float32)[None, None], d, 0).repeat(steps, 1)  # (D, S, D)
     z[np.arange(d), :, order] = values[None].astype(np.float32)
-    images = np.asarray(decode(z.reshape(d * steps, d))).reshape(d, steps, 28, 28)
+    decoded = np.asarray(decode(z.reshape(d * steps, d)))  # (D*S, H, W) grey or (D*S, H, W, 3) colour
+    images = decoded.reshape(d, steps, *decoded.shape[1:])
     return Traversal(images.astype(np.float32), order, kl[order], np.array([not a for a in active_mask(kl[order])]),
                      values, np.asarray(base, np.float64), step)
 

@@ -26,7 +26,12 @@ TOP_ROWS = 8  # traversal rows shown at once; the rest in an expander
 STEPS = {"min_value": 5, "max_value": 15, "value": 9, "step": 2}
 N_IMAGES = 500  # held-out images a row can be anchored at
 CHART = {"displaylogo": False}
-SCALE = 2  # pixels per image pixel in the grid and the GIF
+SCALE = 2  # pixels per image pixel in the grid and the GIF (for 28 x 28 images; larger ones get fewer)
+
+
+def scale_for(images: np.ndarray) -> int:
+    """Screen pixels per image pixel: 28 x 28 images at SCALE, 64 x 64 at 1 (a row of 9 stays on screen)."""
+    return max(1, SCALE * 28 // int(images.shape[-2] if images.shape[-1] != 3 else images.shape[-3]))
 GIF_FRAME_MS = 160
 
 
@@ -105,7 +110,7 @@ def draw_rows(tr: Any, rows: range) -> None:
         images = tr.images[r]
         if collapsed:  # greyed: pulled halfway toward mid-grey
             images = 0.35 + 0.3 * images
-        mosaic = upscale(tile(to_uint8(images), len(images), pad_value=255 if collapsed else 64), SCALE)
+        mosaic = upscale(tile(to_uint8(images), len(images), pad_value=255 if collapsed else 64), scale_for(images))
         strip.image(mosaic, output_format="PNG", width=int(mosaic.shape[1]))
 
 
@@ -116,8 +121,9 @@ def traversal_gif(tr: Any) -> bytes:
     s = tr.images.shape[1]
     order = list(range(s)) + list(range(s - 2, 0, -1))
     ncols = min(8, len(tr.dims))
-    images = np.where(tr.collapsed[:, None, None, None], 0.35 + 0.3 * tr.images, tr.images)
-    frames = [Image.fromarray(upscale(tile(to_uint8(images[:, i]), ncols), SCALE)) for i in order]
+    greyed = tr.collapsed.reshape(-1, *[1] * (tr.images.ndim - 1))  # (D, 1, 1, 1[, 1]): grey or colour
+    images = np.where(greyed, 0.35 + 0.3 * tr.images, tr.images)
+    frames = [Image.fromarray(upscale(tile(to_uint8(images[:, i]), ncols), scale_for(images))) for i in order]
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0)
     return buf.getvalue()
