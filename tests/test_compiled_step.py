@@ -1,6 +1,8 @@
 """The compiled training loss: the same objective as the eager one, when it is used, and the switch."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -64,13 +66,16 @@ def test_compiled_steps_train_like_eager_steps(tiny_config, tiny_sprites, monkey
     for _ in range(compiled_step.COMPILE_AFTER_STEPS):
         fast.train_step(fast.batch(idx), beta=1.0, free_bits=0.0, lr=1e-3)
     assert fast.compiled.join(600), fast.compiled.error
-    slow.model.load_state_dict(fast.model.state_dict())
-    slow.opt.load_state_dict(fast.opt.state_dict())
-    slow.gen.set_state(fast.gen.get_state())
     for beta in (0.5, 0.9, 1.0):  # beta changes every step during warm-up: no recompiling
+        slow.model.load_state_dict(fast.model.state_dict())  # from the same state each time
+        slow.opt.load_state_dict(copy.deepcopy(fast.opt.state_dict()))  # else both share Adam's moments
+        slow.gen.set_state(fast.gen.get_state())
         a = fast.train_step(fast.batch(idx), beta=beta, free_bits=0.1, lr=1e-3)
         b = slow.train_step(slow.batch(idx), beta=beta, free_bits=0.1, lr=1e-3)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+        for k, v in fast.model.state_dict().items():
+            # Adam moves each weight by ~lr whatever the gradient's size, so where a gradient is ~0 the two
+            # rounding orders can move it differently; the update is the same elsewhere.
+            diff = (v - slow.model.state_dict()[k]).abs()
+            assert diff.max() < 3e-3 and (diff > 1e-5).float().mean() < 0.01, k
     assert fast.compiled.get() is not None and fast.compiled.error is None
-    for k, v in fast.model.state_dict().items():
-        torch.testing.assert_close(v, slow.model.state_dict()[k], rtol=1e-4, atol=1e-5)

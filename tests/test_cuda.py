@@ -4,6 +4,8 @@ Marker `cuda`; skipped without a GPU (`python -m pytest -m cuda` on a GPU machin
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -99,11 +101,10 @@ def test_compiled_step_with_cuda_graphs_trains_like_eager(tiny_config, tiny_spri
     for _ in range(COMPILE_AFTER_STEPS):
         fast.train_step(fast.batch(idx), beta=1.0, free_bits=0.0, lr=1e-3)
     assert fast.compiled.join(600), fast.compiled.error
-    slow.model.load_state_dict(fast.model.state_dict())
-    slow.opt.load_state_dict(fast.opt.state_dict())
-    for _ in range(5):
-        gen_state = fast.gen.get_state()
-        slow.gen.set_state(gen_state)
+    for _ in range(5):  # each from the same state: model, Adam's moments (copied, not shared), generator
+        slow.model.load_state_dict(fast.model.state_dict())
+        slow.opt.load_state_dict(copy.deepcopy(fast.opt.state_dict()))
+        slow.gen.set_state(fast.gen.get_state())
         a = fast.train_step(fast.batch(idx), beta=0.8, free_bits=0.0, lr=1e-3)
         b = slow.train_step(slow.batch(idx), beta=0.8, free_bits=0.0, lr=1e-3)
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-2)
