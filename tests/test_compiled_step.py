@@ -79,3 +79,18 @@ def test_compiled_steps_train_like_eager_steps(tiny_config, tiny_sprites, monkey
             diff = (v - slow.model.state_dict()[k]).abs()
             assert diff.max() < 3e-3 and (diff > 1e-5).float().mean() < 0.01, k
     assert fast.compiled.get() is not None and fast.compiled.error is None
+
+
+def test_compiling_starts_only_after_the_first_log_point(monkeypatch):
+    """The dashboard's first curve point comes at step 20 (log_every): the compile must not compete with it."""
+    from vae_core.compiled_step import COMPILE_AFTER_STEPS, CompiledStep
+
+    started = []
+    step = CompiledStep(torch.device("cpu"))
+    monkeypatch.setattr(step, "start", lambda model, x: started.append(len(x)))
+    model = build_model(ModelConfig(latent_dim=2, hidden_dim=16))
+    x = torch.rand(4, 1, 28, 28)
+    for i in range(1, COMPILE_AFTER_STEPS + 5):
+        assert step.loss(model, x, torch.Generator(), beta=1.0, free_bits=0.0) is None  # eager until ready
+        assert started == ([4] if i >= COMPILE_AFTER_STEPS else []), i
+    assert COMPILE_AFTER_STEPS > 20
