@@ -33,6 +33,7 @@ def test_compile_is_chosen_for_long_runs_and_by_the_environment(monkeypatch):
     monkeypatch.setattr(compiled_step.shutil, "which", lambda name: "/usr/bin/g++")
     assert compile_wanted(cpu, COMPILE_MIN_STEPS) and not compile_wanted(cpu, COMPILE_MIN_STEPS - 1)
     assert not compile_wanted(torch.device("mps"), 10 ** 6)
+    assert not compile_wanted(cpu, 10 ** 6, "conv")  # measured slower compiled on the CPU
     monkeypatch.setattr(compiled_step.shutil, "which", lambda name: None)
     assert not compile_wanted(cpu, 10 ** 6)  # inductor's CPU backend needs a C++ compiler
     monkeypatch.setenv("VAE_COMPILE", "0")

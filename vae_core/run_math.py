@@ -42,7 +42,7 @@ class RunMath:
         self.opt = self.make_optimizer(lr)
         # The loss compiled in the background and switched to when ready (~10% faster on CPU; compiled_step.py).
         planned = config.train.epochs * self.batcher.steps_per_epoch
-        self.compiled = CompiledStep(device) if compile_wanted(device, planned) else None
+        self.compiled = CompiledStep(device) if compile_wanted(device, planned, config.model.arch) else None
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint["model"])
             if "optimizer" in checkpoint:
