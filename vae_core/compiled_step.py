@@ -6,7 +6,7 @@ the KL into a few loops, and compiles their backward too) trains the default MLP
 compiling Adam's step as well gained nothing over the fused Adam kernel, so the optimiser stays
 eager. Compiling takes ~18 s of one core the first time and ~2 s once inductor's on-disk cache
 holds the kernels, so it runs in a background thread on a copy of the model, started only after
-the first log point (the dashboard's first curve point is not delayed), and only for runs long
+500 steps (the dashboard's first curve points are drawn before it takes a core), and only for runs long
 enough to pay it back. Until it is ready, and wherever it fails, the eager step runs.
 
 VAE_COMPILE=0 turns it off, VAE_COMPILE=1 on for any run length (tests, benchmarks).
@@ -25,7 +25,7 @@ from .models import VAE
 from .objectives import kl_per_dim, log_px_given_z
 
 COMPILE_MIN_STEPS = 3000  # planned steps below which compiling does not pay (a default Fashion-MNIST run: 4,680)
-COMPILE_AFTER_STEPS = 40  # start compiling after this many eager steps (past the first log point, at 20)
+COMPILE_AFTER_STEPS = 500  # eager steps first (~2 s): the first curve points and their drawing get the CPU
 
 
 def step_loss(model: VAE, x: torch.Tensor, eps: torch.Tensor, beta: torch.Tensor, free_bits: torch.Tensor,
@@ -65,8 +65,8 @@ class CompiledStep:
         self.device = device
         # CUDA: "reduce-overhead" records the step as CUDA graphs (one launch instead of dozens) once
         # shapes are fixed; every batch has the same shape (the batcher drops the ragged last one).
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        self._fn = torch.compile(step_loss, dynamic=False, mode=mode)
+        self._mode = "reduce-overhead" if device.type == "cuda" else None
+        self._fn: Callable[..., torch.Tensor] | None = None  # torch.compile() itself takes ~0.7 s: made in the thread
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: str | None = None  # why it fell back to eager, if it did
@@ -83,6 +83,7 @@ class CompiledStep:
 
     def _compile(self, twin: VAE, x: torch.Tensor) -> None:
         try:
+            self._fn = torch.compile(step_loss, dynamic=False, mode=self._mode)
             eps = torch.zeros((len(x), twin.latent_dim), device=x.device, dtype=x.dtype)
             zero = torch.zeros((), device=x.device)
             for use_free_bits in (False, True):  # both graphs, so a free-bits change never compiles mid-run
