@@ -16,6 +16,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # The suite must not depend on which datasets this machine has: without this, a machine with Debian's
 # Fashion-MNIST would default every run (and every test server) to it. Tests of the choice unset it.
 os.environ["VAE_DEFAULT_DATASET"] = "sprites"
+# Tests that want "a run that never ends" plan thousands of steps, which would start a background
+# torch.compile (compiled_step.py) in every one of them; tests of the compiled step set VAE_COMPILE themselves.
+os.environ.setdefault("VAE_COMPILE", "0")
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import data as data_mod
+from .compiled_step import CompiledStep, compile_wanted
 from .config import RunConfig
 from .evidence import ACTIVE_THRESHOLD, active_units
 from .images import to_display
@@ -40,6 +41,9 @@ class RunMath:
             torch.manual_seed(config.train.seed)
             self.model: VAE = build_model(config.model).to(device)
         self.opt = self.make_optimizer(lr)
+        # The loss compiled in the background and switched to when ready (~10% faster on CPU; compiled_step.py).
+        planned = config.train.epochs * self.batcher.steps_per_epoch
+        self.compiled = CompiledStep(device) if compile_wanted(device, planned, config.model.arch) else None
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint["model"])
             if "optimizer" in checkpoint:
@@ -73,13 +77,18 @@ class RunMath:
         """One Adam step on batch x; returns detached (loss, recon, kl, beta, 1) for logging, with no sync."""
         self.set_lr(lr)
         self.model.train()
-        terms = elbo_terms(self.model, x, self.gen)
-        loss = elbo_loss(terms, beta=beta, free_bits=free_bits)
+        out = self.compiled.loss(self.model, x, self.gen, beta=beta, free_bits=free_bits) if self.compiled else None
+        if out is None:
+            terms = elbo_terms(self.model, x, self.gen)
+            loss = elbo_loss(terms, beta=beta, free_bits=free_bits)
+            recon, kl = terms.recon.detach().mean(), terms.kl.detach().mean()
+        else:
+            loss, recon, kl = out[0], out[1].detach(), out[2].detach()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         one = torch.ones((), device=x.device)
-        return torch.stack([loss.detach(), terms.recon.detach().mean(), terms.kl.detach().mean(), one * beta, one])
+        return torch.stack([loss.detach(), recon, kl, one * beta, one])
 
     def weights_cpu(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the model's weights (the last good ones, to publish or to restore)."""

@@ -77,6 +77,7 @@ class Trainer:
         self._thread: threading.Thread | None = None
         self._state, self._message = "idle", "not started"
         self._pending_steps = 0  # single steps requested while paused
+        self._pause_reason: str | None = None  # why the run paused itself (out of memory), shown while parked
         self._live = {k: getattr(config.train, k) for k in LIVE_FIELDS}
         self._metrics: list[dict[str, Any]] = []
         self._artifacts: dict[str, Any] = {}
@@ -505,8 +506,12 @@ class Trainer:
                     return self._finish("stopped", f"stopped at step {self._step}")
                 with self._lock:
                     beta, free_bits, lr = self._beta_effective_locked(), self._live["free_bits"], self._live["lr"]
-                with self.cpu.step():  # the CPU-sharing policy: thread count and timing
-                    acc += m.train_step(m.batch(idx), beta=beta, free_bits=free_bits, lr=lr)
+                try:
+                    with self.cpu.step():  # the CPU-sharing policy: thread count and timing
+                        acc += m.train_step(m.batch(idx), beta=beta, free_bits=free_bits, lr=lr)
+                except torch.OutOfMemoryError:  # keep the run: pause it and say why (this batch is skipped)
+                    self._out_of_memory()
+                    continue
                 n_seen += len(idx)
                 with self._lock:
                     self._step += 1
@@ -528,18 +533,33 @@ class Trainer:
                 return
         self._finish("finished", f"finished {self._epochs_target} epochs ({self._step} steps)")
 
+    def _out_of_memory(self) -> None:
+        """Pause after a step ran out of device memory; the weights are those of the last finished step."""
+        self.math.opt.zero_grad(set_to_none=True)  # the half-done step's gradients hold memory
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        with self._lock:
+            self._state = "paused"
+            self._pause_reason = (f"paused at step {self._step}: out of memory on {self.device.type} at batch size "
+                                  f"{self.config.train.batch_size}. Free memory (e.g. end other runs) and resume, "
+                                  "or start again with a smaller batch size")
+            self._message = self._pause_reason
+        self.sync.write_status()
+
     def _wait_turn(self) -> bool:
         """Block while paused (letting single steps through); False when asked to stop."""
         with self._lock:
             go = self._ready_locked()
             if go is not None:
                 return go
-            self._message = f"paused at step {self._step}"  # parked: the step in flight at pause() is done
+            # parked: the step in flight at pause() is done (an out-of-memory pause keeps saying why)
+            self._message = self._pause_reason or f"paused at step {self._step}"
         self.sync.write_status()  # so a follower sees the step the run really stays at
         with self._lock:
             while True:
                 go = self._ready_locked()
                 if go is not None:
+                    self._pause_reason = None
                     return go
                 self._wake.wait(0.25)
 
