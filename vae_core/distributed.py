@@ -160,6 +160,7 @@ class DistRunMath(RunMath):
     def __init__(self, config: RunConfig, data: data_mod.ImageData, device: torch.device, *, lr: float,
                  checkpoint: dict[str, Any] | None = None, world: World) -> None:
         super().__init__(config, data, device, lr=lr, checkpoint=checkpoint)
+        self.compiled = None  # its step goes through DDP's forward (train_step below), never the compiled loss
         self.world = world
         seed, step = config.train.seed, int((checkpoint or {}).get("step", 0))
         self.order_gen = torch.Generator(device=device)
