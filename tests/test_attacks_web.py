@@ -29,7 +29,7 @@ def trainer_threads() -> list[threading.Thread]:
 def lab(runs_dir, tiny_sprites, monkeypatch):
     from vae_core import inference
 
-    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None), tiny_sprites)
+    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None, None, None), tiny_sprites)
     lab = Lab(runs_dir, max_runs=2, num_threads=1, log_every=4)
     yield lab
     lab.shutdown()
@@ -163,7 +163,7 @@ def test_hostile_run_files_show_as_text(app_session, runs_dir, tiny_sprites, mon
 
     from vae_core import inference
 
-    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None), tiny_sprites)
+    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None, None, None), tiny_sprites)
     lab = Lab(runs_dir, num_threads=1)
     tiny = RunConfig().replace(epochs=1, train_size=256, hidden_dim=32, batch_size=64, latent_dim=2, evidence_every=0)
     run = lab.start(tiny, name="evil_run")

@@ -159,7 +159,7 @@ def test_mlflow_export_reads_back_with_mlflow_client(tiny_run, tmp_path, monkeyp
 def test_cli_export_writes_every_format(tiny_run, tiny_sprites, tmp_path, monkeypatch, capsys):
     from vae_core import inference
 
-    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None), tiny_sprites)  # the run's own data
+    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None, None, None), tiny_sprites)  # the run's own data
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     (tiny_run / "model.safetensors").unlink()
     rc = cli.main(["export", str(tiny_run), "--tensorboard", "--tensorboard-dir", str(tmp_path / "tb"),
@@ -178,7 +178,7 @@ def test_cli_export_writes_every_format(tiny_run, tiny_sprites, tmp_path, monkey
 def test_cli_train_with_tensorboard_dir(tiny_sprites, tmp_path, monkeypatch, capsys):
     from vae_core import inference
 
-    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None), tiny_sprites)
+    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None, None, None), tiny_sprites)
     rc = cli.main(["train", "--dataset", "sprites", "--epochs", "1", "--batch-size", "64", "--hidden-dim", "64",
                    "--latent-dim", "2", "--evidence-every", "0", "--runs-dir", str(tmp_path / "runs"),
                    "--name", "cli", "--quiet", "--tensorboard-dir", str(tmp_path / "tb")])

@@ -30,7 +30,7 @@ def test_cli_evaluate_uses_the_same_held_out_images(tiny_config, tiny_sprites, m
     from vae_core import inference
 
     cfg = tiny_config.replace(binarize=True)
-    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None), tiny_sprites)
+    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None, None, None), tiny_sprites)
     m = RunMath(cfg, tiny_sprites, torch.device("cpu"), lr=1e-3)
     assert torch.equal(held_out_batch(cfg, 50), m.test_xb[:50])
 
