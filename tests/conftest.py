@@ -38,6 +38,25 @@ def runs_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def sprites_cached(tiny_sprites, monkeypatch):
+    """Runs on "sprites" in this process load the tiny sprites: planted in the process's dataset cache."""
+    from vae_core import inference
+
+    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None, None, None), tiny_sprites)
+    return tiny_sprites
+
+
+@pytest.fixture
+def lab(runs_dir, sprites_cached):
+    """A Lab over this test's runs folder, one run at a time, training on the tiny sprites."""
+    from vae_core.lab import Lab
+
+    lab = Lab(runs_dir, max_runs=1, num_threads=1, log_every=4)
+    yield lab
+    lab.shutdown()
+
+
+@pytest.fixture
 def tiny_config():
     from vae_core.config import RunConfig
 

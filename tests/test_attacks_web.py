@@ -26,10 +26,7 @@ def trainer_threads() -> list[threading.Thread]:
 
 
 @pytest.fixture
-def lab(runs_dir, tiny_sprites, monkeypatch):
-    from vae_core import inference
-
-    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None, None, None), tiny_sprites)
+def lab(runs_dir, sprites_cached):
     lab = Lab(runs_dir, max_runs=2, num_threads=1, log_every=4)
     yield lab
     lab.shutdown()

@@ -21,16 +21,6 @@ TINY_CLI = ["--dataset", "sprites", "--train-size", "1024", "--batch-size", "64"
 
 
 
-@pytest.fixture
-def lab(runs_dir, tiny_sprites, monkeypatch):
-    # Every run in these tests trains on the tiny sprites: inject them as the process's cached dataset.
-    from vae_core import inference
-
-    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None, None, None), tiny_sprites)
-    lab = Lab(runs_dir, max_runs=1, num_threads=1, log_every=4)
-    yield lab
-    lab.shutdown()
-
 
 def test_start_creates_the_run_directory_before_the_thread(lab, tiny_config):
     run = lab.start(tiny_config.replace(epochs=50), owner="alice")

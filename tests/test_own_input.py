@@ -81,15 +81,6 @@ def test_data_url_round_trip_and_refusals():
 
 # ------------------------------------------------------------------ the Lab method
 
-@pytest.fixture
-def lab(runs_dir, tiny_sprites, monkeypatch):
-    from vae_core import inference
-
-    monkeypatch.setitem(inference._DATA_CACHE, ("sprites", None, None, None), tiny_sprites)
-    lab = Lab(runs_dir, max_runs=1, num_threads=1, log_every=4)
-    yield lab
-    lab.shutdown()
-
 
 @pytest.fixture
 def trained(lab, tiny_config):
