@@ -40,6 +40,33 @@ def test_second_run_queues_and_starts_when_the_first_ends(lab, tiny_config):
     assert lab.open(second.name).metrics_count() > 0
 
 
+def test_a_waiting_page_wakes_when_its_run_starts(lab, tiny_config):
+    """wait_queue_moves returns as the scheduler launches the run (or the run ahead leaves), not at its timeout."""
+    import threading
+
+    first = lab.start(tiny_config.replace(epochs=10_000), owner="a")
+    second = lab.start(tiny_config.replace(epochs=1), owner="b")
+    third = lab.start(tiny_config.replace(epochs=1), owner="c")
+    assert third.status().queue_position == 2
+    first.wait_queue_moves(600)  # not queued: at once
+    woke: list[int | None] = []
+    waiter = threading.Thread(target=lambda: (third.wait_queue_moves(600), woke.append(third.status().queue_position)))
+    waiter.start()
+    lab.stop(second.name, owner="b")  # leaves the queue: the run behind it moves up
+    waiter.join(60)
+    assert not waiter.is_alive() and woke == [1]
+    woke.clear()
+    waiter = threading.Thread(target=lambda: (third.wait_queue_moves(600), woke.append(third.status().queue_position)))
+    waiter.start()
+    lab.stop(first.name, owner="a", wait=30)  # a slot frees: the scheduler starts the third run
+    waiter.join(60)
+    assert not waiter.is_alive() and woke == [None]
+    assert third.status().state in ("running", "finished")
+    t0 = time.monotonic()
+    third.wait_queue_moves(600)  # no longer queued: at once
+    assert time.monotonic() - t0 < 60
+
+
 def test_only_the_owner_steers(lab, tiny_config):
     run = lab.start(tiny_config.replace(epochs=200), owner="alice")
     with pytest.raises(RunBusy, match="another session"):

@@ -99,6 +99,10 @@ class RunHandle:
     def make_room(self, seconds: float) -> None:
         """A hint that the caller is about to load the CPU (a page refresh); only runs trained here react."""
 
+    def wait_queue_moves(self, timeout: float, place: int | None = None) -> None:
+        """Block until this run's place in the queue differs from `place` (default: its place now), i.e. it
+        starts, moves up or leaves the queue, at most `timeout` seconds; at once for a run not queued here."""
+
     @property
     def token(self) -> int:
         """Unique to this run's weights view in this process (a new one after a rename or a restart here)."""
@@ -194,6 +198,9 @@ class LocalRun(RunHandle):
 
     def make_room(self, seconds: float) -> None:
         self.trainer.make_room(seconds)
+
+    def wait_queue_moves(self, timeout: float, place: int | None = None) -> None:
+        self._lab.wait_queue_moves(self.name, timeout, place)
 
     def is_alive(self) -> bool:
         return self.trainer.is_alive()
@@ -550,6 +557,22 @@ class Lab:
                     return i + 1
         return None
 
+    def wait_queue_moves(self, run: str | Path, timeout: float, place: int | None = None) -> None:
+        """Block until `run`'s place in the queue differs from `place` (default: its place now) or `timeout`
+        seconds pass; at once if it is not queued here.
+
+        A waiting page blocks here instead of polling: its run's start reaches it as the scheduler launches
+        it, not up to a poll interval later (bench_class.py). It costs a waiting thread, no CPU.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            place = place or self.queue_position(run)
+            while place is not None and not self._closed and self.queue_position(run) == place:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._wake.wait(left)
+
     def training_count(self) -> int:
         with self._lock:
             return sum(t.is_alive() for t in self._trainers.values())
@@ -708,6 +731,7 @@ class Lab:
                     del self._queue[i]
                     t = self._trainers[key]
                     t.mark("stopped", "left the queue before it started")
+                    self._wake.notify_all()  # the pages of the runs behind it move up
                     return
         self._command(run, owner, "stop", wait=wait)
 
@@ -1015,8 +1039,10 @@ class Lab:
             with self._lock:
                 if self._closed:
                     return
+                moved = False
                 while self._queue and self.training_count() < self.max_runs:
                     key, kwargs = self._queue.popleft()
+                    moved = True
                     t = self._trainers.get(key)
                     if t is None:
                         continue
@@ -1024,6 +1050,8 @@ class Lab:
                         self._launch(t, kwargs)
                     except UserError as e:
                         t.mark("failed", str(e))
+                if moved:
+                    self._wake.notify_all()  # waiting pages (wait_queue_moves): a run started, the others moved up
                 beat = time.monotonic() - last_beat >= runs.HEARTBEAT_S
                 queued = [(i + 1, self._trainers.get(k)) for i, (k, _) in enumerate(self._queue)] if beat else []
                 if not self._queue and self.training_count() == 0:

@@ -25,12 +25,17 @@ from dashboard.state import current_run, current_token, get_viewers
 from vae_core.images import png_bytes, tile, upscale
 from vae_core.lab import Lab, RunConfig, RunHandle, Status
 
-QUEUE_WATCH_S = 1.0  # a waiting page looks at its run this often (the look draws nothing: no browser work)
+QUEUE_WATCH_S = 1.0  # a waiting page's watch reruns this often, and blocks in the Lab meanwhile until its run's
+QUEUE_WAIT_S = 0.9  # place changes, so it shows its run starting as the scheduler launches it, not a poll later.
+# A blocked thread costs no CPU; the session's widgets answer meanwhile (Streamlit's fast reruns start a new
+# script thread), and a watch tick that arrives while the watch blocks waits its turn.
+FLIP_HOLD_S = 0.5  # the line that says a waiting run started is sent to the browser before the page reruns
 FIRST_POINT_POLL = 0.25  # seconds between looks while a new run has no metrics yet
 # A refresh keeps a server thread, then the browser, busy for ~0.1-0.2 s; meanwhile the trainer trains
 # on one thread instead of stalling its two lockstep threads whenever one loses its core
 # (Trainer.make_room). Measured in 4 alternating pairs: +12% samples/s with 0.15 s vs none.
 ROOM_S = 0.15
+SHOWN_PLACE_KEY = "_queue_place_shown"  # the queue place a waiting page shows: its watch waits for another
 PANEL_KEY = "live_panel"  # the component's key; its value holds the Log scale switch
 TRAIN_COLOR, TEST_COLOR, BETA_COLOR = "#4c78a8", "#e45756", "#54a24b"
 CHANGE_COLOR = "rgba(136, 140, 150, 0.9)"  # the markers of live setting changes: a grey seen on light and dark
@@ -103,19 +108,38 @@ def live(lab: Lab, panel: bool = False) -> None:
         live_panel(key=PANEL_KEY, footer=footer, **view)
 
     if queued:
-        # The waiting line is this fragment's own element, above the panel (which shows no status while its
-        # run waits): when the run starts, the line says so in this same fragment run, before the full rerun
-        # that draws the live panel. With 20 pages on a 2-core server that rerun took 1-4 s to reach the
-        # page (bench_class.py), while a waiting student wants to see at once that their run has begun.
+        # The waiting line is the watch fragment's own element, above the panel (which shows no status while its
+        # run waits). When the run leaves the queue the watch turns that line into the run's new state and ends;
+        # a later tick reruns the page, which draws the live panel. Rerunning the page at once lost the new line:
+        # a new script run drops the messages not yet sent to the browser, so with 20 pages on a 2-core server,
+        # pages kept showing "Waiting" until the full rerun reached them, 1-5 s later (bench_class.py). A tick
+        # that waited its turn behind the flip would do the same, hence the FLIP_HOLD_S before that rerun.
+        drawn, flipped = [False], [0.0]  # the page's own run draws the line at once; the watch's reruns wait first
+
         @st.fragment(run_every=QUEUE_WATCH_S)
         def watch() -> None:
+            line = st.empty()
             r = current_run(lab)
+            same_run = current_token(lab) == seen_token
             s = r.status() if r is not None else None
-            if current_token(lab) != seen_token or (s.state if s else None) != seen_state:
-                if r is not None and s is not None and s.state in ("running", "paused"):
-                    st.caption(f"**{md_text(r.name)}** · ▶ started: its live panel is on its way…")
-                app_rerun()  # the run left the queue (or another run is shown)
-            if r is not None and s is not None:
+            if drawn[0] and not flipped[0] and r is not None and s is not None and same_run:
+                # Every run that starts moves every waiting run up: the new place is drawn in this same fragment
+                # run, which goes on waiting (ending it would leave the page deaf until the next tick).
+                end, shown = time.monotonic() + QUEUE_WAIT_S, st.session_state.get(SHOWN_PLACE_KEY)
+                while s.state == seen_state and s.queue_position is not None and (left := end - time.monotonic()) > 0:
+                    if s.queue_position != shown:
+                        shown = s.queue_position
+                        with line.container():
+                            status_line(status_view(r, s))
+                    r.wait_queue_moves(left, shown)
+                    s = r.status()
+            st.session_state[SHOWN_PLACE_KEY] = s.queue_position if s is not None else None
+            drawn[0] = True
+            if not same_run or s is None or (flipped[0] and time.monotonic() - flipped[0] >= FLIP_HOLD_S):
+                app_rerun()  # another run is shown, or the line has shown the run's new state: draw its panel
+            if s.state != seen_state and not flipped[0]:
+                flipped[0] = time.monotonic()
+            with line.container():
                 status_line(status_view(r, s))
 
         watch()
