@@ -24,6 +24,12 @@ for a free slot" while their run already trains (or has already finished). Goal:
 
     python benchmarks/bench_class.py [--sessions 20] [--max-runs K] [--deadline 1800]
     python benchmarks/bench_class.py --sessions 3          # quick check
+    python benchmarks/bench_class.py --clients websocket   # the server alone: sessions without browsers
+
+With --clients websocket the sessions are Python clients of Streamlit's websocket protocol
+(benchmarks/class_ws.py) instead of Chromium pages: what the server sends them, without 20 browsers
+sharing its cores (a class's browsers run on the students' machines). The table's "CPU meanwhile" row
+says how the machine was shared.
 
 Prints a table and exits 1 when a goal failed (or 2 when the benchmark could not run).
 Needs playwright and /usr/bin/chromium. Heavy on a 2-core machine: run nothing else beside it.
@@ -113,6 +119,22 @@ OBSERVER_JS = r"""
   check();
 })();
 """
+
+
+def classify(text: str) -> tuple[str, str]:
+    """The observer's kind() in Python (for websocket clients): what the status line says, and the queue place."""
+    import re
+
+    if not text.strip():
+        return "", ""
+    if re.search(QUEUED_RE, text, re.I):
+        m = re.search(r"place (\d+)", text, re.I)
+        return "queued", m.group(1) if m else ""
+    for kind, pattern in (("finished", r"\bFinished\b"), ("stopped", r"\bStopped\b"),
+                          ("failed", r"Training failed|\bInterrupted\b"), ("running", r"\u25B6|\bPaused\b")):
+        if re.search(pattern, text):
+            return kind, ""
+    return "other", ""
 
 
 @dataclass
@@ -226,6 +248,34 @@ def rss_mb(pid: int) -> float:
                         total += int(line.split()[1]) / 1024
                         break
         except OSError:
+            pass
+    return total
+
+
+def cpu_seconds(pid: int | None = None, comm: str | None = None) -> float:
+    """CPU time (user + system) used so far by `pid` and its descendants, or by every process whose name
+    contains `comm` (the browser's), in seconds; from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children = _proc_children()
+    if pid is not None:
+        todo, pids = [pid], []
+        while todo:
+            p = todo.pop()
+            pids.append(p)
+            todo += children.get(p, [])
+    else:
+        pids = [p for ps in children.values() for p in ps]
+    total = 0.0
+    for p in pids:
+        try:
+            if comm is not None:
+                with open(f"/proc/{p}/comm") as f:
+                    if comm not in f.read():
+                        continue
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
             pass
     return total
 
@@ -376,10 +426,17 @@ def main() -> int:
     ap.add_argument("--max-rss-mb", type=float, default=2048, help="goal: the server's peak RSS, MB")
     ap.add_argument("--grace", type=float, default=60, help="seconds the pages get to show the end after the runs end")
     ap.add_argument("--keep", action="store_true", help="keep the runs directory and the server log")
+    ap.add_argument("--clients", choices=("browser", "websocket"), default="browser",
+                    help="browser: N Chromium pages on this machine; websocket: N sessions speaking Streamlit's "
+                         "protocol from Python (benchmarks/class_ws.py), i.e. the server alone")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw timings (page reports, runs, RSS) here")
     args = ap.parse_args()
 
-    from playwright.sync_api import sync_playwright
+    websocket = args.clients == "websocket"
+    if websocket:
+        from class_ws import Loop, WsPage, WsSession
+    else:
+        from playwright.sync_api import sync_playwright
 
     n = max(1, args.sessions)
     tmp = Path(tempfile.mkdtemp(prefix="bench-class-"))
@@ -409,11 +466,23 @@ def main() -> int:
     problems: list[str] = []
     deadline_hit = False
     code = 0
-    pw = browser = None
+    pw = browser = ws_loop = None
     try:
-        pw = sync_playwright().start()
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=BROWSER_ARGS)
+        if websocket:
+            ws_loop = Loop()
+        else:
+            pw = sync_playwright().start()
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=BROWSER_ARGS)
         script = OBSERVER_JS % {"queued": json.dumps(QUEUED_RE)}
+
+        def load_ws(s: Session) -> None:
+            t0 = time.time()
+            session = WsSession(port, s.url.split("?", 1)[1], classify,
+                                lambda t, k, place, text, s=s: s.events.append((t, "top", k, place, text)))
+            s.page = WsPage(session, ws_loop)
+            s.page.load("btn_train", timeout=120)
+            s.loaded_s = time.time() - t0
+            s.visibility = "websocket"
 
         def load(s: Session) -> None:
             ctx = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -433,7 +502,7 @@ def main() -> int:
 
         for s in sessions:
             try:
-                load(s)
+                (load_ws if websocket else load)(s)
             except Exception as e:  # noqa: BLE001  (a page that does not load is a finding, not a crash)
                 problems.append(f"session {s.index}: page did not load: {type(e).__name__}: {str(e)[:200]}")
             print(f"  session {s.index:2d} (β {s.beta:g}) loaded in {fmt(s.loaded_s)}", flush=True)
@@ -447,17 +516,23 @@ def main() -> int:
         # page to settle, which took ~0.8 s a page with 20 pages open and spread the class over 16 s).
         buttons = {}
         for s in sessions:
-            if s.page is not None and not math.isnan(s.loaded_s):
+            if websocket and s.page is not None and not math.isnan(s.loaded_s):
+                buttons[s.index] = s.page
+            elif s.page is not None and not math.isnan(s.loaded_s):
                 try:
                     buttons[s.index] = s.page.locator(TRAIN).first.element_handle(timeout=30_000)
                 except Exception as e:  # noqa: BLE001
                     problems.append(f"session {s.index}: no Train button: {type(e).__name__}: {str(e)[:200]}")
         t_click0 = time.time()
+        cpu0 = (cpu_seconds(srv.pid), cpu_seconds(comm="chrom"))
         for s in sessions:
             if s.index not in buttons:
                 continue
             try:
-                buttons[s.index].evaluate("b => b.click()")
+                if websocket:
+                    buttons[s.index].click("btn_train")
+                else:
+                    buttons[s.index].evaluate("b => b.click()")
                 s.clicked = time.time()
             except Exception:  # noqa: BLE001  (the button was redrawn meanwhile: a real click then)
                 try:
@@ -502,18 +577,25 @@ def main() -> int:
                 last_report = now
             pump.wait_for_timeout(200)  # also delivers the pages' reports
         t_end = time.time()
+        cpu = (cpu_seconds(srv.pid) - cpu0[0], cpu_seconds(comm="chrom") - cpu0[1])
         rss.append((t_end, rss_mb(srv.pid)))
     except Exception as e:  # noqa: BLE001
         print(f"benchmark could not run: {type(e).__name__}: {e}", file=sys.stderr)
         code = 2
         t_click0 = t_end = time.time()
         rss_loaded = math.nan
+        cpu = (math.nan, math.nan)
     finally:
         try:
             if browser is not None:
                 browser.close()
             if pw is not None:
                 pw.stop()
+            if ws_loop is not None:
+                for s in sessions:
+                    if s.page is not None:
+                        s.page.close()
+                ws_loop.stop()
         finally:
             watcher.stop()  # before the server: its shutdown marks unfinished runs "stopped"
             known = {r.path.name: r for r in watcher.snapshot()}
@@ -573,7 +655,8 @@ def main() -> int:
         f"server peak RSS <= {args.max_rss_mb:.0f} MB": peak <= args.max_rss_mb,
     }
     rows = [
-        ("sessions (browser contexts, one Chromium)", f"{n}"),
+        ("sessions" + (" (websocket clients: the server alone)" if websocket else " (browser contexts, one Chromium)"),
+         f"{n}"),
         ("server slots (VAE_MAX_RUNS)", f"{args.max_runs or 'unset (default)'}"),
         ("page load, median / max", f"{fmt(statistics.median(loads) if loads else math.nan)} / "
                                     f"{fmt(max(loads) if loads else math.nan)}"),
@@ -596,11 +679,13 @@ def main() -> int:
         ("server RSS idle / pages loaded / peak / end",
          f"{rss_idle:.0f} / {rss_loaded:.0f} / {peak:.0f} / {rss[-1][1]:.0f} MB ({len(rss)} samples)"),
         ("wall time: first Train to all ended and shown", fmt(wall)),
+        ("CPU meanwhile: server (with its runs) / browser",
+         f"{cpu[0]:.0f} s / {cpu[1]:.0f} s of {wall * (os.cpu_count() or 1):.0f} s"),
         ("wall time: total (server start to end)", fmt(t_end - t_start)),
     ]
     width = max(len(a) for a, _ in rows)
     print()
-    print(f"A class on one server: {n} sessions, {platform.node()}, {os.cpu_count()} CPUs, "
+    print(f"A class on one server: {n} sessions ({'websocket clients' if websocket else 'Chromium pages'}), {platform.node()}, {os.cpu_count()} CPUs, "
           f"{dt.datetime.now().isoformat(timespec='minutes')}")
     print(f"load average (1 min) before / after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} "
           "(other work on the machine slows pages and runs alike)")
@@ -610,7 +695,7 @@ def main() -> int:
     print("-" * (width + 40))
     if waits:
         print("waiting pages, latency by session: " + ", ".join(f"#{i} {w:.2f} s" for w, i in sorted(waits, key=lambda x: x[1])))
-    if vis and vis != ["visible"]:
+    if vis and vis not in (["visible"], ["websocket"]):
         print(f"note: pages' document.visibilityState: {vis} (hidden pages may throttle timers)")
     for r in bad:
         problems.append(f"run {r.path.name} ended {r.state}: {r.message}")
@@ -629,6 +714,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "args": {k: str(v) for k, v in vars(args).items()}, "t_click0": t_click0, "t_end": t_end, "rss_mb": rss,
+            "cpu_s": {"server": cpu[0], "browser": cpu[1]},
             "sessions": [{"index": s.index, "sid": s.sid, "beta": s.beta, "loaded_s": s.loaded_s, "clicked": s.clicked,
                           "visibility": s.visibility, "events": s.events} for s in sessions],
             "runs": [{"name": r.path.name, "owner": r.owner, "beta": r.beta, "first_seen": r.first_seen,
