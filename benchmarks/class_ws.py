@@ -109,6 +109,8 @@ class WsSession:
         self.fresh.add(path)
         if delta.WhichOneof("type") != "new_element":
             return
+        for old in [p for p in self.elements if p[:len(path)] == path and len(p) > len(path)]:
+            del self.elements[old]  # an element where a block was (st.empty over a container): its children go
         el = delta.new_element
         what = el.WhichOneof("type")
         text = ""

@@ -22,10 +22,10 @@ def test_a_waiting_session_sees_its_place_move_up_and_its_run_start(tmp_path):
         events: dict[int, list[tuple[str, str]]] = {i: [] for i in range(3)}
         pages = []
         try:
-            for i, epochs in enumerate((40, 3, 3)):  # the first run trains long enough for the others to queue
+            for i in range(3):  # whichever Train the server takes first trains; the other two wait
                 q = urllib.parse.urlencode({"sid": f"queue-push-{i}", "beta": 1 + i, "dataset": "sprites",
                                             "train_size": 512, "batch_size": 64, "hidden_dim": 64, "latent_dim": 2,
-                                            "epochs": epochs, "evidence_every": 0})
+                                            "epochs": 15, "evidence_every": 0})
                 session = class_ws.WsSession(port, q, classify, lambda t, k, place, text, i=i: events[i].append((k, place)),
                                              host="127.0.0.1")
                 page = class_ws.WsPage(session, loop)
@@ -34,14 +34,14 @@ def test_a_waiting_session_sees_its_place_move_up_and_its_run_start(tmp_path):
             for page in pages:
                 page.click("btn_train")
             # Only the watch's own pushes can show these: the page is never reloaded or clicked again.
-            poll_until(lambda: ("queued", "2") in events[2], what="the third session to show place 2")
+            poll_until(lambda: any(("queued", "2") in e for e in events.values()), what="a session to show place 2")
             poll_until(lambda: all(e and e[-1][0] == "finished" for e in events.values()), timeout=600,
                        what="every session to show its run finished")
         finally:
             for page in pages:
                 page.close()
             loop.stop()
-    third = [e for e in events[2] if e[0]]
-    places = [p for k, p in third if k == "queued"]
-    assert places[:2] == ["2", "1"], third  # it moved up while the first run trained, then started
-    assert third.index(("queued", "1")) < max(i for i, (k, _) in enumerate(third) if k in ("running", "finished"))
+    last = next(e for e in events.values() if ("queued", "2") in e)  # the session whose Train came last
+    assert [p for k, p in last if k == "queued"] == ["2", "1"], last  # it moved up while the first run trained
+    assert last.index(("queued", "1")) < max(i for i, (k, _) in enumerate(last) if k in ("running", "finished"))
+    assert ("", "") not in last[last.index(("queued", "2")):last.index(("queued", "1"))], last  # the line never blinks

@@ -35,7 +35,6 @@ FIRST_POINT_POLL = 0.25  # seconds between looks while a new run has no metrics 
 # on one thread instead of stalling its two lockstep threads whenever one loses its core
 # (Trainer.make_room). Measured in 4 alternating pairs: +12% samples/s with 0.15 s vs none.
 ROOM_S = 0.15
-SHOWN_PLACE_KEY = "_queue_place_shown"  # the queue place a waiting page shows: its watch waits for another
 PANEL_KEY = "live_panel"  # the component's key; its value holds the Log scale switch
 TRAIN_COLOR, TEST_COLOR, BETA_COLOR = "#4c78a8", "#e45756", "#54a24b"
 CHANGE_COLOR = "rgba(136, 140, 150, 0.9)"  # the markers of live setting changes: a grey seen on light and dark
@@ -118,29 +117,33 @@ def live(lab: Lab, panel: bool = False) -> None:
 
         @st.fragment(run_every=QUEUE_WATCH_S)
         def watch() -> None:
-            line = st.empty()
+            # The line is one element, replaced in place as the place changes (a placeholder from st.empty would
+            # send an empty element first: a blink in every waiting page at every tick).
+            line, shown = [None], [None]
+
+            def draw(view: dict[str, Any]) -> None:
+                if (view["kind"], view["text"]) != shown[0]:
+                    shown[0] = (view["kind"], view["text"])
+                    line[0] = getattr(line[0] if line[0] is not None else st, view["kind"])(view["text"])
+
             r = current_run(lab)
             same_run = current_token(lab) == seen_token
             s = r.status() if r is not None else None
+            if r is not None and s is not None:
+                draw(status_view(r, s))
             if drawn[0] and not flipped[0] and r is not None and s is not None and same_run:
                 # Every run that starts moves every waiting run up: the new place is drawn in this same fragment
                 # run, which goes on waiting (ending it would leave the page deaf until the next tick).
-                end, shown = time.monotonic() + QUEUE_WAIT_S, st.session_state.get(SHOWN_PLACE_KEY)
+                end = time.monotonic() + QUEUE_WAIT_S
                 while s.state == seen_state and s.queue_position is not None and (left := end - time.monotonic()) > 0:
-                    if s.queue_position != shown:
-                        shown = s.queue_position
-                        with line.container():
-                            status_line(status_view(r, s))
-                    r.wait_queue_moves(left, shown)
+                    r.wait_queue_moves(left, s.queue_position)
                     s = r.status()
-            st.session_state[SHOWN_PLACE_KEY] = s.queue_position if s is not None else None
+                    draw(status_view(r, s))
             drawn[0] = True
             if not same_run or s is None or (flipped[0] and time.monotonic() - flipped[0] >= FLIP_HOLD_S):
                 app_rerun()  # another run is shown, or the line has shown the run's new state: draw its panel
             if s.state != seen_state and not flipped[0]:
                 flipped[0] = time.monotonic()
-            with line.container():
-                status_line(status_view(r, s))
 
         watch()
     fragment()
