@@ -29,6 +29,17 @@ from vae_core.config import RunConfig  # noqa: E402
 from vae_core.run_math import RunMath  # noqa: E402
 
 
+def conv_config(dataset: str, channels: int, size: int, batch: int) -> RunConfig:
+    """The conv VAE these benchmarks train (also bench_costs.py's image-size row): logistic, hidden 256, z 32."""
+    return RunConfig().replace(dataset=dataset, arch="conv", channels=channels, image_size=size,
+                               likelihood="logistic", batch_size=batch, hidden_dim=256, latent_dim=32)
+
+
+def stream_always() -> None:
+    """Make load_folder / folder_data.image_data stream every set (a memory budget of 1 kB)."""
+    os.environ[folder_data.MEMORY_ENV] = "0.001"
+
+
 def steps_per_s(m: RunMath, steps: int) -> float:
     order = m.batcher.epoch()
     t0 = time.perf_counter()
@@ -55,13 +66,12 @@ def main() -> None:
     in_memory = folder_data.load_folder(name, 3, 64, warn=print)
     print(f"first pass (decode + cache, {folder_data.WORKERS_FROM}+ files use workers): "
           f"{time.perf_counter() - t0:.1f} s, {args.images / (time.perf_counter() - t0):.0f} images/s")
-    os.environ[folder_data.MEMORY_ENV] = "0.001"
+    stream_always()
     t0 = time.perf_counter()
     streamed = folder_data.load_folder(name, 3, 64, warn=print)
     print(f"second load (from the cache): {time.perf_counter() - t0:.2f} s")
     assert isinstance(streamed.train_x, folder_data.StreamedImages)
-    cfg = RunConfig().replace(dataset=name, arch="conv", channels=3, image_size=64, likelihood="logistic",
-                              batch_size=args.batch, hidden_dim=256, latent_dim=32)
+    cfg = conv_config(name, 3, 64, args.batch)
     dev = torch.device("cpu")
     runs = {"in memory": RunMath(cfg, in_memory, dev, lr=1e-3), "streamed": RunMath(cfg, streamed, dev, lr=1e-3)}
     for m in runs.values():

@@ -161,6 +161,22 @@ def decode_folder(path: str | Path, channels: int | None = None, size: int | Non
     return decode_listing(listing, channels, size, cache_dir=cache_dir)
 
 
+def open_cache(final: Path) -> DecodedFolder:
+    """The decoded folder cached in final (images.u8, meta.json); raises OSError, ValueError or KeyError."""
+    meta = json.loads((final / "meta.json").read_text())
+    images = np.memmap(final / "images.u8", dtype=np.uint8, mode="r", shape=tuple(meta["shape"]))
+    return DecodedFolder(images, np.asarray(meta["labels"], dtype=np.int64), tuple(meta["label_names"]),
+                         [tuple(b) for b in meta["bad"]], final, np.asarray(meta["good"], dtype=bool))
+
+
+def write_meta(where: Path, shape: tuple[int, ...], labels: np.ndarray, label_names: tuple[str, ...],
+               bad: list, good: np.ndarray, root: Path) -> None:
+    """The cache's meta.json beside its images.u8 (written last: a cache with it is complete)."""
+    (where / "meta.json").write_text(json.dumps({"shape": list(shape), "labels": labels.tolist(),
+                                                "label_names": list(label_names), "bad": bad,
+                                                "good": good.astype(int).tolist(), "root": str(root)}))
+
+
 def decode_listing(listing: Listing, channels: int | None, size: int | None, *, crop: int | None = None,
                    cache_dir: Path | None = None) -> DecodedFolder:
     """decode_folder for a listing made elsewhere (colour_sets.py's CelebA): decoded once, then the cache."""
@@ -171,10 +187,7 @@ def decode_listing(listing: Listing, channels: int | None, size: int | None, *, 
     meta_path = final / "meta.json"
     if meta_path.exists():  # written last, so a cache with it is complete
         try:
-            meta = json.loads(meta_path.read_text())
-            images = np.memmap(final / "images.u8", dtype=np.uint8, mode="r", shape=tuple(meta["shape"]))
-            return DecodedFolder(images, np.asarray(meta["labels"], dtype=np.int64), tuple(meta["label_names"]),
-                                 [tuple(b) for b in meta["bad"]], final, np.asarray(meta["good"], dtype=bool))
+            return open_cache(final)
         except (OSError, ValueError, KeyError):
             shutil.rmtree(final, ignore_errors=True)  # unreadable: decode again
     n = len(listing.files)
@@ -204,10 +217,7 @@ def decode_listing(listing: Listing, channels: int | None, size: int | None, *, 
         raw.flush()
         del raw
         os.truncate(tmp / "images.u8", int(np.prod(kept)))
-        (tmp / "meta.json").write_text(json.dumps({"shape": list(kept), "labels": labels.tolist(),
-                                                  "label_names": list(listing.label_names), "bad": bad,
-                                                  "good": good.astype(int).tolist(),
-                                                  "root": str(listing.root)}))
+        write_meta(tmp, kept, labels, listing.label_names, bad, good, listing.root)
         try:
             os.rename(tmp, final)
         except OSError:  # another process cached it first: use theirs
@@ -242,11 +252,16 @@ def _stderr(msg: str) -> None:
 def load_folder(name: str, channels: int | None = None, size: int | None = None, *,
                 warn: Callable[[str], None] = _stderr):
     """The folder dataset `folder:PATH` as ImageData (vae_core.data), train set streamed when it is too large."""
-    from .data import ImageData
-
     root = folder_path(name)
     dec = decode_folder(root, channels, size)
     warn_bad(dec.bad, str(root), warn)
+    return image_data(name, root, dec)
+
+
+def image_data(name: str, root: Path, dec: DecodedFolder):
+    """The decoded folder as ImageData: a fixed split; the train set in memory or streamed (memory budget)."""
+    from .data import ImageData
+
     train_idx, test_idx = split(len(dec.images))
     images = dec.images
     test_x = torch.from_numpy(np.ascontiguousarray(images[test_idx])).float().div_(255)
