@@ -91,6 +91,21 @@ def test_sessions_keep_their_own_current_run(lab, tiny_config):
     assert lab.current("s1") is None  # a deleted run is no session's current run
 
 
+def test_delete_right_after_finished_waits_for_the_thread_to_close(lab, tiny_config):
+    """"Finished" shows before the training thread has closed its files; Delete at that moment once said
+    "is training here; stop it first" (seen in the suite under load). A listener holds the thread open."""
+    import threading
+
+    closing, release = threading.Event(), threading.Event()
+    run = lab.start(tiny_config.replace(epochs=1), owner="s1")
+    run.trainer.add_exit_listener(lambda _t: (closing.set(), release.wait(120)))
+    poll_until(closing.is_set, what="the training thread to reach its end")
+    assert run.status().state == "finished" and run.is_alive()
+    threading.Timer(0.5, release.set).start()  # the thread closes while Delete waits (or has already refused)
+    lab.delete(run.name)
+    assert not run.run_dir.exists() and run.name not in [r.name for r in lab.list_runs()]
+
+
 def test_follower_tails_new_rows_and_rereads_a_rewritten_file(tmp_path, tiny_config):
     run_dir = runs.create_run_dir(tmp_path, tiny_config, "followed")
     runs.write_config(run_dir, tiny_config)

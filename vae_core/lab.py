@@ -972,6 +972,11 @@ class Lab:
         key = str(path.resolve())
         with self._lock:
             t = self._trainers.get(key)
+            queued = any(k == key for k, _ in self._queue)
+        if t is not None and not queued and t.is_alive() and t.status().state not in runs.ACTIVE_STATES:
+            t.join(60)  # it has ended and is closing its files: a Delete right after "Finished" waits for that
+        with self._lock:
+            t = self._trainers.get(key)
             if t is not None:
                 if t.is_alive() or any(k == key for k, _ in self._queue):
                     raise RunFileError(f"run {path.name!r} is training here; stop it first")
