@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from bench_train import trainer_steps  # noqa: E402  (the script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 TF32_TOLERANCE = 0.1  # nats per example: TF32 may change the test ELBO after an epoch by at most this
 
@@ -75,18 +77,9 @@ class Loop:
 
     def steps(self, n: int) -> float:
         """n steps as the trainer takes them; samples/s with the GPU's work included (synced at both ends)."""
-        acc = torch.zeros(5, device="cuda")
         torch.cuda.synchronize()
         t = time.perf_counter()
-        for _ in range(n):
-            idx = next(self.order, None)
-            if idx is None:
-                self.order = iter(self.m.batcher.epoch())
-                idx = next(self.order)
-            acc += self.m.train_step(self.m.batch(idx), beta=1.0, free_bits=0.0, lr=1e-3)
-            self.step += 1
-            if self.step % 50 == 0:
-                acc.tolist()  # the trainer's one sync per log interval
+        trainer_steps(self, n, "cuda")
         torch.cuda.synchronize()
         return n * self.m.config.train.batch_size / (time.perf_counter() - t)
 

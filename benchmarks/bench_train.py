@@ -172,17 +172,23 @@ class OurLoop:
                 raise SystemExit(f"compile failed: {self.m.compiled.error}")
 
     def steps(self, n: int) -> int:
-        acc = torch.zeros(5)
-        for _ in range(n):
-            idx = next(self.order, None)
-            if idx is None:
-                self.order = iter(self.m.batcher.epoch())
-                idx = next(self.order)
-            acc += self.m.train_step(self.m.batch(idx), beta=1.0, free_bits=0.0, lr=1e-3)
-            self.step += 1
-            if self.step % 50 == 0:
-                acc.tolist()  # the trainer's one sync per log interval
+        trainer_steps(self, n)
         return n * 128
+
+
+def trainer_steps(loop, n: int, device: str = "cpu") -> None:
+    """n steps of `loop.m` (a RunMath) as the trainer takes them: one sync per log interval of 50 steps.
+    `loop` keeps the epoch's batch order (`order`) and the step count (`step`) between calls."""
+    acc = torch.zeros(5, device=device)
+    for _ in range(n):
+        idx = next(loop.order, None)
+        if idx is None:
+            loop.order = iter(loop.m.batcher.epoch())
+            idx = next(loop.order)
+        acc += loop.m.train_step(loop.m.batch(idx), beta=1.0, free_bits=0.0, lr=1e-3)
+        loop.step += 1
+        if loop.step % 50 == 0:
+            acc.tolist()  # the trainer's one sync per log interval
 
 
 def main() -> None:
