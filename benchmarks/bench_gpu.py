@@ -1,6 +1,7 @@
 """Training speed on a CUDA GPU: samples/s and the fraction of the device's limit, per model and batch size.
 
-For each model (the default MLP 784-400-20 and the conv net at 28x28) and batch size, RunMath's
+For each model (the default MLP 784-400-20, the conv net at 28x28, and bench_stream.py's conv VAE on
+colour 64x64 images), precision (fp32; bf16: mixed precision, TrainConfig.precision) and batch size, RunMath's
 step is timed as the trainer runs it (data resident on the GPU, binarization and batching on the
 GPU, one host sync per 50-step log interval), eager and compiled (torch.compile
 mode="reduce-overhead": CUDA graphs), the two alternated. The work per example is counted by
@@ -53,16 +54,32 @@ def device_limits() -> dict[str, float]:
     return out
 
 
-def make_math(arch: str, batch: int, dataset: str, *, compiled: bool, epochs: int = 10_000):
+_CONV64: list = []  # (folder name, data), written once
+
+
+def make_math(arch: str, batch: int, dataset: str, *, compiled: bool, epochs: int = 10_000, precision: str = "fp32"):
+    """RunMath for `arch`: mlp or conv on the 28x28 dataset, or conv64 (colour 64x64 JPEGs, bench_stream's model)."""
     from vae_core.compiled_step import CompiledStep
     from vae_core.config import RunConfig
     from vae_core.inference import get_dataset
     from vae_core.run_math import RunMath
 
     os.environ["VAE_COMPILE"] = "0"  # compiled by hand below, joined before timing
-    cfg = RunConfig().replace(dataset=dataset, arch=arch, latent_dim=20, hidden_dim=400, batch_size=batch,
-                              lr=1e-3, binarize=True, epochs=epochs, seed=0, evidence_every=0, device="cuda")
-    m = RunMath(cfg, get_dataset(dataset).subset_train(None), torch.device("cuda"), lr=1e-3)
+    if arch == "conv64":
+        from bench_stream import conv_config
+        from bench_train import conv64_data
+
+        if not _CONV64:
+            _CONV64.append(conv64_data(4096))
+        name, data = _CONV64[0]
+        cfg = conv_config(name, 3, 64, batch).replace(epochs=epochs, evidence_every=0, device="cuda",
+                                                      precision=precision)
+    else:
+        cfg = RunConfig().replace(dataset=dataset, arch=arch, latent_dim=20, hidden_dim=400, batch_size=batch,
+                                  lr=1e-3, binarize=True, epochs=epochs, seed=0, evidence_every=0, device="cuda",
+                                  precision=precision)
+        data = get_dataset(dataset).subset_train(None)
+    m = RunMath(cfg, data, torch.device("cuda"), lr=1e-3)
     if compiled:
         m.compiled = CompiledStep(m.device)
         m.compiled.start(m.model, m.batch(torch.arange(batch, device="cuda")))
@@ -112,7 +129,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", default="128,1024,4096")
-    ap.add_argument("--archs", default="mlp,conv")
+    ap.add_argument("--archs", default="mlp,conv,conv64", help="mlp, conv (28x28), conv64 (colour 64x64)")
+    ap.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (mixed precision)")
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--no-dashboard", action="store_true")
     args = ap.parse_args()
@@ -125,11 +143,11 @@ def main() -> None:
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, dataset {dataset}")
     lim = device_limits()
     print("measured matmul limits: " + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in lim.items()))
-    for arch in args.archs.split(","):
+    for arch, precision in ((a, p) for a in args.archs.split(",") for p in args.precisions.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
-            loops = {"eager": Loop(make_math(arch, batch, dataset, compiled=False))}
+            loops = {"eager": Loop(make_math(arch, batch, dataset, compiled=False, precision=precision))}
             t = time.perf_counter()
-            loops["compiled"] = Loop(make_math(arch, batch, dataset, compiled=True))
+            loops["compiled"] = Loop(make_math(arch, batch, dataset, compiled=True, precision=precision))
             compile_s = time.perf_counter() - t
             fl = flops_per_example(loops["eager"].m)
             for loop in loops.values():
@@ -140,9 +158,10 @@ def main() -> None:
                     rates[k].append(loop.steps(args.steps))
             for k, r in rates.items():
                 best = max(r)
-                print(f"{arch:4s} batch {batch:5d} {k:8s}: {best:12,.0f} samples/s  "
+                print(f"{arch:6s} {precision} batch {batch:5d} {k:8s}: {best:12,.0f} samples/s  "
                       f"{best * fl / 1e12:7.2f} TFLOP/s = {best * fl / 1e12 / lim['fp32']:6.1%} of FP32, "
-                      f"{best * fl / 1e12 / lim['tf32']:6.1%} of TF32 (rounds: {', '.join(f'{x:,.0f}' for x in r)})"
+                      f"{best * fl / 1e12 / lim['tf32']:6.1%} of TF32, {best * fl / 1e12 / lim['bf16']:6.1%} of BF16 "
+                      f"(rounds: {', '.join(f'{x:,.0f}' for x in r)})"
                       + (f"; compile {compile_s:.1f} s" if k == "compiled" else ""))
     fp32, s32 = test_elbo_after_epoch(dataset, tf32=False)
     tf32, s_tf = test_elbo_after_epoch(dataset, tf32=True)

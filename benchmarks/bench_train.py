@@ -7,6 +7,11 @@ this CPU's matmul limit. Then both train the same number of epochs from the same
 their test losses are compared (quality must not pay for speed).
 
     PYTHONPATH=. python benchmarks/bench_train.py [--dataset fashion-mnist] [--rounds 3] [--steps 150] [--epochs 1]
+        [--precision fp32,bf16] [--conv [--size 64]]
+
+Each precision (fp32; bf16: mixed precision, TrainConfig.precision) is timed eager and compiled in the
+same rounds. --conv times the conv model (also channels-last) and reports its FLOPs, counted by torch
+on a real step, against the same float32 matmul probe; --size 64 uses colour 64x64 JPEGs written here.
 """
 from __future__ import annotations
 
@@ -137,16 +142,37 @@ def matmul_gflops(reps: int = 2000) -> float:
     return 2 * 128 * 784 * 400 * reps / (time.perf_counter() - t) / 1e9
 
 
-def ours(dataset: str, epochs: int, seed: int = 0) -> Trainer:
+def ours(dataset: str, epochs: int, seed: int = 0, precision: str = "fp32") -> Trainer:
     cfg = RunConfig().replace(dataset=dataset, latent_dim=20, hidden_dim=400, batch_size=128, lr=1e-3,
-                              binarize=False, epochs=epochs, seed=seed, evidence_every=0)
+                              binarize=False, epochs=epochs, seed=seed, evidence_every=0, precision=precision)
     return Trainer(cfg, persist=False, log_every=50)
+
+
+def conv64_data(images: int = 1024):
+    """A folder of RGB JPEGs (bench_stream.py's), loaded at 64x64 for the conv model, and its name."""
+    import os
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from image_files import write_image
+
+    from vae_core import folder_data
+
+    work = Path(tempfile.mkdtemp(prefix="bench-conv64-"))
+    os.environ["VAE_DATA_CACHE"] = str(work / "cache")
+    for i in range(images):
+        write_image(work / "imgs" / f"{i:05d}.jpg", (80, 96), "RGB", "JPEG", seed=i)
+    name = f"folder:{work / 'imgs'}"
+    return name, folder_data.load_folder(name, 3, 64, warn=print)
 
 
 class OurLoop:
     """vae_core's step (RunMath) as the trainer runs it: one sync per log interval of 50 steps."""
 
-    def __init__(self, dataset: str, *, compiled: bool, conv: bool = False, channels_last: bool = False) -> None:
+    def __init__(self, dataset: str, *, compiled: bool, conv: bool = False, channels_last: bool = False,
+                 precision: str = "fp32", size: int = 28, data=None) -> None:
         import os
 
         from vae_core.compiled_step import CompiledStep
@@ -155,17 +181,23 @@ class OurLoop:
         os.environ["VAE_COMPILE"] = "0"  # built by hand below, so the two loops differ only in that
         cfg = RunConfig().replace(dataset=dataset, latent_dim=20, hidden_dim=400, batch_size=128, lr=1e-3,
                                   binarize=False, epochs=10_000, seed=0, evidence_every=0,
-                                  arch="conv" if conv else "mlp")
-        data = get_dataset(dataset).subset_train(cfg.train.train_size)
+                                  arch="conv" if conv else "mlp", precision=precision)
+        if size == 64:  # bench_stream.py's conv VAE on colour 64x64 images (logistic, hidden 256, z 32, batch 32)
+            from bench_stream import conv_config
+
+            cfg = conv_config(dataset, 3, 64, 32).replace(epochs=10_000, evidence_every=0, precision=precision)
+        self.batch_size = cfg.train.batch_size
+        data = data if data is not None else get_dataset(dataset).subset_train(cfg.train.train_size)
         self.m = RunMath(cfg, data, torch.device("cpu"), lr=1e-3)
         if channels_last:
             self.m.model = self.m.model.to(memory_format=torch.channels_last)
+            self.m.opt = self.m.make_optimizer(1e-3)
             self.m.train_x = self.m.train_x.contiguous(memory_format=torch.channels_last)
         self.order, self.step = iter(()), 0
         if compiled:
             self.m.compiled = CompiledStep(self.m.device)
             t = time.perf_counter()
-            self.m.compiled.start(self.m.model, self.m.batch(torch.arange(128)))
+            self.m.compiled.start(self.m.model, self.m.batch(torch.arange(self.batch_size)))
             ok = self.m.compiled.join()
             self.compile_s = time.perf_counter() - t
             if not ok:
@@ -173,7 +205,19 @@ class OurLoop:
 
     def steps(self, n: int) -> int:
         trainer_steps(self, n)
-        return n * 128
+        return n * self.batch_size
+
+    def flops_per_example(self) -> float:
+        """Forward + backward FLOPs of one step per example, counted by torch (eager; the compiled step does the same)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x = self.m.batch(torch.arange(self.batch_size))
+        from vae_core.objectives import elbo_loss, elbo_terms
+
+        with FlopCounterMode(display=False) as fc:
+            elbo_loss(elbo_terms(self.m.model, x, self.m.gen), beta=1.0).backward()
+        self.m.opt.zero_grad(set_to_none=True)
+        return fc.get_total_flops() / self.batch_size
 
 
 def trainer_steps(loop, n: int, device: str = "cpu") -> None:
@@ -197,21 +241,32 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--epochs", type=int, default=1, help="epochs for the quality comparison (0: skip)")
-    ap.add_argument("--conv", action="store_true", help="the conv model (28x28) instead of the MLP, vs the same limit")
+    ap.add_argument("--conv", action="store_true", help="the conv model instead of the MLP, vs the same limit")
+    ap.add_argument("--size", type=int, choices=(28, 64), default=28,
+                    help="with --conv: 28 (the grey dataset) or 64 (colour JPEGs written here, bench_stream's model)")
+    ap.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (mixed), each timed")
     args = ap.parse_args()
     threads = torch.get_num_threads()
     device = torch.device("cpu")
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    wide = args.conv and args.size == 64
+    dataset, data = conv64_data() if wide else (args.dataset, None)
 
     # Throughput: alternate fixed numbers of steps of each loop, same thread count.
-    loops: dict[str, object] = {"reference (DataLoader)": ClassicRun(args.dataset, device)}
-    loops["vae_core eager"] = OurLoop(args.dataset, compiled=False, conv=args.conv)
-    compiled = OurLoop(args.dataset, compiled=True, conv=args.conv)
-    print(f"compiling the step took {compiled.compile_s:.1f} s (in the background in a real run)")
-    loops["vae_core compiled"] = compiled
-    if args.conv:
-        loops["vae_core eager, channels-last"] = OurLoop(args.dataset, compiled=False, conv=True, channels_last=True)
+    loops: dict[str, OurLoop | ClassicRun] = {}
+    if not wide:  # the classic example's MLP on 28x28: the reference for the ratios
+        loops["reference (DataLoader)"] = ClassicRun(args.dataset, device)
+    for p in precisions:
+        kw = dict(conv=args.conv, precision=p, size=args.size, data=data)
+        loops[f"vae_core eager {p}"] = OurLoop(dataset, compiled=False, **kw)
+        compiled = OurLoop(dataset, compiled=True, **kw)
+        print(f"compiling the {p} step took {compiled.compile_s:.1f} s (in the background in a real run)")
+        loops[f"vae_core compiled {p}"] = compiled
+        if args.conv:
+            loops[f"vae_core eager {p}, channels-last"] = OurLoop(dataset, compiled=False, channels_last=True, **kw)
     for loop in loops.values():
         loop.steps(10)  # warm-up
+    flops = {name: loop.flops_per_example() for name, loop in loops.items() if isinstance(loop, OurLoop)}
     rates: dict[str, list[float]] = {k: [] for k in loops}
     gf = []
     for _ in range(args.rounds):
@@ -221,17 +276,23 @@ def main() -> None:
             n = loop.steps(args.steps)
             rates[name].append(n / (time.perf_counter() - s))
     limit = max(gf) * 1e9 / (3 * FWD_FLOPS)  # samples/s if an MLP step ran at matmul speed
-    ref = rates["reference (DataLoader)"]
-    print(f"dataset {args.dataset}, {threads} threads, model {'conv' if args.conv else 'MLP 784-400-20'}")
-    print(f"matmul (128x784)@(784x400): {max(gf):.1f} GFLOP/s (rounds: {', '.join(f'{g:.0f}' for g in gf)}) "
-          f"-> limit {limit:,.0f} samples/s for the MLP")
+    model = "MLP 784-400-20" if not args.conv else f"conv {args.size}x{args.size}"
+    print(f"dataset {'colour JPEGs 64x64' if wide else args.dataset}, {threads} threads, model {model}")
+    print(f"matmul (128x784)@(784x400), float32: {max(gf):.1f} GFLOP/s (rounds: {', '.join(f'{g:.0f}' for g in gf)})"
+          + ("" if args.conv else f" -> limit {limit:,.0f} samples/s for the MLP"))
+    ref = rates.get("reference (DataLoader)")
     for name, r in rates.items():
-        ratios = sorted(o / b for o, b in zip(r, ref))
-        print(f"{name:30s}: best {max(r):,.0f} samples/s ({max(r) / limit:.1%} of the matmul limit); "
-              f"vs reference per round {', '.join(f'{o / b:.2f}' for o, b in zip(r, ref))}, "
-              f"median {ratios[len(ratios) // 2]:.2f}x")
+        line = f"{name:38s}: best {max(r):,.0f} samples/s"
+        if name in flops:  # FLOPs counted by torch on a real step, against the float32 matmul probe
+            line += (f", {flops[name] / 1e6:.1f} MFLOP/example -> {max(r) * flops[name] / 1e9:.0f} GFLOP/s "
+                     f"= {max(r) * flops[name] / (max(gf) * 1e9):.1%} of the float32 matmul limit")
+        if ref is not None:
+            ratios = sorted(o / b for o, b in zip(r, ref))
+            line += (f"; vs reference per round {', '.join(f'{o / b:.2f}' for o, b in zip(r, ref))}, "
+                     f"median {ratios[len(ratios) // 2]:.2f}x")
+        print(line)
 
-    if args.epochs:
+    if args.epochs and not args.conv:
         import os
 
         ref = ClassicRun(args.dataset, device, seed=1)
@@ -240,14 +301,15 @@ def main() -> None:
         t_ref = time.perf_counter() - s
         ref_loss = ref.test_loss()
         line = f"after {args.epochs} epoch(s): reference test loss {ref_loss:.2f} (wall {t_ref:.1f} s)"
-        for flag in ("0", "1"):
-            os.environ["VAE_COMPILE"] = flag
-            tr = ours(args.dataset, args.epochs, seed=1)
-            s = time.perf_counter()
-            tr.start(); tr.join()
-            test = [m for m in tr.metrics() if m["split"] == "test"][-1]
-            line += (f"; vae_core {'compiled' if flag == '1' else 'eager'} test -ELBO {-test['elbo']:.2f} "
-                     f"(difference {abs(ref_loss + test['elbo']):.2f}, wall {time.perf_counter() - s:.1f} s)")
+        for p in precisions:
+            for flag in ("0", "1"):
+                os.environ["VAE_COMPILE"] = flag
+                tr = ours(args.dataset, args.epochs, seed=1, precision=p)
+                s = time.perf_counter()
+                tr.start(); tr.join()
+                test = [m for m in tr.metrics() if m["split"] == "test"][-1]
+                line += (f"; vae_core {'compiled' if flag == '1' else 'eager'} {p} test -ELBO {-test['elbo']:.2f} "
+                         f"(difference {abs(ref_loss + test['elbo']):.2f}, wall {time.perf_counter() - s:.1f} s)")
         print(line + " [BCE+KL nats per example; target: difference < 1]")
 
 

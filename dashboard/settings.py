@@ -32,6 +32,8 @@ LABELS = {
     "channels": "Channels", "image_size": "Image size",
 }
 LABELS["snapshot_budget_mb"] = "Time-lapse snapshots (MB of disk)"
+LABELS["precision"] = "Precision"
+PRECISION_NAMES = {"fp32": "float32", "bf16": "bfloat16 mixed precision"}
 DATASET_NAMES = {"sprites": "Sprites (built in)", "mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 # (CIFAR-10, CelebA and folders of your own: dashboard/panels/dataset_picker.py)
 ARCH_NAMES = {"mlp": "MLP", "conv": "Convolutional"}
@@ -65,11 +67,17 @@ def field_errors(values: dict[str, Any], availability: dict[str, tuple[bool, str
         ok, reason = availability.get(values.get("dataset"), (True, ""))
         if not ok:
             errors["dataset"] = f"Not available: {reason}"
-    if "device" not in errors and values.get("device", "auto") not in ("auto", "cpu"):  # those two always work
+    device, precision = values.get("device", "auto"), values.get("precision", "fp32")
+    if "device" not in errors and device not in ("auto", "cpu"):  # those two always work
         try:
-            Lab.check_device(values["device"])  # imports torch: only for a device that may be missing
+            Lab.check_device(device)  # imports torch: only for a device that may be missing
         except ConfigError as e:
             errors["device"] = str(e)
+    if "device" not in errors and "precision" not in errors and precision != "fp32":
+        try:
+            Lab.check_device(device, precision)  # bf16: not on MPS, nor on a GPU without it
+        except ConfigError as e:
+            errors["precision"] = str(e)
     n, bs = values.get("train_size") or 0, values.get("batch_size", 1)
     if n and "batch_size" not in errors and isinstance(bs, int) and bs > n:
         errors["batch_size"] = (f"batch size {bs} is larger than the {n} training images chosen under Advanced; "

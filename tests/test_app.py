@@ -158,6 +158,18 @@ def test_field_errors_name_the_control():
     assert errs == {"dataset": "Not available: gone"}
 
 
+def test_bf16_on_a_device_without_it_is_an_error_on_the_precision_control(monkeypatch):
+    from vae_core import devices
+
+    assert settings.field_errors({**settings.DEFAULTS, "device": "cpu", "precision": "bf16"}) == {}
+    monkeypatch.setattr(devices, "available_devices", lambda: {"cpu": True, "cuda": False, "mps": True})
+    assert settings.field_errors({**settings.DEFAULTS, "device": "mps"}) == {}
+    errs = settings.field_errors({**settings.DEFAULTS, "device": "mps", "precision": "bf16"})
+    assert list(errs) == ["precision"] and "not on mps" in errs["precision"]
+    errs = settings.field_errors({**settings.DEFAULTS, "device": "auto", "precision": "bf16"})  # auto picks MPS
+    assert list(errs) == ["precision"]
+
+
 def test_curve_helpers():
     assert common.smooth([2.0, 2.0, 2.0]).tolist() == pytest.approx([2.0, 2.0, 2.0])  # bias-corrected
     idx = common.downsample(10_000, 300)
@@ -279,7 +291,7 @@ def test_controls_build_the_configuration_of_the_run(app):
     app.run()
     configure(app, cfg_latent_dim=8, cfg_beta=2.5, cfg_lr=3e-4, cfg_epochs=3, cfg_warmup_epochs=1.5,
               cfg_free_bits=0.25, cfg_seed=7, cfg_arch="conv", cfg_likelihood="gaussian-fixed", cfg_device="cpu",
-              cfg_binarize=False)
+              cfg_binarize=False, cfg_precision="bf16")
     app.run()
     assert not errors(app)
     app.button(key="btn_train").click().run()
@@ -287,7 +299,7 @@ def test_controls_build_the_configuration_of_the_run(app):
     assert run is not None
     expected = RunConfig().replace(latent_dim=8, beta=2.5, lr=3e-4, epochs=3, warmup_epochs=1.5, free_bits=0.25,
                                    seed=7, arch="conv", likelihood="gaussian-fixed", device="cpu", binarize=False,
-                                   train_size=512, batch_size=64, hidden_dim=64, evidence_every=0)
+                                   precision="bf16", train_size=512, batch_size=64, hidden_dim=64, evidence_every=0)
     assert run.config == expected
     assert run.status().owner == sid_of(app)  # this session steers it
 

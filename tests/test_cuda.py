@@ -1,4 +1,4 @@
-"""The CUDA path: training and resume, the held-out images, out of memory, IWAE in bounded memory.
+"""The CUDA path: training and resume, bf16, the held-out images, out of memory, IWAE in bounded memory.
 
 Marker `cuda`; skipped without a GPU (`python -m pytest -m cuda` on a GPU machine).
 """
@@ -39,6 +39,24 @@ def test_trains_and_resumes_on_cuda(tiny_config, tiny_sprites, runs_dir):
     assert again.status().step == step + 512 // 64
     ckpt = runs.load_checkpoint(t.run_dir / runs.CHECKPOINT)  # readable on a CPU-only machine
     assert all(not v.is_cuda for v in ckpt["model"].values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and not torch.cuda.is_bf16_supported(), reason="GPU without bf16")
+def test_bf16_trains_on_cuda_like_fp32(tiny_config, tiny_sprites):
+    """Mixed precision on the GPU: the nets run in bfloat16, weights stay float32, and it trains like float32."""
+    out = {}
+    for precision in ("fp32", "bf16"):
+        m = RunMath(tiny_config.replace(device="cuda", precision=precision, arch="conv"), tiny_sprites,
+                    torch.device("cuda"), lr=3e-3)
+        seen = []
+        m.model.decoder.register_forward_hook(lambda _m, _i, o: seen.append(o.dtype))
+        losses = [m.train_step(m.batch(idx), beta=1.0, free_bits=0.0, lr=3e-3)[0].item()
+                  for _ in range(2) for idx in m.batcher.epoch()]
+        assert seen[0] == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        assert all(p.dtype == torch.float32 for p in m.model.parameters())
+        out[precision] = losses, m.evaluate()["elbo"]
+    assert out["bf16"][0][-1] < 0.7 * out["bf16"][0][0]
+    assert out["bf16"][1] == pytest.approx(out["fp32"][1], abs=0.01 * abs(out["fp32"][1]))
 
 
 def test_cuda_evaluates_the_cpu_held_out_images(tiny_config, tiny_sprites):

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ARCHS, COLOUR_DATASETS, DATASETS, DEVICES, LIKELIHOODS, LIVE_FIELDS, ConfigError, RunConfig, unit_label
+from .config import ARCHS, COLOUR_DATASETS, DATASETS, DEVICES, LIKELIHOODS, LIVE_FIELDS, PRECISIONS, ConfigError, RunConfig, unit_label
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 MAX_GRID = 500  # grid points per axis for `evaluate`: 250,000 decoder passes per example
@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-binarize", action="store_true",
                    help="train on grey levels (Bernoulli numbers are then BCE, not log-likelihoods)")
     t.add_argument("--device", choices=DEVICES, default=None, help="default auto (CUDA, then MPS, then CPU)")
+    t.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32 (default) or bf16: mixed precision, faster on CUDA GPUs and on CPUs with AMX")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--train-size", type=int, default=None, help="use only the first N training images")
     t.add_argument("--evidence-every", type=int, default=None,
@@ -117,6 +119,7 @@ _TRAIN_FIELDS = {"dataset": "dataset", "arch": "arch", "latent_dim": "latent_dim
                  "device": "device", "seed": "seed", "train_size": "train_size", "evidence_every": "evidence_every",
                  "channels": "channels", "image_size": "image_size"}
 _TRAIN_FIELDS["snapshot_budget_mb"] = "snapshot_budget_mb"  # the time-lapse (vae_core/snapshots.py)
+_TRAIN_FIELDS["precision"] = "precision"  # bf16 mixed precision (vae_core/devices.py mixed_dtype)
 
 
 def _dataset_arg(value: str) -> str:

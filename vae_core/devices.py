@@ -31,6 +31,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def mixed_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a run's training steps: None for float32, bfloat16 for "bf16".
+
+    bf16 runs where torch autocasts to it: the CPU (fast with AMX or AVX512-BF16, which oneDNN uses;
+    slower than float32 without them) and CUDA GPUs that support it (Ampere and later). MPS is refused.
+    """
+    if precision != "bf16":
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 support; "
+                          "use precision fp32")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"precision bf16 runs on a CPU or a CUDA GPU, not on {device.type}; use precision fp32")
+    return torch.bfloat16
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN has bfloat16 kernels for this CPU (AMX or AVX512-BF16): bf16 then trains faster."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def describe_device(device: torch.device, threads: int | None = None, note: str = "") -> str:
     """e.g. 'cpu (2 threads)': torch's thread count now, unless `threads` says which; `note` is appended."""
     if device.type == "cuda":

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from . import runs
-from .config import (ARCHS, DATASETS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS, UI_LIMITS, ConfigError,
-                     RunConfig)
+from .config import (ARCHS, DATASETS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS, PRECISIONS, UI_LIMITS,
+                     ConfigError, RunConfig)
 from .records import (ACTIVE_THRESHOLD, DEFAULT_EXAMPLES, DEFAULT_K, EXAMPLE_CHOICES, IWAE_FAR_NATS, K_CHOICES,
                       DatasetUnavailable, JobSnapshot, Status, active_mask)
 from .runs import CHECKPOINT, RunBusy, RunFileError, RunSummary, sanitize_name
@@ -44,6 +44,7 @@ __all__ = ["ACTIVE_THRESHOLD", "IWAE_FAR_NATS", "active_mask", "ARCHS", "CHECKPO
            "DatasetUnavailable", "FollowedRun", "JobSnapshot", "Lab", "LocalRun", "RunBusy", "RunConfig",
            "RunFileError", "RunHandle", "RunSummary", "Status", "UserError", "default_max_runs", "sanitize_name"]
 __all__ += ["FITS", "ImageInputError", "png_from_data_url"]  # the dashboard's own-input panel reads them here
+__all__ += ["PRECISIONS"]  # the Advanced precision control
 
 # What a caller shows as one line: bad settings, unusable files, a busy run, missing data.
 UserError = (ConfigError, RunFileError, DatasetUnavailable, OSError)
@@ -402,11 +403,20 @@ class Lab:
         return _PROBES.get("devices")
 
     @staticmethod
-    def check_device(name: str) -> None:
-        """Raise ConfigError when `name` (auto, cpu, cuda, mps) cannot be used here."""
-        from .devices import resolve_device
+    def check_device(name: str, precision: str = "fp32") -> None:
+        """Raise ConfigError when `name` (auto, cpu, cuda, mps) cannot be used here, or not at this precision."""
+        from .devices import mixed_dtype, resolve_device
 
-        resolve_device(name)
+        mixed_dtype(precision, resolve_device(name))
+
+    @staticmethod
+    def fast_bf16() -> bool:
+        """Whether bf16 mixed precision speeds training up here: a CUDA GPU with bf16, or a CPU with AMX/AVX512-BF16."""
+        import torch
+
+        from .devices import cpu_has_fast_bf16
+
+        return (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) or cpu_has_fast_bf16()
 
     @staticmethod
     def auto_device() -> str:

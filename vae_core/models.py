@@ -130,13 +130,30 @@ class VAE(nn.Module):
     def latent_dim(self) -> int:
         return self.config.latent_dim
 
+    # Mixed precision (TrainConfig.precision "bf16", set by RunMath): in train mode the encoder and
+    # decoder run under autocast in this dtype and hand back float32, so the loss, the KL, the
+    # reparameterisation and every evaluation (eval mode) stay float32. None: float32 throughout.
+    mixed_dtype: torch.dtype | None = None
+
+    def _mixed(self, x: torch.Tensor) -> bool:
+        return self.mixed_dtype is not None and self.training and x.device.type in ("cpu", "cuda")
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.encoder(x)
+        if self._mixed(x):
+            with torch.autocast(x.device.type, dtype=self.mixed_dtype):
+                mu, logvar = self.encoder(x)
+            mu, logvar = mu.float(), logvar.float()
+        else:
+            mu, logvar = self.encoder(x)
         # Bound logvar so exp() cannot overflow early in training; the bound is far outside
         # anything a trained encoder uses (std from 5e-7 to 3e6).
         return mu, logvar.clamp(-30.0, 30.0)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        if self._mixed(z):
+            with torch.autocast(z.device.type, dtype=self.mixed_dtype):
+                logits = self.decoder(z)
+            return logits.float()
         return self.decoder(z)
 
     def mean_image(self, logits: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from . import data as data_mod
 from .compiled_step import CompiledStep, compile_wanted
 from .config import RunConfig
+from .devices import mixed_dtype
 from .evidence import ACTIVE_THRESHOLD, active_units
 from .images import to_display
 from .inference import N_FIXED, N_SAMPLES, held_out
@@ -40,6 +41,7 @@ class RunMath:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.train.seed)
             self.model: VAE = build_model(config.model).to(device)
+        self.model.mixed_dtype = mixed_dtype(config.train.precision, device)  # bf16 steps (models.VAE)
         self.opt = self.make_optimizer(lr)
         # The loss compiled in the background and switched to when ready (~10% faster on CPU; compiled_step.py).
         planned = config.train.epochs * self.batcher.steps_per_epoch

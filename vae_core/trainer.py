@@ -22,7 +22,7 @@ import torch
 from . import data as data_mod
 from . import runs, snapshots
 from .config import LIVE_FIELDS, ConfigError, RunConfig, fit_to_data
-from .devices import CpuShare, NoSharing, default_threads, describe_device, resolve_device
+from .devices import CpuShare, NoSharing, default_threads, describe_device, mixed_dtype, resolve_device
 from .images import to_uint8
 from .inference import N_FIXED, N_SAMPLES, Weights, get_dataset
 from .records import Status, TestRow, TrainRow
@@ -59,6 +59,7 @@ class Trainer:
             raise ConfigError("Trainer needs a RunConfig")
         self.config = config
         self.device = resolve_device(config.train.device)  # fails fast on a missing CUDA/MPS
+        mixed_dtype(config.train.precision, self.device)  # and on bf16 where it cannot run
         self.runs_dir = Path(runs_dir) if runs_dir else runs.default_runs_dir()
         self.name = name
         self.data_dir = data_dir

@@ -19,11 +19,11 @@ import streamlit as st
 
 from dashboard.common import md_text
 from dashboard.settings import (ARCH_NAMES, BATCH_SIZES, BETAS, DEFAULTS, LABELS, LIKELIHOOD_NAMES, LRS,
-                                PREFIX, changed_fields, config_from_values, field_errors, query_from_values,
+                                PRECISION_NAMES, PREFIX, changed_fields, config_from_values, field_errors, query_from_values,
                                 values_from_config, values_from_query, with_value)
 from dashboard import dataset_picker
 from dashboard.state import can_steer, current_run, session_id
-from vae_core.lab import (ARCHS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS, UI_LIMITS, Lab,
+from vae_core.lab import (ARCHS, DEVICES, LIKELIHOODS, LIMITS, LIVE_FIELDS, PRECISIONS, UI_LIMITS, Lab,
                           RunConfig, RunHandle, Status, UserError)
 
 PROCESSES_KEY = "train_processes"  # a launch choice, not a setting of the run: not in the URL or the config
@@ -379,6 +379,11 @@ def render(lab: Lab) -> Controls:
                         key=PREFIX + "evidence_every",
                         help="Importance-weighted estimates of log p(x) for the Evidence tab; 0 = never.")
         slots["evidence_every"] = st.empty()
+        st.selectbox(LABELS["precision"], PRECISIONS, key=PREFIX + "precision", format_func=PRECISION_NAMES.get,
+                     help="bfloat16: the encoder and decoder compute in bfloat16 while training (weights, optimiser, "
+                          "loss and every evaluation stay float32). Faster on CUDA GPUs and on CPUs with AMX; "
+                          "slower on other CPUs. Reported numbers are float32 evaluations either way.")
+        slots["precision"] = st.empty()
         _processes_input()
 
     values = current_values()
