@@ -88,6 +88,7 @@ def test_cli_trains_in_bf16_and_resume_keeps_it(runs_dir, sprites_cached, capsys
     args = ["--runs-dir", str(runs_dir), "--dataset", "sprites", "--epochs", "1", "--batch-size", "64",
             "--hidden-dim", "32", "--latent-dim", "2", "--evidence-every", "0", "--quiet"]
     assert cli.main(["train", *args, "--precision", "bf16", "--name", "b"]) == 0
+    assert json.loads((runs_dir / "b" / "status.json").read_text())["device"].endswith("· bf16 mixed precision")
     assert json.loads((runs_dir / "b" / "config.json").read_text())["train"]["precision"] == "bf16"
     capsys.readouterr()
     rc = cli.main(["train", "--resume", "b", "--runs-dir", str(runs_dir), "--precision", "fp32", "--quiet"])

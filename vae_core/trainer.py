@@ -318,7 +318,8 @@ class Trainer:
         A tuned run trains on one thread while each refresh is drawn, which is when the page
         reads this, so torch.get_num_threads() would nearly always say 1.
         """
-        return self.cpu.describe(self.device)
+        text = self.cpu.describe(self.device)
+        return text + " · bf16 mixed precision" if self.config.train.precision == "bf16" else text
 
     def metrics(self, since: int = 0) -> list[dict[str, Any]]:
         """Metric rows from index `since` on (pass len(previous) to get only new ones); copies."""
