@@ -45,8 +45,9 @@ def render(lab: Lab, run: RunHandle) -> None:
 def section(lab: Lab, run: RunHandle) -> None:
     steps = lab.snapshots(run.run_dir)
     if not steps:
-        st.info("This run kept no snapshots of its weights: it was trained before the time-lapse existed, or with "
-                "a snapshot budget of 0. New runs keep them.")
+        st.info("This run kept no snapshots of its weights: the ready-made examples ship without them (to keep "
+                "them small), and runs trained before the time-lapse existed or with a snapshot budget of 0 have "
+                "none. New runs keep them, and a resumed run records them from where it resumes.")
         return
     key = K + "step"
     if st.session_state.get(key) not in steps:  # first visit, another run, or a snapshot thinned away
