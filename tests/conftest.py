@@ -3,10 +3,20 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
+
+# Idle OpenMP threads poll 10,000 rounds instead of 300,000 before they sleep, as in the dashboard (app.py):
+# the suite runs its torch beside test servers, train processes and whatever else shares the machine, and two
+# pools spinning on 2 cores slow each other down ten-fold or more (400 steps of the default model beside
+# another 2-thread torch process: 23 s per 100 steps at the default, 4 s at 10,000; the same 1.6 s when quiet).
+# Only the scheduling changes, never a number. Set before torch loads libgomp, and inherited by the
+# subprocesses; test_trainer's test of the dashboard's own setting removes it from its environment.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -76,3 +86,41 @@ def tiny_idx_dir(tmp_path, tiny_sprites):
         (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
         (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + bytes(n))
     return folder
+
+
+@dataclass(frozen=True)
+class FinishedSweep:
+    """What `python -m vae_core sweep` returned and printed, and the runs folder it trained into (read only)."""
+
+    code: int
+    out: str
+    err: str
+    runs_dir: Path
+    sweep_id: str
+
+
+# The 2 x 2 sweep both test_sweep (the command) and test_sweeps_browser (the page) look at: 512 sprites,
+# one epoch, a 64-unit MLP per run, two runs at once.
+GRID_SWEEP_ARGS = ["sweep", "--beta", "0.5,2", "--latent-dim", "2,4", "--name", "grid", "--workers", "2",
+                   "--epochs", "1", "--train-size", "512", "--batch-size", "64", "--hidden-dim", "64",
+                   "--evidence-every", "0", "--dataset", "sprites"]
+
+
+@pytest.fixture(scope="session")
+def grid_sweep(tmp_path_factory) -> FinishedSweep:
+    """A finished 2 x 2 sweep, trained once per test session by the CLI in this process (four train processes).
+
+    Tests read it; a test that changes runs copies `runs_dir` first (shutil.copytree).
+    """
+    import contextlib
+    import io
+
+    from vae_core import cli
+
+    root = tmp_path_factory.mktemp("grid_sweep")
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.setenv("VAE_DATA_CACHE", str(root / "data"))
+        mp.delenv("VAE_RUNS_DIR", raising=False)
+        code = cli.main([*GRID_SWEEP_ARGS, "--runs-dir", str(root / "runs")])
+    return FinishedSweep(code, out.getvalue(), err.getvalue(), root / "runs", "grid")

@@ -73,3 +73,13 @@ def test_bad_arguments_one_line_no_traceback(tmp_path, args, needle):
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert needle in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_usage_error_is_answered_without_loading_torch(tmp_path):
+    """A mistyped command or option is answered in a fraction of a second: main() loads torch only for work."""
+    code = ("import sys\nfrom vae_core.cli import main\ntry:\n    rc = main(['frobnicate'])\nexcept SystemExit as e:\n"
+            "    rc = e.code\nprint(rc, 'torch' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["2", "False"], (r.stdout, r.stderr)
+    assert "invalid choice" in r.stderr

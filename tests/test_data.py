@@ -45,6 +45,35 @@ def test_sprites_are_deterministic_and_labelled():
     assert a.label_names == ("square", "ellipse", "triangle")
 
 
+def _render_all_shapes_at_once(factors, supersample=2):
+    """render_sprites as it was first written: every shape tested at every sprite, all sprites at once."""
+    n, s = len(factors), 28 * supersample
+    c = (np.arange(s) + 0.5) / s * 2 - 1
+    v, u = np.meshgrid(-c, c, indexing="ij")
+    shape, scale, rot, tx, ty = (factors[:, i, None, None] for i in range(5))
+    du, dv = u[None] - tx, v[None] - ty
+    cos, sin = np.cos(rot), np.sin(rot)
+    pu, pv = (cos * du + sin * dv) / scale, (-sin * du + cos * dv) / scale
+    square = (np.abs(pu) <= 0.45) & (np.abs(pv) <= 0.45)
+    ellipse = (pu / 0.6) ** 2 + (pv / 0.3) ** 2 <= 1
+    tri = (pv >= -0.3) & (np.sqrt(3) * pu + pv <= 0.6) & (-np.sqrt(3) * pu + pv <= 0.6)
+    inside = np.where(shape == 0, square, np.where(shape == 1, ellipse, tri))
+    return inside.reshape(n, 28, supersample, 28, supersample).mean(axis=(2, 4)).astype(np.float32)
+
+
+def test_sprites_render_in_chunks_by_shape_exactly_as_all_at_once():
+    # More sprites than one chunk of each shape, in mixed order, so the grouping and the scatter back are used.
+    f = data.sprite_factors(3 * data._RENDER_CHUNK + 37, seed=21)
+    f[::97, 0] = 2.0  # a float shape id, as factors arrays hold them
+    f[5, 0] = 3.0  # not a shape id: drawn as a triangle, as before
+    x = data.render_sprites(f)
+    assert x.dtype == np.float32 and x.shape == (len(f), 28, 28)
+    assert np.array_equal(x, _render_all_shapes_at_once(f))
+    for ss in (1, 3):
+        assert np.array_equal(data.render_sprites(f[:50], supersample=ss), _render_all_shapes_at_once(f[:50], ss))
+    assert data.render_sprites(f[:0]).shape == (0, 28, 28)
+
+
 def test_sprite_factors_change_the_image():
     base = np.array([[0, 0.8, 0.0, 0.0, 0.0]])
     img = data.render_sprites(base)[0]

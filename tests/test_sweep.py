@@ -17,9 +17,6 @@ from vae_core.config import ConfigError, RunConfig
 from vae_core.lab import Lab
 from vae_core.sweep_exec import RAY_HINT, run_sweep
 
-TINY = ["--epochs", "1", "--train-size", "512", "--batch-size", "64", "--hidden-dim", "64", "--evidence-every", "0",
-        "--dataset", "sprites"]
-
 
 def tiny_base(epochs: int = 1) -> RunConfig:
     return RunConfig().replace(dataset="sprites", epochs=epochs, train_size=512, batch_size=64, hidden_dim=64,
@@ -64,12 +61,12 @@ def test_ray_executor_without_ray_says_how_to_install_it(runs_dir, monkeypatch, 
 
 
 @pytest.mark.slow
-def test_local_sweep_2x2_makes_four_runs_of_one_sweep(runs_dir, capsys):
-    code = cli.main(["sweep", "--beta", "0.5,2", "--latent-dim", "2,4", "--name", "grid", "--workers", "2",
-                     "--runs-dir", str(runs_dir), *TINY])
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    assert "4 of 4 runs finished" in out.out
+def test_local_sweep_2x2_makes_four_runs_of_one_sweep(grid_sweep):
+    # grid_sweep (conftest): `sweep --beta 0.5,2 --latent-dim 2,4 --name grid --workers 2` with tiny settings,
+    # run once per session by cli.main in this process; test_sweeps_browser shows the same sweep on the page.
+    runs_dir = grid_sweep.runs_dir
+    assert grid_sweep.code == 0, grid_sweep.err
+    assert "4 of 4 runs finished" in grid_sweep.out
     dirs = sorted(p.name for p in runs_dir.iterdir() if not p.name.startswith("."))
     assert dirs == ["grid-b0.5-z2", "grid-b0.5-z4", "grid-b2-z2", "grid-b2-z4"]
     for d in dirs:
@@ -78,6 +75,7 @@ def test_local_sweep_2x2_makes_four_runs_of_one_sweep(runs_dir, capsys):
         assert raw["sweep"]["grid"] == {"beta": [0.5, 2.0], "latent_dim": [2, 4], "seed": [0]}
         assert (raw["train"]["beta"], raw["model"]["latent_dim"]) == (raw["sweep"]["point"]["beta"],
                                                                      raw["sweep"]["point"]["latent_dim"])
+        assert (raw["train"]["epochs"], raw["train"]["train_size"], raw["model"]["hidden_dim"]) == (1, 512, 64)
     listed = Lab(runs_dir).list_runs()
     assert sorted(r.name for r in listed if r.sweep == "grid") == dirs
     assert all(r.status == "finished" for r in listed)

@@ -1,30 +1,27 @@
 """The Sweeps tab in headless Chromium: a finished 2×2 sweep's map, rate–distortion chart and a cell's run.
 
 The sweep is trained before the server starts (fixtures are set up in order: the sweep first, then
-the page and its server, over the same runs directory), so the page only reads it.
+the page and its server, over the same runs directory), so the page only reads it. It is the sweep
+test_sweep's CLI test trains (conftest.grid_sweep, once per session), copied into this test's folder.
 """
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
 from test_browser import expect, page, server  # noqa: F401  (fixtures; skips this module where they skip)
-from vae_core import sweep
-from vae_core.lab import RunConfig
-from vae_core.sweep_exec import run_sweep
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.fixture
-def finished_sweep(tmp_path, monkeypatch):
-    monkeypatch.setenv("VAE_DATA_CACHE", str(tmp_path / "data"))
-    base = RunConfig().replace(dataset="sprites", epochs=1, train_size=512, batch_size=64, hidden_dim=64,
-                               evidence_every=0)
-    sid = sweep.create_sweep(tmp_path / "runs", base, sweep.make_grid("0.5,2", "2,4"), sweep_id="grid")["id"]
-    assert set(run_sweep(tmp_path / "runs", sid, workers=2).values()) == {"finished"}
-    return sid
+def finished_sweep(grid_sweep, tmp_path):
+    """The session's finished 2 x 2 sweep (conftest.grid_sweep), copied into the runs folder the server will use."""
+    assert grid_sweep.code == 0, grid_sweep.err
+    shutil.copytree(grid_sweep.runs_dir, tmp_path / "runs")
+    return grid_sweep.sweep_id
 
 
 def test_sweeps_tab_maps_a_finished_sweep_and_opens_a_cell(finished_sweep, page, tmp_path):  # noqa: F811

@@ -477,7 +477,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .data import DatasetUnavailable
+    from .records import DatasetUnavailable  # torch-free: a usage error needs no torch
     from .runs import RunFileError
 
     try:

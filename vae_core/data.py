@@ -59,23 +59,38 @@ def render_sprites(factors: np.ndarray, supersample: int = 2) -> np.ndarray:
     """Render shapes from factors (N, 5) = shape id, scale, rotation (rad), x, y -> (N, 28, 28) in [0, 1].
 
     Each pixel is the covered fraction of supersample^2 sub-pixels, so edges are anti-aliased.
+    Each sprite is tested against its own shape only, a few hundred sprites at a time (arrays that
+    stay in cache): 4x faster than all three shapes over 2000 at once, and the same values bit for bit.
     """
+    factors = np.asarray(factors, dtype=np.float64)
     n = len(factors)
     s = 28 * supersample
     c = (np.arange(s) + 0.5) / s * 2 - 1  # sub-pixel centres in [-1, 1]
     v, u = np.meshgrid(-c, c, indexing="ij")  # v up, u right; (s, s)
-    shape, scale, rot, tx, ty = (factors[:, i, None, None] for i in range(5))
-    du, dv = u[None] - tx, v[None] - ty  # (N, s, s)
-    cos, sin = np.cos(rot), np.sin(rot)
-    pu = (cos * du + sin * dv) / scale  # shape frame: rotate by -rot, unit size
-    pv = (-sin * du + cos * dv) / scale
-    square = (np.abs(pu) <= 0.45) & (np.abs(pv) <= 0.45)
-    ellipse = (pu / 0.6) ** 2 + (pv / 0.3) ** 2 <= 1
-    # Equilateral triangle with circumradius 0.6: three half-planes.
-    r = 0.3  # inradius
-    tri = (pv >= -r) & (np.sqrt(3) * pu + pv <= 2 * r) & (-np.sqrt(3) * pu + pv <= 2 * r)
-    inside = np.where(shape == 0, square, np.where(shape == 1, ellipse, tri))
-    return inside.reshape(n, 28, supersample, 28, supersample).mean(axis=(2, 4)).astype(np.float32)
+    out = np.empty((n, 28, 28), dtype=np.float32)
+    shape_id = factors[:, 0]
+    groups = (np.flatnonzero(shape_id == 0), np.flatnonzero(shape_id == 1),
+              np.flatnonzero((shape_id != 0) & (shape_id != 1)))  # square, ellipse, and triangle for the rest
+    for kind, members in enumerate(groups):
+        for start in range(0, len(members), _RENDER_CHUNK):
+            idx = members[start:start + _RENDER_CHUNK]
+            scale, rot, tx, ty = (factors[idx, i, None, None] for i in range(1, 5))
+            du, dv = u[None] - tx, v[None] - ty  # (n, s, s)
+            cos, sin = np.cos(rot), np.sin(rot)
+            pu = (cos * du + sin * dv) / scale  # shape frame: rotate by -rot, unit size
+            pv = (-sin * du + cos * dv) / scale
+            if kind == 0:
+                inside = (np.abs(pu) <= 0.45) & (np.abs(pv) <= 0.45)
+            elif kind == 1:
+                inside = (pu / 0.6) ** 2 + (pv / 0.3) ** 2 <= 1
+            else:  # equilateral triangle with circumradius 0.6: three half-planes
+                r = 0.3  # inradius
+                inside = (pv >= -r) & (np.sqrt(3) * pu + pv <= 2 * r) & (-np.sqrt(3) * pu + pv <= 2 * r)
+            out[idx] = inside.reshape(len(idx), 28, supersample, 28, supersample).mean(axis=(2, 4))
+    return out
+
+
+_RENDER_CHUNK = 256  # sprites per step of render_sprites
 
 
 def sprite_factors(n: int, seed: int) -> np.ndarray:
