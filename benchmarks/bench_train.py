@@ -142,9 +142,10 @@ def matmul_gflops(reps: int = 2000) -> float:
     return 2 * 128 * 784 * 400 * reps / (time.perf_counter() - t) / 1e9
 
 
-def ours(dataset: str, epochs: int, seed: int = 0, precision: str = "fp32") -> Trainer:
+def ours(dataset: str, epochs: int, seed: int = 0, precision: str = "fp32", arch: str = "mlp") -> Trainer:
     cfg = RunConfig().replace(dataset=dataset, latent_dim=20, hidden_dim=400, batch_size=128, lr=1e-3,
-                              binarize=False, epochs=epochs, seed=seed, evidence_every=0, precision=precision)
+                              binarize=False, epochs=epochs, seed=seed, evidence_every=0, precision=precision,
+                              arch=arch)
     return Trainer(cfg, persist=False, log_every=50)
 
 
@@ -172,7 +173,7 @@ class OurLoop:
     """vae_core's step (RunMath) as the trainer runs it: one sync per log interval of 50 steps."""
 
     def __init__(self, dataset: str, *, compiled: bool, conv: bool = False, channels_last: bool = False,
-                 precision: str = "fp32", size: int = 28, data=None) -> None:
+                 precision: str = "fp32", size: int = 28, data=None, onednn: bool = True) -> None:
         import os
 
         from vae_core.compiled_step import CompiledStep
@@ -187,6 +188,7 @@ class OurLoop:
 
             cfg = conv_config(dataset, 3, 64, 32).replace(epochs=10_000, evidence_every=0, precision=precision)
         self.batch_size = cfg.train.batch_size
+        self.onednn = onednn  # False: torch's own CPU convolutions instead of oneDNN's (mkldnn), for comparison
         data = data if data is not None else get_dataset(dataset).subset_train(cfg.train.train_size)
         self.m = RunMath(cfg, data, torch.device("cpu"), lr=1e-3)
         if channels_last:
@@ -204,7 +206,8 @@ class OurLoop:
                 raise SystemExit(f"compile failed: {self.m.compiled.error}")
 
     def steps(self, n: int) -> int:
-        trainer_steps(self, n)
+        with torch.backends.mkldnn.flags(enabled=self.onednn):
+            trainer_steps(self, n)
         return n * self.batch_size
 
     def flops_per_example(self) -> float:
@@ -264,6 +267,8 @@ def main() -> None:
         loops[f"vae_core compiled {p}"] = compiled
         if args.conv:
             loops[f"vae_core eager {p}, channels-last"] = OurLoop(dataset, compiled=False, channels_last=True, **kw)
+            if p == "fp32":
+                loops[f"vae_core eager {p}, no oneDNN"] = OurLoop(dataset, compiled=False, onednn=False, **kw)
     for loop in loops.values():
         loop.steps(10)  # warm-up
     flops = {name: loop.flops_per_example() for name, loop in loops.items() if isinstance(loop, OurLoop)}
@@ -283,6 +288,8 @@ def main() -> None:
     ref = rates.get("reference (DataLoader)")
     for name, r in rates.items():
         line = f"{name:38s}: best {max(r):,.0f} samples/s"
+        if not args.conv and name != "reference (DataLoader)":  # as recorded since the first wave
+            line += f" = {max(r) / limit:.1%} of the MLP's limit"
         if name in flops:  # FLOPs counted by torch on a real step, against the float32 matmul probe
             line += (f", {flops[name] / 1e6:.1f} MFLOP/example -> {max(r) * flops[name] / 1e9:.0f} GFLOP/s "
                      f"= {max(r) * flops[name] / (max(gf) * 1e9):.1%} of the float32 matmul limit")
@@ -292,6 +299,18 @@ def main() -> None:
                      f"median {ratios[len(ratios) // 2]:.2f}x")
         print(line)
 
+    if args.epochs and args.conv and not wide:  # the conv model: each precision's test loss, eager
+        import os
+
+        os.environ["VAE_COMPILE"] = "0"
+        line = f"conv 28x28 after {args.epochs} epoch(s):"
+        for p in precisions:
+            tr = ours(args.dataset, args.epochs, seed=1, precision=p, arch="conv")
+            s = time.perf_counter()
+            tr.start(); tr.join()
+            test = [m for m in tr.metrics() if m["split"] == "test"][-1]
+            line += f" {p} test -ELBO {-test['elbo']:.2f} (wall {time.perf_counter() - s:.1f} s);"
+        print(line + " [BCE+KL nats per example]")
     if args.epochs and not args.conv:
         import os
 
@@ -301,6 +320,11 @@ def main() -> None:
         t_ref = time.perf_counter() - s
         ref_loss = ref.test_loss()
         line = f"after {args.epochs} epoch(s): reference test loss {ref_loss:.2f} (wall {t_ref:.1f} s)"
+        from vae_core import compiled_step
+
+        # A run compiles after its 500th step, more than one Fashion-MNIST epoch (468): start at once here,
+        # so the "compiled" run trains most of its epoch on the compiled step (it switches when ready).
+        compiled_step.COMPILE_AFTER_STEPS = 1
         for p in precisions:
             for flag in ("0", "1"):
                 os.environ["VAE_COMPILE"] = flag
