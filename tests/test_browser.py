@@ -30,7 +30,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not 
 if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set VAE_CHROMIUM)", allow_module_level=True)
 expect = sync_api.expect
-expect.set_options(timeout=60_000)  # every expect waits for its state this long: the machine may be busy
+expect.set_options(timeout=120_000)  # every expect waits for its state this long: the machine may be busy (3-30x slower)
 
 
 @pytest.fixture
