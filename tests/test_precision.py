@@ -114,9 +114,9 @@ def test_the_compiled_step_runs_bf16_like_the_eager_step(tiny_config, tiny_sprit
     fast.compiled._calls = compiled_step.COMPILE_AFTER_STEPS  # started above: the switch is due
     slow.model.load_state_dict(fast.model.state_dict())
     slow.gen.set_state(fast.gen.get_state())
-    seen = dtypes_seen(fast.model)
+    compiled, calls = fast.compiled._fn, []
+    fast.compiled._fn = lambda *a, **k: calls.append(1) or compiled(*a, **k)  # (hooks would make Dynamo recompile)
     a = fast.train_step(fast.batch(idx), beta=1.0, free_bits=0.0, lr=1e-3)
     b = slow.train_step(slow.batch(idx), beta=1.0, free_bits=0.0, lr=1e-3)
-    assert fast.compiled.get() is not None and fast.compiled.error is None
-    assert not seen  # the compiled graph ran, not the eager modules (whose hooks would have fired)
+    assert calls == [1] and fast.compiled.error is None  # the step went through the compiled loss
     torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-2)
