@@ -56,6 +56,12 @@ def set_number(page, key: str, value: int) -> None:
     box.fill(str(value))
     box.press("Enter")
     expect(box).to_have_value(str(value))
+    # Its rerun to the end before the next control moves: a run still in flight sends every other control's
+    # value again (controls._reassert), which undid a slider press made meanwhile (Home lost: 8 -> 9, in CI).
+    name = key.removeprefix("cfg_")
+    page.wait_for_function(f"() => new URLSearchParams(location.search).get('{name}') === '{value}'",
+                           timeout=120_000)  # sync_url mirrors a non-default value once the run has read it
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]')
 
 
 def test_train_live_and_every_panel_draws(page, tmp_path):
