@@ -47,14 +47,6 @@ def mixed_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN has bfloat16 kernels for this CPU (AMX or AVX512-BF16): bf16 then trains faster."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def describe_device(device: torch.device, threads: int | None = None, note: str = "") -> str:
     """e.g. 'cpu (2 threads)': torch's thread count now, unless `threads` says which; `note` is appended."""
     if device.type == "cuda":

@@ -410,15 +410,6 @@ class Lab:
         mixed_dtype(precision, resolve_device(name))
 
     @staticmethod
-    def fast_bf16() -> bool:
-        """Whether bf16 mixed precision speeds training up here: a CUDA GPU with bf16, or a CPU with AMX/AVX512-BF16."""
-        import torch
-
-        from .devices import cpu_has_fast_bf16
-
-        return (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) or cpu_has_fast_bf16()
-
-    @staticmethod
     def auto_device() -> str:
         have = Lab.devices()
         return "cuda" if have.get("cuda") else "mps" if have.get("mps") else "cpu"
