@@ -73,3 +73,25 @@ def streamlit_server(tmp_path: Path, **env: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
         log.close()
+
+
+_WATCH_TORCH = """
+import importlib.abc, os, runpy, sys
+seen = []
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("GOMP_SPINCOUNT"))
+sys.meta_path.insert(0, Watch())
+"""
+
+
+def spincount_when_torch_loads(code: str, *args: str, spincount: str | None = None) -> str:
+    """Run `code` in a fresh interpreter at the checkout's root (argv: args) with GOMP_SPINCOUNT unset, or set to
+    `spincount`; returns GOMP_SPINCOUNT as it was when torch was first imported, as a list: "['10000']"."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if spincount is not None:
+        env["GOMP_SPINCOUNT"] = spincount
+    program = _WATCH_TORCH + code + "\nprint(seen)\n"
+    return subprocess.run([sys.executable, "-c", program, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=True, timeout=600).stdout.strip().splitlines()[-1]

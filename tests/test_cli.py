@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import spincount_when_torch_loads
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -88,25 +90,11 @@ def test_a_usage_error_is_answered_without_loading_torch(tmp_path):
 def test_the_cli_shortens_openmp_polling_before_torch_loads(tmp_path):
     """`python -m vae_core` sets GOMP_SPINCOUNT (as the dashboard does) before torch loads; a user's value wins."""
     code = """
-import importlib.abc, os, runpy, sys
-seen = []
-class Watch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" and not seen:
-            seen.append(os.environ.get("GOMP_SPINCOUNT"))
-sys.meta_path.insert(0, Watch())
 sys.argv = ["vae_core", "runs", "--json", "--runs-dir", sys.argv[1]]
 try:
     runpy.run_module("vae_core", run_name="__main__")
 except SystemExit:
     pass
-print(seen)
 """
-    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
-
-    def torch_loaded_with(env: dict[str, str]) -> str:
-        return subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                              text=True, check=True, timeout=300).stdout.strip().splitlines()[-1]
-
-    assert torch_loaded_with(env) == "['10000']"
-    assert torch_loaded_with({**env, "GOMP_SPINCOUNT": "500"}) == "['500']"
+    assert spincount_when_torch_loads(code, str(tmp_path)) == "['10000']"
+    assert spincount_when_torch_loads(code, str(tmp_path), spincount="500") == "['500']"

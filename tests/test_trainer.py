@@ -1,7 +1,6 @@
 """The background trainer: controls, live settings, failure handling, determinism, snapshots."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -17,6 +16,8 @@ from vae_core.run_math import RunMath
 
 from vae_core.config import ConfigError
 from vae_core.trainer import Trainer
+
+from tests.helpers import spincount_when_torch_loads
 
 
 def wait_for(pred, timeout=20.0):
@@ -388,28 +389,13 @@ print(json.dumps(sorted(set(os.environ.items()) ^ set(before.items()))))
 def test_the_dashboard_shortens_openmp_polling_before_torch_loads():
     """GOMP_SPINCOUNT counts only if set before torch loads libgomp: dashboard/app.py sets it first. A user's value wins."""
     code = """
-import importlib.abc, os, runpy, sys
-seen = []
-class Watch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" and not seen:
-            seen.append(os.environ.get("GOMP_SPINCOUNT"))
-sys.meta_path.insert(0, Watch())
 from streamlit.testing.v1 import AppTest
 at = AppTest.from_file("dashboard/app.py", default_timeout=120).run()
 from dashboard.state import get_lab
 get_lab().warm_up()  # torch loads here at the latest
-print(seen)
 """
-    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
-    root = Path(__file__).resolve().parents[1]
-
-    def torch_loaded_with(env: dict[str, str]) -> str:
-        return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                              check=True, timeout=600).stdout.strip().splitlines()[-1]
-
-    assert torch_loaded_with(env) == "['10000']"
-    assert torch_loaded_with({**env, "GOMP_SPINCOUNT": "500"}) == "['500']"
+    assert spincount_when_torch_loads(code) == "['10000']"
+    assert spincount_when_torch_loads(code, spincount="500") == "['500']"
 
 
 def test_out_of_memory_pauses_the_run_with_the_reason(tiny_config, tiny_sprites, runs_dir, monkeypatch):
