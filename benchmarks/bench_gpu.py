@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench_train import trainer_steps  # noqa: E402  (the script's folder is on sys.path)
+from bench_train import flops_per_example, trainer_steps  # noqa: E402  (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 TF32_TOLERANCE = 0.1  # nats per example: TF32 may change the test ELBO after an epoch by at most this
@@ -99,15 +99,6 @@ class Loop:
         trainer_steps(self, n, "cuda")
         torch.cuda.synchronize()
         return n * self.m.config.train.batch_size / (time.perf_counter() - t)
-
-
-def flops_per_example(m) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = m.batch(torch.arange(m.config.train.batch_size, device="cuda"))
-    with FlopCounterMode(display=False) as fc:
-        m.train_step(x, beta=1.0, free_bits=0.0, lr=1e-3)
-    return fc.get_total_flops() / len(x)
 
 
 def test_elbo_after_epoch(dataset: str, *, tf32: bool) -> tuple[float, float]:

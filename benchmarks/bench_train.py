@@ -210,17 +210,18 @@ class OurLoop:
             trainer_steps(self, n)
         return n * self.batch_size
 
-    def flops_per_example(self) -> float:
-        """Forward + backward FLOPs of one step per example, counted by torch (eager; the compiled step does the same)."""
-        from torch.utils.flop_counter import FlopCounterMode
 
-        x = self.m.batch(torch.arange(self.batch_size))
-        from vae_core.objectives import elbo_loss, elbo_terms
+def flops_per_example(m) -> float:
+    """Forward + backward FLOPs of one training step of RunMath `m`, per example, counted by torch (no weight change)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-        with FlopCounterMode(display=False) as fc:
-            elbo_loss(elbo_terms(self.m.model, x, self.m.gen), beta=1.0).backward()
-        self.m.opt.zero_grad(set_to_none=True)
-        return fc.get_total_flops() / self.batch_size
+    from vae_core.objectives import elbo_loss, elbo_terms
+
+    x = m.batch(torch.arange(m.config.train.batch_size, device=m.device))
+    with FlopCounterMode(display=False) as fc:
+        elbo_loss(elbo_terms(m.model, x, m.gen), beta=1.0).backward()
+    m.opt.zero_grad(set_to_none=True)
+    return fc.get_total_flops() / len(x)
 
 
 def trainer_steps(loop, n: int, device: str = "cpu") -> None:
@@ -271,7 +272,7 @@ def main() -> None:
                 loops[f"vae_core eager {p}, no oneDNN"] = OurLoop(dataset, compiled=False, onednn=False, **kw)
     for loop in loops.values():
         loop.steps(10)  # warm-up
-    flops = {name: loop.flops_per_example() for name, loop in loops.items() if isinstance(loop, OurLoop)}
+    flops = {name: flops_per_example(loop.m) for name, loop in loops.items() if isinstance(loop, OurLoop)}
     rates: dict[str, list[float]] = {k: [] for k in loops}
     gf = []
     for _ in range(args.rounds):
